@@ -1,0 +1,1 @@
+"""Durable execution for Pydantic AI agents on Prefect 3."""
