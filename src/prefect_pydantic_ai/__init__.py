@@ -1,1 +1,12 @@
-"""Durable execution for Pydantic AI agents on Prefect 3."""
+"""Durable execution for Pydantic AI agents on Prefect 3.
+
+Wrap an agent in `PrefectAgent`: each run becomes a Prefect flow run, each model request and tool call a
+Prefect task with its own `TaskConfig`, and a run that failed or was killed resumes from its journal instead of
+paying for the same calls twice.
+"""
+
+from .agent import PrefectAgent
+from .config import TaskConfig
+from .errors import DurabilityConfigError, NotJournalableError
+
+__all__ = ["DurabilityConfigError", "NotJournalableError", "PrefectAgent", "TaskConfig"]

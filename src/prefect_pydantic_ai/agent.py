@@ -1,0 +1,291 @@
+"""`PrefectAgent`: a Pydantic AI agent whose runs are Prefect flow runs and whose steps are journaled tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prefect import Flow, get_client, tags
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
+from pydantic_ai.agent import AbstractAgent, WrapperAgent
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.messages import ToolCallPart
+from pydantic_ai.models import Model, ModelRequestContext
+from pydantic_ai.run import AgentRun, AgentRunResult
+from pydantic_ai.tools import AgentDepsT, RunContext, ToolDefinition
+from pydantic_ai.output import OutputDataT
+
+from .config import TaskConfig
+from .errors import DurabilityConfigError
+from .journal import ConversationDigest, run_seed
+from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog
+from .steps import StepTasks
+from .tool_step import ToolSteps
+
+TAG = "prefect-pydantic-ai"
+
+_idempotency_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("idempotency_key", default=None)
+
+# Per attempt of a root flow run (root flow run id, run count): agent-run ordinals and which agent owns a name.
+_ordinals: dict[tuple[str, int], Counter[str]] = {}
+_owners: dict[tuple[str, int], dict[str, int]] = {}
+_roots: dict[str, str] = {}
+
+
+class DurableRunCapability(AbstractCapability[Any]):
+    """Routes one agent run's model requests and tool calls through the journal (added per run)."""
+
+    def __init__(self, model_steps: ModelSteps, tool_steps: ToolSteps) -> None:
+        self.model_steps = model_steps
+        self.tool_steps = tool_steps
+
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        return DurableModel(model, self.model_steps)
+
+    async def wrap_model_request(
+        self,
+        ctx: RunContext[Any],
+        *,
+        request_context: ModelRequestContext,
+        handler: Callable[[ModelRequestContext], Awaitable[Any]],
+    ) -> Any:
+        self.model_steps.begin(ctx.messages, request_context.model_request_parameters)
+        response = await handler(request_context)
+        self.model_steps.end(response)
+        return response
+
+    async def wrap_tool_execute(
+        self,
+        ctx: RunContext[Any],
+        *,
+        call: ToolCallPart,
+        tool_def: ToolDefinition,
+        args: dict[str, Any],
+        handler: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> Any:
+        return await self.tool_steps.execute(ctx, call, args, handler)
+
+
+class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
+    """Durable execution for a Pydantic AI agent on Prefect.
+
+    Outside a flow, `run`, `run_sync` and `iter` create a flow run named after the agent. Inside a user's
+    `@flow`, the agent's steps are tasks of that flow run, so retrying it replays them. Every model request is a
+    `model: <model>` task and every tool call a `tool: <tool>` task, each with its own `TaskConfig`; a tool
+    configured as `None` in `tool_task_config_by_name` runs inline, outside the journal.
+
+    `idempotency_key=` names a logical run across processes: calling `run` again with the same key replays
+    every step that completed and continues from the first one that did not.
+    """
+
+    def __init__(
+        self,
+        wrapped: AbstractAgent[AgentDepsT, OutputDataT],
+        *,
+        model_task_config: TaskConfig | None = None,
+        tool_task_config: TaskConfig | None = None,
+        tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
+    ) -> None:
+        super().__init__(wrapped)
+        if not wrapped.name:
+            raise DurabilityConfigError(
+                "PrefectAgent needs a named agent: create it with Agent(..., name='my_agent'). The name identifies "
+                "its steps in the journal and names its Prefect flow, so it must not change between runs."
+            )
+        self._name: str = wrapped.name
+        self.model_task_config = model_task_config or TaskConfig()
+        self.tool_task_config = tool_task_config or TaskConfig()
+        self.tool_task_config_by_name: dict[str, TaskConfig | None] = dict(tool_task_config_by_name or {})
+        self._model_tasks = StepTasks("model", self.model_task_config)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        raise DurabilityConfigError(
+            "A PrefectAgent's name is fixed: it keys the journal. Rename the wrapped agent instead."
+        )
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    async def run(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        self._preflight(kwargs)
+        if FlowRunContext.get() is not None:
+            token = _idempotency_key.set(idempotency_key)
+            try:
+                return await super().run(user_prompt, **kwargs)
+            finally:
+                _idempotency_key.reset(token)
+
+        async def agent_run(
+            prompt: str | None = None, idempotency_key: str | None = None
+        ) -> AgentRunResult[Any]:
+            return await self.run(user_prompt, idempotency_key=idempotency_key, **kwargs)  # type: ignore[no-any-return]
+
+        with tags(TAG, f"agent:{self._name}"):
+            return await self._flow(agent_run, idempotency_key)(
+                prompt=user_prompt if isinstance(user_prompt, str) else None, idempotency_key=idempotency_key
+            )
+
+    def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        from pydantic_ai import _utils  # the same loop handling Agent.run_sync uses
+
+        return _utils.run_until_complete(self.run(user_prompt, idempotency_key=idempotency_key, **kwargs))
+
+    @asynccontextmanager
+    async def iter(  # type: ignore[override]
+        self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[AgentRun[AgentDepsT, Any]]:
+        key = idempotency_key if idempotency_key is not None else _idempotency_key.get()
+        if FlowRunContext.get() is None:
+            self._preflight(kwargs)
+            async with _iter_in_flow_run(self, user_prompt, key, kwargs) as run:
+                yield run
+            return
+        capability = await self._durable_run(key, kwargs)
+        kwargs["capabilities"] = [*(kwargs.get("capabilities") or ()), capability]
+        async with self.wrapped.iter(user_prompt, **kwargs) as run:
+            yield run
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _flow(self, fn: Callable[..., Awaitable[Any]], idempotency_key: str | None) -> Flow[Any, Any]:
+        return Flow(
+            fn=fn,
+            name=self._name,
+            flow_run_name=idempotency_key,
+            persist_result=False,
+            validate_parameters=False,
+            description=f"Durable run of the Pydantic AI agent {self._name!r}.",
+        )
+
+    def _preflight(self, kwargs: Mapping[str, Any]) -> None:
+        """Fail before any flow run exists when the run cannot work at all."""
+        if kwargs.get("model") is None and self.wrapped.model is None:
+            raise DurabilityConfigError(
+                f"Agent {self._name!r} has no model: pass one to Agent(...) or to run(..., model=...)."
+            )
+        run_seed(self._name, deps=kwargs.get("deps"), metadata=_journaled_metadata(kwargs.get("metadata")))
+
+    async def _durable_run(
+        self, idempotency_key: str | None, kwargs: Mapping[str, Any]
+    ) -> DurableRunCapability:
+        flow_ctx = FlowRunContext.get()
+        assert flow_ctx is not None and flow_ctx.flow_run is not None
+        flow_run = flow_ctx.flow_run
+        root = await _root_flow_run_id(flow_run)
+        scope = (root, flow_run.run_count)
+        owner = _owners.setdefault(scope, {}).setdefault(self._name, id(self.wrapped))
+        if owner != id(self.wrapped):
+            raise DurabilityConfigError(
+                f"Two different agents are named {self._name!r} in flow run {flow_run.name!r}; their steps would "
+                "share journal keys. Give each agent its own name."
+            )
+        ordinals = _ordinals.setdefault(scope, Counter())
+        ordinal = ordinals[self._name]
+        ordinals[self._name] += 1
+        identity = RunIdentity(
+            run_key=f"key:{idempotency_key}" if idempotency_key is not None else f"flow:{root}",
+            agent=self._name,
+            ordinal=ordinal,
+        )
+        seed = run_seed(
+            self._name, deps=kwargs.get("deps"), metadata=_journaled_metadata(kwargs.get("metadata"))
+        )
+        model_steps = ModelSteps(identity, self._model_tasks, ConversationDigest(seed), StepLog())
+        tool_steps = ToolSteps(model_steps, self.tool_task_config, self.tool_task_config_by_name)
+        return DurableRunCapability(model_steps, tool_steps)
+
+
+def _journaled_metadata(metadata: Any) -> Any:
+    """Run metadata enters the run's identity; a metadata callable is evaluated per run, so it cannot."""
+    return None if callable(metadata) else metadata
+
+
+async def _root_flow_run_id(flow_run: FlowRun) -> str:
+    """The id of the outermost flow run: a retried parent gives its subflows new ids, but keeps its own."""
+    own = str(flow_run.id)
+    if flow_run.parent_task_run_id is None:
+        return own
+    if own not in _roots:
+        async with get_client() as client:
+            task_run = await client.read_task_run(flow_run.parent_task_run_id)
+            if task_run.flow_run_id is None:
+                _roots[own] = own
+            else:
+                _roots[own] = await _root_flow_run_id(await client.read_flow_run(task_run.flow_run_id))
+    return _roots[own]
+
+
+@asynccontextmanager
+async def _iter_in_flow_run(
+    agent: PrefectAgent[Any, Any], user_prompt: Any, idempotency_key: str | None, kwargs: dict[str, Any]
+) -> AsyncIterator[Any]:
+    """`iter()` outside a flow: the graph is driven inside a flow run, node by node, on the caller's demand.
+
+    Prefect's flow-run context lives in the task that runs the flow, so every step of the agent run must execute
+    there. The caller gets a proxy of the `AgentRun` whose iteration sends each "advance" to that task.
+    """
+    requests: asyncio.Queue[
+        tuple[Callable[[AgentRun[Any, Any]], Awaitable[Any]], asyncio.Future[Any]] | None
+    ] = asyncio.Queue()
+    started: asyncio.Future[AgentRun[Any, Any]] = asyncio.get_running_loop().create_future()
+
+    async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
+        async with agent.iter(user_prompt, idempotency_key=idempotency_key, **kwargs) as run:
+            started.set_result(run)
+            while (request := await requests.get()) is not None:
+                action, reply = request
+                try:
+                    reply.set_result(await action(run))
+                except BaseException as exc:  # handed to the caller, who decides
+                    reply.set_exception(exc)
+            return run.result
+
+    with tags(TAG, f"agent:{agent.name}"):
+        flow_task = asyncio.ensure_future(
+            agent._flow(agent_run, idempotency_key)(
+                prompt=user_prompt if isinstance(user_prompt, str) else None, idempotency_key=idempotency_key
+            )
+        )
+    done, _ = await asyncio.wait({flow_task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if flow_task in done and not started.done():
+        await flow_task  # raises the error that stopped the flow before the run started
+    proxy = _FlowDrivenRun(started.result(), requests)
+    try:
+        yield proxy
+    finally:
+        await requests.put(None)
+        await asyncio.gather(flow_task, return_exceptions=True)
+
+
+class _FlowDrivenRun:
+    """An `AgentRun` stand-in whose steps execute in the flow run's task; other attributes read through."""
+
+    def __init__(self, run: AgentRun[Any, Any], requests: asyncio.Queue[Any]) -> None:
+        self._run = run
+        self._requests = requests
+
+    async def _ask(self, action: Callable[[AgentRun[Any, Any]], Awaitable[Any]]) -> Any:
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._requests.put((action, reply))
+        return await reply
+
+    def __aiter__(self) -> _FlowDrivenRun:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._ask(lambda run: run.__anext__())
+
+    async def next(self, node: Any) -> Any:
+        return await self._ask(lambda run: run.next(node))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run, name)

@@ -1,0 +1,207 @@
+"""Step keys and journal entries.
+
+A step key names one model request or tool call of one logical run. It is derived from the run key, the agent
+name, the agent-run ordinal, the step ordinal and kind, the tool name, and a running digest of the conversation.
+The digest absorbs each message once, when it first appears, with timestamps and generated ids removed, so a step
+costs O(new content) and a replay of the same conversation yields the same keys.
+
+A journal entry is the JSON a completed step returns from its Prefect task, wrapped with a format tag and a
+SHA-256 of its canonical form, so a corrupt entry is detected and re-executed instead of being trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter
+from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
+
+from .errors import NotJournalableError
+
+FORMAT = "prefect-pydantic-ai/journal/1"
+
+StepKind = Literal["model", "tool"]
+
+# Fields that change between attempts of the same logical step and must never enter a key.
+_VOLATILE_FIELDS = frozenset(
+    {
+        "timestamp",
+        "run_id",
+        "conversation_id",
+        "tool_call_id",
+        "id",
+        "provider_response_id",
+        "provider_details",
+        "usage",
+        "history_digest",
+        "failed_attempts",
+        "workspace_ref",
+    }
+)
+
+_RESPONSE_ADAPTER: TypeAdapter[ModelResponse] = TypeAdapter(ModelResponse)
+
+
+class JournalCorruptError(ValueError):
+    """A stored entry failed its format or checksum check; the step must run again."""
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _strip_volatile(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_volatile(v) for k, v in value.items() if k not in _VOLATILE_FIELDS}
+    if isinstance(value, list):
+        return [_strip_volatile(v) for v in value]
+    return value
+
+
+def messages_fingerprint(messages: Sequence[ModelMessage]) -> bytes:
+    """Canonical bytes of what the model sees in `messages`, without timestamps and generated ids."""
+    dumped = ModelMessagesTypeAdapter.dump_python(list(messages), mode="json", fallback=repr)
+    return canonical_json(_strip_volatile(dumped))
+
+
+class ConversationDigest:
+    """A running SHA-256 over the conversation, fed each new message exactly once."""
+
+    def __init__(self, seed: bytes) -> None:
+        self._seed = seed
+        self._hash = hashlib.sha256(seed)
+        self._absorbed = 0
+
+    def absorb(self, messages: Sequence[ModelMessage]) -> str:
+        """Feed the messages not seen yet and return the current digest.
+
+        History is append-only during a run; if something shortened it (a history processor rewriting the
+        persistent history), the digest restarts from the seed over the whole history, still deterministic.
+        """
+        if len(messages) < self._absorbed:
+            self._hash = hashlib.sha256(self._seed)
+            self._absorbed = 0
+        new = messages[self._absorbed :]
+        if new:
+            self._hash.update(messages_fingerprint(new))
+            self._absorbed = len(messages)
+        return self._hash.hexdigest()
+
+
+def step_key(
+    *,
+    run_key: str,
+    agent: str,
+    agent_ordinal: int,
+    kind: StepKind,
+    step: str,
+    digest: str,
+    tool_name: str = "",
+) -> str:
+    """The journal key of one step: a hex SHA-256 of exactly the fields the design names, nothing else."""
+    material = "\x1f".join([FORMAT, run_key, agent, str(agent_ordinal), kind, step, tool_name, digest])
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def run_seed(agent: str, *, deps: Any, metadata: Any) -> bytes:
+    """Bytes that start a run's digest: two runs with different deps or metadata never share a step."""
+    return canonical_json(
+        {
+            "agent": agent,
+            "deps": to_journal_json(deps, what="deps"),
+            "metadata": to_journal_json(metadata, what="metadata"),
+        }
+    )
+
+
+def _dataframe_json(value: Any) -> Any:
+    # pandas objects know how to write themselves; `split` keeps index, columns and values in order.
+    return json.loads(value.to_json(orient="split", date_format="iso", double_precision=15))
+
+
+def _fallback(value: Any) -> Any:
+    if type(value).__module__.partition(".")[0] == "pandas" and hasattr(value, "to_json"):
+        return _dataframe_json(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()
+    raise pydantic_core.PydanticSerializationError(f"Unable to serialize unknown type: {type(value)!r}")
+
+
+def to_journal_json(value: Any, *, what: str) -> Any:
+    """`value` as plain JSON data, or a `NotJournalableError` that names the offending field and the fix."""
+    try:
+        return pydantic_core.to_jsonable_python(value, fallback=_fallback)
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+        path, bad = _find_unserializable(value, what)
+        raise NotJournalableError(
+            f"{path} ({type(bad).__qualname__}) cannot be journaled as JSON. Make it plain data (a pydantic model, "
+            f"dataclass, dict or DataFrame), exclude it from serialization (pydantic `Field(exclude=True)`), "
+            f"or keep such objects out of {what} (e.g. build clients inside the tool)."
+        ) from exc
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, BaseModel):
+        return [
+            (f".{name}", getattr(value, name))
+            for name, info in type(value).model_fields.items()
+            if not info.exclude
+        ]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    if isinstance(value, dict):
+        return [(f"[{k!r}]", v) for k, v in value.items()]
+    if isinstance(value, list | tuple | set | frozenset):
+        return [(f"[{i}]", v) for i, v in enumerate(value)]
+    return []
+
+
+def _find_unserializable(value: Any, path: str) -> tuple[str, Any]:
+    """The deepest field of `value` that JSON serialization rejects (the value itself if none is deeper)."""
+    for suffix, child in _children(value):
+        try:
+            pydantic_core.to_jsonable_python(child, fallback=_fallback)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
+            return _find_unserializable(child, path + suffix)
+    return path, value
+
+
+def seal(kind: StepKind, data: Any) -> dict[str, Any]:
+    """Wrap step data as a journal entry with its checksum."""
+    return {
+        "format": FORMAT,
+        "kind": kind,
+        "data": data,
+        "sha256": hashlib.sha256(canonical_json(data)).hexdigest(),
+    }
+
+
+def unseal(entry: Any, kind: StepKind) -> Any:
+    """The data of a journal entry, after checking its format, kind and checksum."""
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("kind") != kind:
+        raise JournalCorruptError(f"not a {kind} journal entry of format {FORMAT}")
+    data = entry.get("data")
+    if hashlib.sha256(canonical_json(data)).hexdigest() != entry.get("sha256"):
+        raise JournalCorruptError("checksum mismatch")
+    return data
+
+
+def dump_response(response: ModelResponse) -> Any:
+    """A model response as readable JSON data (pydantic-ai's own message schema)."""
+    return _RESPONSE_ADAPTER.dump_python(response, mode="json")
+
+
+def load_response(data: Any) -> ModelResponse:
+    """The model response stored by `dump_response`."""
+    try:
+        return _RESPONSE_ADAPTER.validate_python(data)
+    except pydantic_core.ValidationError as exc:
+        raise JournalCorruptError(
+            f"stored model response does not validate: {exc.error_count()} errors"
+        ) from exc

@@ -1,0 +1,169 @@
+"""Model requests as durable steps: each attempt at a request is a `model: <name>` Prefect task."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
+from pydantic_ai.models.wrapper import WrapperModel
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import RunContext
+
+from .journal import ConversationDigest, canonical_json, dump_response, load_response, seal, step_key
+from .steps import StepResult, StepTasks
+
+
+@dataclass
+class RunIdentity:
+    """Where a run's steps live in the journal: the logical run, the agent and its ordinal in the flow run."""
+
+    run_key: str
+    agent: str
+    ordinal: int
+
+
+@dataclass
+class StepLog:
+    """What each step of this attempt did; the ledger and `show` read it."""
+
+    model_executed: list[ModelResponse] = field(default_factory=list)
+    model_replayed: list[ModelResponse] = field(default_factory=list)
+    tools_executed: list[str] = field(default_factory=list)
+    tools_replayed: list[str] = field(default_factory=list)
+
+
+class ModelSteps:
+    """Numbers the model requests of one run and derives their keys from the conversation digest."""
+
+    def __init__(
+        self, identity: RunIdentity, tasks: StepTasks, digest: ConversationDigest, log: StepLog
+    ) -> None:
+        self.identity = identity
+        self.tasks = tasks
+        self.digest = digest
+        self.log = log
+        self.number = 0
+        self._attempt = 0
+        self._step_digest = ""
+        self.tool_call_positions: dict[str, int] = {}
+
+    def begin(self, messages: Sequence[ModelMessage], parameters: ModelRequestParameters) -> None:
+        """Start request step N: absorb the new messages and what the model is offered (tools, output schema)."""
+        self.number += 1
+        self._attempt = 0
+        conversation = self.digest.absorb(messages)
+        offered = hashlib.sha256(canonical_json(_parameters_fingerprint(parameters))).hexdigest()
+        self._step_digest = f"{conversation}:{offered}"
+
+    def next_key(self) -> str:
+        """The key of the next attempt in this step (a hook may re-attempt on another model)."""
+        self._attempt += 1
+        return step_key(
+            run_key=self.identity.run_key,
+            agent=self.identity.agent,
+            agent_ordinal=self.identity.ordinal,
+            kind="model",
+            step=f"{self.number}.{self._attempt}",
+            digest=self._step_digest,
+        )
+
+    def end(self, response: ModelResponse) -> None:
+        """Remember where each tool call sits in the response: its position keys the tool step."""
+        self.tool_call_positions = {
+            part.tool_call_id: index
+            for index, part in enumerate(response.parts)
+            if isinstance(part, ToolCallPart)
+        }
+
+    @property
+    def step_digest(self) -> str:
+        return self._step_digest
+
+    async def request(self, model: Model, work: Any) -> ModelResponse:
+        """Run one attempt of the current step through the journal; `work()` performs the real request."""
+
+        async def execute() -> Any:
+            return seal("model", dump_response(await work()))
+
+        result: StepResult = await self.tasks.run(model.model_name, self.next_key(), execute)
+        response = load_response(result.data)
+        (self.log.model_replayed if result.replayed else self.log.model_executed).append(response)
+        return response
+
+
+def _parameters_fingerprint(parameters: ModelRequestParameters) -> Any:
+    return {
+        "tools": [(t.name, t.description, t.parameters_json_schema) for t in parameters.function_tools],
+        "output_tools": [(t.name, t.description, t.parameters_json_schema) for t in parameters.output_tools],
+        "output_mode": parameters.output_mode,
+        "allow_text_output": parameters.allow_text_output,
+    }
+
+
+class DurableModel(WrapperModel):
+    """The run's model, with every request sent from inside a journaled Prefect task.
+
+    A streamed request is served from the same journaled request and replayed as a stream, so a durable run
+    never holds a half-finished stream that cannot be replayed.
+    """
+
+    def __init__(self, wrapped: Model, steps: ModelSteps) -> None:
+        super().__init__(wrapped)
+        self._steps = steps
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        return await self._steps.request(
+            self.wrapped,
+            lambda: self.wrapped.request(messages, model_settings, model_request_parameters),
+        )
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncGenerator[StreamedResponse]:
+        response = await self.request(messages, model_settings, model_request_parameters)
+        yield _ReplayedStream(model_request_parameters=model_request_parameters, response=response)
+
+
+class _ReplayedStream(StreamedResponse):
+    """A finished response presented as a stream: one event per part."""
+
+    def __init__(self, *, model_request_parameters: ModelRequestParameters, response: ModelResponse) -> None:
+        super().__init__(model_request_parameters=model_request_parameters)
+        self._response = response
+        self._usage = response.usage
+
+    async def _get_event_iterator(self) -> Any:
+        for index, part in enumerate(self._response.parts):
+            event = self._parts_manager.handle_part(vendor_part_id=index, part=part)
+            yield event
+
+    @property
+    def model_name(self) -> str:
+        return self._response.model_name or ""
+
+    @property
+    def provider_name(self) -> str | None:
+        return self._response.provider_name
+
+    @property
+    def provider_url(self) -> str | None:
+        return self._response.provider_url
+
+    @property
+    def timestamp(self) -> Any:
+        return self._response.timestamp

@@ -1,0 +1,188 @@
+"""Running one step as a Prefect task whose cache key is the step key, so Prefect's result store is the journal.
+
+Each step is one call of a shared task function with a single, small parameter: the step key. The work itself is
+looked up in an in-process table, so Prefect never walks the message history when it records task inputs, and a
+step costs the same at step 5 as at step 500. Prefect's own caching replays a completed step ("Cached" state),
+its retries and timeout apply per attempt, and its result storage holds the entry as JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import Task
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import TaskRunContext
+from prefect.results import ResultRecord, get_result_store
+from pydantic_ai.exceptions import (
+    AgentRunError,
+    ModelHTTPError,
+    ModelRequestRejectedError,
+    UnexpectedModelBehavior,
+    UsageLimitExceeded,
+    UserError,
+)
+
+from .config import TaskConfig
+from .journal import JournalCorruptError, StepKind, unseal
+
+logger = logging.getLogger("prefect_pydantic_ai")
+
+_PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+
+async def run_step(step: str) -> Any:
+    """The body of every step task: run the work registered under this step key."""
+    return await _PENDING[step]()
+
+
+class StepKeyPolicy(CachePolicy):
+    """Cache key = the precomputed step key passed as the task's only parameter."""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        key = inputs.get("step")
+        return key if isinstance(key, str) else None
+
+
+_RETRYABLE_HTTP_4XX = frozenset({408, 409, 425, 429})
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Errors that retrying the same step cannot fix: configuration, rejected requests, exhausted tool retries."""
+    if isinstance(exc, ModelHTTPError):
+        return 400 <= exc.status_code < 500 and exc.status_code not in _RETRYABLE_HTTP_4XX
+    return isinstance(
+        exc, UserError | ModelRequestRejectedError | UsageLimitExceeded | UnexpectedModelBehavior
+    )
+
+
+def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[..., Awaitable[bool]]:
+    async def should_retry(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+        if isinstance(state.data, BaseException) and is_permanent(state.data):
+            return False
+        if user_condition is None:
+            return True
+        verdict = user_condition(task, task_run, state)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return bool(verdict)
+
+    return should_retry
+
+
+@dataclass
+class StepResult:
+    """What a step returned, and whether it came from the journal or from running the work."""
+
+    data: Any
+    replayed: bool
+    attempts: int
+
+
+class StepTasks:
+    """The Prefect tasks of one kind of step, one per name (`model: gpt-4o`, `tool: search`), built once."""
+
+    def __init__(self, kind: StepKind, config: TaskConfig) -> None:
+        self.kind = kind
+        self.config = config
+        self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
+        self._tasks: dict[tuple[str, bool], Task[Any, Any]] = {}
+
+    def task(self, name: str, *, overwrite: bool = False) -> Task[Any, Any]:
+        """The task for steps called `name`; `overwrite=True` re-executes and replaces a bad journal entry."""
+        cached = self._tasks.get((name, overwrite))
+        if cached is not None:
+            return cached
+        cfg = self.config
+        policy: CachePolicy = StepKeyPolicy()
+        if cfg.cache_policy is not None:
+            policy = NO_CACHE if cfg.cache_policy is NO_CACHE else policy + cfg.cache_policy
+        task: Task[Any, Any] = Task(
+            fn=run_step,
+            name=f"{self.kind}: {name}",
+            retries=cfg.retries or 0,
+            retry_delay_seconds=cfg.retry_delay_seconds or 0,
+            retry_jitter_factor=cfg.retry_jitter_factor,
+            timeout_seconds=cfg.timeout_seconds,
+            retry_condition_fn=_retry_condition(cfg.retry_condition_fn),
+            cache_policy=policy,
+            persist_result=self.journaled,
+            result_storage=cfg.result_storage,
+            result_serializer="json",
+            log_prints=bool(cfg.log_prints),
+            tags=cfg.tags,
+            refresh_cache=True if overwrite else None,
+        )
+        self._tasks[(name, overwrite)] = task
+        return task
+
+    async def run(self, name: str, key: str, work: Callable[[], Awaitable[Any]]) -> StepResult:
+        """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store."""
+        attempts = 0
+
+        async def attempt() -> Any:
+            nonlocal attempts
+            attempts += 1
+            return await work()
+
+        overwrite = self.journaled and await self._entry_is_corrupt(name, key)
+        for _ in range(2):
+            _PENDING[key] = attempt
+            try:
+                entry = await self.task(name, overwrite=overwrite)(key)
+            except BaseException as exc:
+                if isinstance(exc, Exception) and not is_permanent(exc):
+                    exc.add_note(f"in {self.kind} step {name!r} after {attempts} attempt(s)")
+                raise
+            finally:
+                _PENDING.pop(key, None)
+            try:
+                return StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
+            except JournalCorruptError as exc:
+                if attempts:
+                    raise
+                logger.warning(
+                    "Journal entry of %s step %r is corrupt (%s); running the step again.",
+                    self.kind,
+                    name,
+                    exc,
+                )
+                overwrite = True
+        raise AgentRunError(
+            f"{self.kind} step {name!r} could not be journaled"
+        )  # pragma: no cover - loop guard
+
+    async def _entry_is_corrupt(self, name: str, key: str) -> bool:
+        """True when an entry exists under `key` but cannot be read back; absent entries are not corrupt."""
+        store = await get_result_store().aupdate_for_task(self.task(name))
+        storage = store.result_storage
+        if storage is None or store.metadata_storage is not None:
+            return False  # checked after the read instead (see `run`)
+        try:
+            reader = getattr(storage, "aread_path", None)
+            content = await reader(key) if reader is not None else await storage.read_path(key)
+        except Exception:
+            return False
+        try:
+            unseal(ResultRecord[Any].deserialize(content).result, self.kind)
+        except Exception as exc:
+            logger.warning(
+                "Journal entry %s of %s step %r is corrupt (%s); running the step again.",
+                key[:12],
+                self.kind,
+                name,
+                type(exc).__name__,
+            )
+            return True
+        return False

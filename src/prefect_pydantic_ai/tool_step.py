@@ -1,0 +1,171 @@
+"""Tool calls as durable steps: each call is a `tool: <name>` Prefect task whose outcome is journaled.
+
+The outcome of a tool is more than its return value: it may ask the model to retry (`ModelRetry`), fail
+(`ToolFailed`) or defer the call (`CallDeferred`, `ApprovalRequired`). All of these are journaled, so a
+replayed step has the same effect on the run as the original, and only real errors are retried by Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import TypeAdapter
+from pydantic_ai.exceptions import (
+    ApprovalRequired,
+    CallDeferred,
+    ModelRetry,
+    SkipToolExecution,
+    ToolFailed,
+    ToolFailedError,
+    ToolRetryError,
+)
+from pydantic_ai.messages import ToolCallPart, ToolReturn
+from pydantic_ai.tools import RunContext
+
+from .config import TaskConfig
+from .errors import NotJournalableError
+from .journal import canonical_json, seal, step_key, to_journal_json
+from .model_step import ModelSteps
+from .steps import StepTasks
+
+_TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
+
+
+class ToolSteps:
+    """Runs a run's tool calls as journaled steps, with the per-tool task configuration."""
+
+    def __init__(
+        self,
+        model_steps: ModelSteps,
+        default: TaskConfig,
+        by_name: dict[str, TaskConfig | None],
+    ) -> None:
+        self._model_steps = model_steps
+        self._default = StepTasks("tool", default)
+        self._by_name = {
+            name: None if cfg is None else StepTasks("tool", cfg.merged_over(default))
+            for name, cfg in by_name.items()
+        }
+        self._unplaced = 0
+
+    def tasks_for(self, tool_name: str) -> StepTasks | None:
+        """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
+        return self._by_name[tool_name] if tool_name in self._by_name else self._default
+
+    def key(self, call: ToolCallPart) -> str:
+        """Key of a tool call: the model step that issued it, its position in that response, name and args."""
+        steps = self._model_steps
+        position = steps.tool_call_positions.get(call.tool_call_id)
+        if position is None:  # a call not issued by the last response (e.g. resumed deferred calls)
+            self._unplaced += 1
+            place = f"u{self._unplaced}"
+        else:
+            place = str(position)
+        args = hashlib.sha256(canonical_json(to_journal_json(call.args, what="tool arguments"))).hexdigest()
+        return step_key(
+            run_key=steps.identity.run_key,
+            agent=steps.identity.agent,
+            agent_ordinal=steps.identity.ordinal,
+            kind="tool",
+            step=f"{steps.number}.{place}",
+            tool_name=call.tool_name,
+            digest=f"{steps.step_digest}:{args}",
+        )
+
+    async def execute(
+        self,
+        ctx: RunContext[Any],
+        call: ToolCallPart,
+        args: dict[str, Any],
+        handler: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> Any:
+        """Run the tool call `call` through the journal; `handler` runs the real tool lifecycle."""
+        tasks = self.tasks_for(call.tool_name)
+        if tasks is None:
+            return await handler(args)
+        live: list[BaseException] = []
+        live_result: list[Any] = []
+
+        async def work() -> Any:
+            live.clear()
+            live_result.clear()
+            try:
+                result = await handler(args)
+            except (
+                ToolRetryError,
+                ToolFailedError,
+                CallDeferred,
+                ApprovalRequired,
+                SkipToolExecution,
+            ) as exc:
+                live.append(exc)
+                return seal("tool", _control_flow_outcome(exc))
+            live_result.append(result)
+            return seal("tool", _return_outcome(call.tool_name, result))
+
+        step = await tasks.run(call.tool_name, self.key(call), work)
+        log = self._model_steps.log
+        if not step.replayed:
+            log.tools_executed.append(call.tool_name)
+            if live:
+                raise live[0]
+            return live_result[0]
+        log.tools_replayed.append(call.tool_name)
+        ctx.usage.tool_calls += 1  # the tool call the replayed step stands for
+        return _replay(step.data)
+
+
+def _return_outcome(tool_name: str, result: Any) -> dict[str, Any]:
+    try:
+        if isinstance(result, ToolReturn):
+            return {"outcome": "tool_return", "value": _TOOL_RETURN.dump_python(result, mode="json")}
+        return {
+            "outcome": "return",
+            "value": to_journal_json(result, what=f"the result of tool {tool_name!r}"),
+        }
+    except NotJournalableError as exc:
+        raise NotJournalableError(
+            f"{exc} To keep this tool out of the journal, pass tool_task_config_by_name={{{tool_name!r}: None}}."
+        ) from None
+
+
+def _control_flow_outcome(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ToolRetryError):
+        cause = exc.__cause__
+        return {"outcome": "retry", "message": cause.message if isinstance(cause, ModelRetry) else str(exc)}
+    if isinstance(exc, ToolFailedError):
+        cause = exc.__cause__
+        return {"outcome": "failed", "message": cause.message if isinstance(cause, ToolFailed) else str(exc)}
+    if isinstance(exc, CallDeferred):
+        return {
+            "outcome": "deferred",
+            "metadata": to_journal_json(exc.metadata, what="deferral metadata"),
+            "kind": exc.kind,
+        }
+    if isinstance(exc, ApprovalRequired):
+        return {"outcome": "approval", "metadata": to_journal_json(exc.metadata, what="approval metadata")}
+    assert isinstance(exc, SkipToolExecution)
+    return {"outcome": "skip", "value": to_journal_json(exc.result, what="skipped tool result")}
+
+
+def _replay(outcome: dict[str, Any]) -> Any:
+    """Give the run the same effect the journaled outcome had when the step first ran."""
+    match outcome["outcome"]:
+        case "return":
+            return outcome["value"]
+        case "tool_return":
+            return _TOOL_RETURN.validate_python(outcome["value"])
+        case "retry":
+            raise ModelRetry(outcome["message"])
+        case "failed":
+            raise ToolFailed(outcome["message"])
+        case "deferred":
+            raise CallDeferred(outcome["metadata"], kind=outcome["kind"])
+        case "approval":
+            raise ApprovalRequired(outcome["metadata"])
+        case "skip":
+            raise SkipToolExecution(outcome["value"])
+        case other:
+            raise ValueError(f"unknown journaled tool outcome {other!r}")
