@@ -7,7 +7,7 @@ import contextvars
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from prefect import Flow, get_client, tags
 from prefect.client.schemas.objects import FlowRun
@@ -16,9 +16,9 @@ from pydantic_ai.agent import AbstractAgent, WrapperAgent
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.models import Model, ModelRequestContext
+from pydantic_ai.output import OutputDataT
 from pydantic_ai.run import AgentRun, AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext, ToolDefinition
-from pydantic_ai.output import OutputDataT
 
 from .config import TaskConfig
 from .errors import DurabilityConfigError
@@ -115,8 +115,10 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
 
     # -- running -----------------------------------------------------------------------------------------------
 
-    async def run(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def run(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
         self._preflight(kwargs)
+        if idempotency_key is None:
+            idempotency_key = _idempotency_key.get()
         if FlowRunContext.get() is not None:
             token = _idempotency_key.set(idempotency_key)
             try:
@@ -130,17 +132,17 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             return await self.run(user_prompt, idempotency_key=idempotency_key, **kwargs)  # type: ignore[no-any-return]
 
         with tags(TAG, f"agent:{self._name}"):
-            return await self._flow(agent_run, idempotency_key)(
-                prompt=user_prompt if isinstance(user_prompt, str) else None, idempotency_key=idempotency_key
-            )
+            return await self._start_flow(agent_run, user_prompt, idempotency_key)
 
-    def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        from pydantic_ai import _utils  # the same loop handling Agent.run_sync uses
-
-        return _utils.run_until_complete(self.run(user_prompt, idempotency_key=idempotency_key, **kwargs))
+    def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
+        token = _idempotency_key.set(idempotency_key)
+        try:  # Agent.run_sync drives `self.run` on its event loop; the key travels in the context
+            return super().run_sync(user_prompt, **kwargs)
+        finally:
+            _idempotency_key.reset(token)
 
     @asynccontextmanager
-    async def iter(  # type: ignore[override]
+    async def iter(
         self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any
     ) -> AsyncIterator[AgentRun[AgentDepsT, Any]]:
         key = idempotency_key if idempotency_key is not None else _idempotency_key.get()
@@ -156,8 +158,11 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
 
     # -- internals ---------------------------------------------------------------------------------------------
 
-    def _flow(self, fn: Callable[..., Awaitable[Any]], idempotency_key: str | None) -> Flow[Any, Any]:
-        return Flow(
+    def _start_flow(
+        self, fn: Callable[..., Awaitable[Any]], user_prompt: Any, idempotency_key: str | None
+    ) -> Awaitable[Any]:
+        """Call `fn` as a new flow run named after the agent (and the idempotency key, when given)."""
+        run_flow: Any = Flow(
             fn=fn,
             name=self._name,
             flow_run_name=idempotency_key,
@@ -165,6 +170,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             validate_parameters=False,
             description=f"Durable run of the Pydantic AI agent {self._name!r}.",
         )
+        prompt = user_prompt if isinstance(user_prompt, str) else None
+        return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
 
     def _preflight(self, kwargs: Mapping[str, Any]) -> None:
         """Fail before any flow run exists when the run cannot work at all."""
@@ -250,11 +257,7 @@ async def _iter_in_flow_run(
             return run.result
 
     with tags(TAG, f"agent:{agent.name}"):
-        flow_task = asyncio.ensure_future(
-            agent._flow(agent_run, idempotency_key)(
-                prompt=user_prompt if isinstance(user_prompt, str) else None, idempotency_key=idempotency_key
-            )
-        )
+        flow_task = asyncio.ensure_future(agent._start_flow(agent_run, user_prompt, idempotency_key))
     done, _ = await asyncio.wait({flow_task, started}, return_when=asyncio.FIRST_COMPLETED)
     if flow_task in done and not started.done():
         await flow_task  # raises the error that stopped the flow before the run started

@@ -18,7 +18,7 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
-from prefect.results import ResultRecord, get_result_store
+from prefect.results import get_result_store
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelHTTPError,
@@ -136,7 +136,9 @@ class StepTasks:
             attempts += 1
             return await work()
 
-        overwrite = self.journaled and await self._entry_is_corrupt(name, key)
+        if self.journaled:
+            await self._warn_if_unreadable(name, key)
+        overwrite = False
         for _ in range(2):
             _PENDING[key] = attempt
             try:
@@ -163,26 +165,25 @@ class StepTasks:
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
 
-    async def _entry_is_corrupt(self, name: str, key: str) -> bool:
-        """True when an entry exists under `key` but cannot be read back; absent entries are not corrupt."""
+    async def _warn_if_unreadable(self, name: str, key: str) -> None:
+        """Warn when an entry exists under `key` but cannot be read: Prefect then treats it as absent and runs
+        the step again, which is right, but silently. (A readable entry with a bad checksum is caught in `run`.)"""
         store = await get_result_store().aupdate_for_task(self.task(name))
         storage = store.result_storage
         if storage is None or store.metadata_storage is not None:
-            return False  # checked after the read instead (see `run`)
+            return
         try:
             reader = getattr(storage, "aread_path", None)
-            content = await reader(key) if reader is not None else await storage.read_path(key)
+            await (reader(key) if reader is not None else storage.read_path(key))
         except Exception:
-            return False
+            return  # nothing stored yet
         try:
-            unseal(ResultRecord[Any].deserialize(content).result, self.kind)
+            await store.aread(key)
         except Exception as exc:
             logger.warning(
-                "Journal entry %s of %s step %r is corrupt (%s); running the step again.",
+                "Journal entry %s of %s step %r is unreadable (%s: corrupt); running the step again.",
                 key[:12],
                 self.kind,
                 name,
                 type(exc).__name__,
             )
-            return True
-        return False

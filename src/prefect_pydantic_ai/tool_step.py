@@ -52,7 +52,7 @@ class ToolSteps:
 
     def tasks_for(self, tool_name: str) -> StepTasks | None:
         """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
-        return self._by_name[tool_name] if tool_name in self._by_name else self._default
+        return self._by_name.get(tool_name, self._default)
 
     def key(self, call: ToolCallPart) -> str:
         """Key of a tool call: the model step that issued it, its position in that response, name and args."""

@@ -1,0 +1,440 @@
+"""Behaviour of the durable core, counted: which model and tool calls actually execute, and what replays."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect import flow
+from pydantic_ai import Agent
+from pydantic_ai.exceptions import UserError
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from prefect_pydantic_ai import DurabilityConfigError, NotJournalableError, PrefectAgent, TaskConfig
+
+pytestmark = pytest.mark.anyio
+
+
+def _key() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+class Calls:
+    """Counts every model and tool call that really executes."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def __call__(self, name: str) -> None:
+        self.log.append(name)
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(self.log)
+
+
+def _returns(messages: list[ModelMessage]) -> list[ToolReturnPart]:
+    return [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+
+
+def two_tool_agent(
+    calls: Calls, name: str = "analyst", *, fail_second_tool: list[int] | None = None
+) -> Agent[Any, str]:
+    """model → stats → model → anomalies → model; `fail_second_tool` counts down failures of `anomalies`."""
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        calls("model")
+        done = _returns(messages)
+        if not done:
+            return ModelResponse(parts=[ToolCallPart("stats", {"column": "sales"})])
+        if len(done) == 1:
+            return ModelResponse(parts=[ToolCallPart("anomalies", {"column": "sales"})])
+        return ModelResponse(parts=[TextPart(f"stats={done[0].content} anomalies={done[1].content}")])
+
+    agent: Agent[Any, str] = Agent(FunctionModel(model), name=name)
+
+    @agent.tool_plain
+    def stats(column: str) -> dict[str, float]:
+        calls("stats")
+        return {"mean": 101.5}
+
+    @agent.tool_plain
+    async def anomalies(column: str) -> list[int]:
+        calls("anomalies")
+        if fail_second_tool and fail_second_tool[0] > 0:
+            fail_second_tool[0] -= 1
+            raise ConnectionError("anomaly service unreachable")
+        return [1000, 2000]
+
+    return agent
+
+
+EXPECTED = "stats={'mean': 101.5} anomalies=[1000, 2000]"
+
+
+async def test_plain_run_executes_each_step_once_and_matches_the_plain_agent() -> None:
+    calls = Calls()
+    agent = two_tool_agent(calls)
+    plain = await agent.run("go")
+    plain_counts = calls.counts
+    calls.log.clear()
+    result = await PrefectAgent(agent).run("go")
+    assert result.output == plain.output == EXPECTED
+    assert calls.counts == plain_counts == Counter(model=3, stats=1, anomalies=1)
+    assert result.usage == plain.usage
+
+
+async def test_failed_run_resumes_with_the_same_key_executing_only_the_failed_step_and_after() -> None:
+    calls = Calls()
+    durable = PrefectAgent(
+        two_tool_agent(calls, fail_second_tool=[3]), tool_task_config=TaskConfig(retries=2)
+    )
+    key = _key()
+    with pytest.raises(ConnectionError, match="unreachable") as failure:
+        await durable.run("go", idempotency_key=key)
+    assert "in tool step 'anomalies' after 3 attempt(s)" in str(failure.value.__notes__)
+    assert calls.log == ["model", "stats", "model", "anomalies", "anomalies", "anomalies"]
+
+    calls.log.clear()
+    result = await durable.run("go", idempotency_key=key)
+    assert result.output == EXPECTED
+    assert calls.log == ["anomalies", "model"]  # steps 1-3 replayed from the journal
+
+    calls.log.clear()
+    again = await durable.run("go", idempotency_key=key)
+    assert again.output == EXPECTED
+    assert calls.log == []  # a completed logical run executes nothing
+    assert again.usage == result.usage
+
+
+async def test_agent_in_a_user_flow_replays_on_the_flow_retry() -> None:
+    calls = Calls()
+    durable = PrefectAgent(
+        two_tool_agent(calls, fail_second_tool=[1]), tool_task_config=TaskConfig(retries=0)
+    )
+    attempts: list[int] = []
+
+    @flow(retries=1, retry_delay_seconds=0)
+    async def report() -> str:
+        attempts.append(1)
+        result = await durable.run("go")
+        return str(result.output)
+
+    assert await report() == EXPECTED
+    assert len(attempts) == 2
+    # attempt 1: model, stats, model, anomalies (fails); attempt 2 replays the first three and runs the rest
+    assert calls.log == ["model", "stats", "model", "anomalies", "anomalies", "model"]
+
+
+async def test_retries_follow_the_backoff_list() -> None:
+    stamps: list[float] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if not _returns(messages):
+            return ModelResponse(parts=[ToolCallPart("flaky", {})])
+        return ModelResponse(parts=[TextPart("ok")])
+
+    agent = Agent(FunctionModel(model), name="backoff")
+
+    @agent.tool_plain
+    def flaky() -> str:
+        stamps.append(time.monotonic())
+        if len(stamps) < 3:
+            raise TimeoutError("transient")
+        return "fine"
+
+    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=2, retry_delay_seconds=[0.4, 1.2]))
+    assert (await durable.run("go")).output == "ok"
+    assert len(stamps) == 3
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert gaps[0] >= 0.4 and gaps[1] >= 1.2
+
+
+async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call() -> None:
+    tool_attempts: list[int] = []
+    model_attempts: list[int] = []
+
+    async def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        model_attempts.append(1)
+        if len(model_attempts) == 1:
+            await asyncio.sleep(10)  # first model attempt hangs past its timeout
+        if not _returns(messages):
+            return ModelResponse(parts=[ToolCallPart("slow", {})])
+        return ModelResponse(parts=[TextPart("ok")])
+
+    agent = Agent(FunctionModel(model), name="timeouts")
+
+    @agent.tool_plain
+    async def slow() -> str:
+        tool_attempts.append(1)
+        if len(tool_attempts) == 1:
+            await asyncio.sleep(10)
+        return "done"
+
+    durable = PrefectAgent(
+        agent,
+        model_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
+        tool_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
+    )
+    started = time.monotonic()
+    assert (await durable.run("go")).output == "ok"
+    assert len(tool_attempts) == 2 and len(model_attempts) == 3
+    assert time.monotonic() - started < 9  # neither hang was waited out
+
+
+async def test_timeout_beyond_retries_fails_the_run_naming_the_step() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("hang", {})])
+
+    agent = Agent(FunctionModel(model), name="hang_forever")
+
+    @agent.tool_plain
+    async def hang() -> str:
+        await asyncio.sleep(10)
+        return "never"
+
+    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=1, timeout_seconds=0.3))
+    with pytest.raises(TimeoutError) as failure:
+        await durable.run("go")
+    assert "in tool step 'hang' after 2 attempt(s)" in str(failure.value.__notes__)
+
+
+async def test_errors_retrying_cannot_fix_are_not_retried() -> None:
+    attempts: list[int] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("misconfigured", {})])
+
+    agent = Agent(FunctionModel(model), name="user_error")
+
+    @agent.tool_plain
+    def misconfigured() -> str:
+        attempts.append(1)
+        raise UserError("the tool is not configured: set FOO")
+
+    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=3, retry_delay_seconds=0))
+    with pytest.raises(UserError, match="set FOO"):
+        await durable.run("go")
+    assert len(attempts) == 1
+
+
+async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_execute() -> None:
+    calls = Calls()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        calls("model")
+        done = _returns(messages)
+        if len(done) == 0:  # two identical calls in one response
+            return ModelResponse(parts=[ToolCallPart("ping", {"x": 1}), ToolCallPart("ping", {"x": 1})])
+        if len(done) == 2:  # the same call again at a later step
+            return ModelResponse(parts=[ToolCallPart("ping", {"x": 1})])
+        return ModelResponse(parts=[TextPart(f"{len(done)} pings")])
+
+    agent = Agent(FunctionModel(model), name="pinger")
+
+    @agent.tool_plain
+    def ping(x: int) -> int:
+        calls("ping")
+        return x
+
+    durable = PrefectAgent(agent)
+    key = _key()
+    assert (await durable.run("go", idempotency_key=key)).output == "3 pings"
+    assert calls.counts == Counter(model=3, ping=3)
+    calls.log.clear()
+    assert (await durable.run("go", idempotency_key=key)).output == "3 pings"
+    assert calls.log == []
+
+
+async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps() -> None:
+    calls_a, calls_b = Calls(), Calls()
+    a = PrefectAgent(two_tool_agent(calls_a, name="agent_a"))
+    b = PrefectAgent(two_tool_agent(calls_b, name="agent_b"))
+
+    @flow
+    async def both() -> None:
+        await a.run("same prompt")
+        await b.run("same prompt")
+        await a.run("same prompt")  # the same agent again in the same flow run: a new agent run
+
+    await both()
+    assert calls_a.counts == Counter(model=6, stats=2, anomalies=2)
+    assert calls_b.counts == Counter(model=3, stats=1, anomalies=1)
+
+    seen: list[Any] = []
+
+    def echo(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(1)
+        return ModelResponse(parts=[TextPart(str(messages[0].parts[0].content))])
+
+    deps_agent: Agent[dict[str, int], str] = Agent(FunctionModel(echo), name="echo", deps_type=dict)
+    durable = PrefectAgent(deps_agent)
+    key = _key()
+    assert (await durable.run("one", deps={"n": 1}, idempotency_key=key)).output == "one"
+    assert (await durable.run("two", deps={"n": 1}, idempotency_key=key)).output == "two"
+    assert (await durable.run("one", deps={"n": 2}, idempotency_key=key)).output == "one"
+    assert len(seen) == 3  # same key, different prompt or deps: nothing replayed across them
+
+
+async def test_a_corrupt_journal_entry_is_re_executed_with_a_warning(
+    storage_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = Calls()
+    durable = PrefectAgent(two_tool_agent(calls, name="corruptible"))
+    key = _key()
+    before = {p: p.stat().st_mtime_ns for p in storage_dir.iterdir()}
+    await durable.run("go", idempotency_key=key)
+    written = sorted(
+        (p for p in storage_dir.iterdir() if p not in before), key=lambda p: p.stat().st_mtime_ns
+    )
+    assert len(written) == 5  # one journal entry per step
+    stats_entry = written[1]
+    stats_entry.write_text(stats_entry.read_text().replace("101.5", "999.9"))  # tampered: checksum mismatch
+    written[3].write_text("{ not json")  # truncated / garbage
+
+    calls.log.clear()
+    with caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"):
+        result = await durable.run("go", idempotency_key=key)
+    assert result.output == EXPECTED
+    assert calls.log == ["stats", "anomalies"]
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 2
+
+
+async def test_iter_and_run_sync_are_durable_too() -> None:
+    calls = Calls()
+    durable = PrefectAgent(two_tool_agent(calls, name="iterated"))
+    key = _key()
+    nodes = []
+    async with durable.iter("go", idempotency_key=key) as run:
+        async for node in run:
+            nodes.append(type(node).__name__)
+    assert run.result is not None and run.result.output == EXPECTED
+    assert "CallToolsNode" in nodes and calls.counts == Counter(model=3, stats=1, anomalies=1)
+    calls.log.clear()
+    result = await asyncio.to_thread(durable.run_sync, "go", idempotency_key=key)
+    assert result.output == EXPECTED and calls.log == []
+
+
+async def test_tools_configured_inline_run_outside_the_journal() -> None:
+    calls = Calls()
+    durable = PrefectAgent(two_tool_agent(calls, name="inline"), tool_task_config_by_name={"stats": None})
+    key = _key()
+    await durable.run("go", idempotency_key=key)
+    calls.log.clear()
+    await durable.run("go", idempotency_key=key)
+    assert calls.log == ["stats"]  # only the inline tool runs again
+
+
+def test_unnamed_agent_is_a_clear_error() -> None:
+    with pytest.raises(DurabilityConfigError, match=r"Agent\(\.\.\., name="):
+        PrefectAgent(Agent("test"))
+
+
+async def test_agent_without_model_is_a_clear_error() -> None:
+    with pytest.raises(DurabilityConfigError, match="has no model"):
+        await PrefectAgent(Agent(name="modelless")).run("go")
+
+
+async def test_two_different_agents_with_one_name_in_one_flow_is_a_clear_error() -> None:
+    first = PrefectAgent(two_tool_agent(Calls(), name="twin"))
+    second = PrefectAgent(two_tool_agent(Calls(), name="twin"))
+
+    @flow
+    async def twins() -> None:
+        await first.run("go")
+        await second.run("go")
+
+    with pytest.raises(DurabilityConfigError, match="Two different agents are named 'twin'"):
+        await twins()
+
+
+@dataclass
+class Deps:
+    region: str
+    client: object
+
+
+async def test_deps_that_cannot_be_journaled_name_the_field_and_the_fix() -> None:
+    agent: Agent[Deps, str] = Agent(
+        FunctionModel(lambda m, i: ModelResponse(parts=[TextPart("x")])), name="deps_check"
+    )
+    with pytest.raises(
+        NotJournalableError, match=r"deps\.client \(object\) cannot be journaled.*Field\(exclude=True\)"
+    ):
+        await PrefectAgent(agent).run("go", deps=Deps(region="eu", client=object()))
+
+
+async def test_tool_result_that_cannot_be_journaled_says_how_to_run_it_inline() -> None:
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[ToolCallPart("handle", {})])
+
+    agent = Agent(FunctionModel(model), name="handle_tool")
+
+    @agent.tool_plain
+    def handle() -> object:
+        return object()
+
+    with pytest.raises(NotJournalableError, match=r"tool_task_config_by_name=\{'handle': None\}"):
+        await PrefectAgent(agent, tool_task_config=TaskConfig(retries=2)).run("go")
+
+
+async def test_model_retry_from_a_tool_is_journaled_and_replayed() -> None:
+    calls = Calls()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        calls("model")
+        done = [p for p in _returns(messages) if p.outcome == "success"]
+        retried = [p for p in _returns(messages) if p.outcome == "retried"]
+        if not done and not retried:
+            return ModelResponse(parts=[ToolCallPart("lookup", {"column": "salez"})])
+        if not done:
+            return ModelResponse(parts=[ToolCallPart("lookup", {"column": "sales"})])
+        return ModelResponse(parts=[TextPart(f"found {done[-1].content}")])
+
+    agent = Agent(FunctionModel(model), name="self_correcting")
+
+    @agent.tool_plain
+    def lookup(column: str) -> str:
+        calls("lookup")
+        if column != "sales":
+            from pydantic_ai import ModelRetry
+
+            raise ModelRetry(f"unknown column {column!r}; valid: sales")
+        return "sales"
+
+    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=3))
+    key = _key()
+    first = await durable.run("go", idempotency_key=key)
+    assert first.output == "found sales"
+    assert calls.counts == Counter(model=3, lookup=2)  # ModelRetry went to the model, not to Prefect retries
+    calls.log.clear()
+    again = await durable.run("go", idempotency_key=key)
+    assert again.output == "found sales" and calls.log == []
+    assert [m.kind for m in again.all_messages()] == [m.kind for m in first.all_messages()]
+
+
+async def test_deps_dataframe_is_journaled_by_content() -> None:
+    import pandas as pd
+
+    seen: list[int] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(1)
+        return ModelResponse(parts=[TextPart("ok")])
+
+    agent: Agent[pd.DataFrame, str] = Agent(FunctionModel(model), name="frames", deps_type=pd.DataFrame)
+    durable = PrefectAgent(agent)
+    key = _key()
+    await durable.run("go", deps=pd.DataFrame({"a": [1, 2]}), idempotency_key=key)
+    await durable.run("go", deps=pd.DataFrame({"a": [1, 2]}), idempotency_key=key)
+    await durable.run("go", deps=pd.DataFrame({"a": [1, 3]}), idempotency_key=key)
+    assert len(seen) == 2
