@@ -1,0 +1,67 @@
+"""Test helpers: a real OpenAI-compatible HTTP server that injects faults, and fault plans for scripted steps.
+
+Drive pydantic-ai's real OpenAI client over a loopback socket::
+
+    with LoopbackOpenAI() as server:
+        server.reply_tool_calls([("lookup", {"key": "a"})], usage=(10, 2))
+        server.fault_status(429, retry_after=1.0)  # the next request is rate limited
+        server.reply_text("done", usage=(12, 3))
+        agent = Agent(server.openai_model(), tools=[lookup])
+        ...
+        assert server.request_count == 3
+
+Fail, slow down or SIGKILL a `FunctionModel` or a tool on its Nth call, counted across processes::
+
+    plan = FaultPlan(state_file=tmp_path / "calls.jsonl").kill("lookup", on_call=1)
+    env = {**os.environ, **plan.to_env()}  # the subprocess calls FaultPlan.from_env()
+    ...
+    await plan.hit("lookup")  # first line of the tool
+
+`CallLog` counts calls of named steps across processes (one fsync'ed JSON line per call).
+"""
+
+from .faults import (
+    ENV_VAR,
+    TRANSPORTABLE_EXCEPTIONS,
+    CallLog,
+    CallLogEntry,
+    Fault,
+    FaultPlan,
+    wrap_function_model,
+)
+from .openai_server import (
+    DelayFault,
+    JsonReply,
+    LoopbackOpenAI,
+    MalformedJsonFault,
+    RecordedRequest,
+    ResetFault,
+    Responder,
+    Scripted,
+    StatusFault,
+    TextReply,
+    ToolCallsReply,
+    Usage,
+)
+
+__all__ = [
+    "ENV_VAR",
+    "TRANSPORTABLE_EXCEPTIONS",
+    "CallLog",
+    "CallLogEntry",
+    "DelayFault",
+    "Fault",
+    "FaultPlan",
+    "JsonReply",
+    "LoopbackOpenAI",
+    "MalformedJsonFault",
+    "RecordedRequest",
+    "ResetFault",
+    "Responder",
+    "Scripted",
+    "StatusFault",
+    "TextReply",
+    "ToolCallsReply",
+    "Usage",
+    "wrap_function_model",
+]
