@@ -8,10 +8,12 @@ its retries and timeout apply per attempt, and its result storage holds the entr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import Task
@@ -19,6 +21,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.results import get_result_store
+from prefect.settings import PREFECT_HOME
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelHTTPError,
@@ -30,10 +33,17 @@ from pydantic_ai.exceptions import (
 
 from .config import TaskConfig
 from .journal import JournalCorruptError, StepKind, unseal
+from .locks import ReclaimingLockManager
 
 logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+
+
+@functools.cache
+def step_lock_manager() -> ReclaimingLockManager:
+    """One lock directory per Prefect home: every process on this machine resuming a run shares it."""
+    return ReclaimingLockManager(Path(PREFECT_HOME.value()) / "prefect-pydantic-ai" / "locks")
 
 
 async def run_step(step: str) -> Any:
@@ -108,6 +118,8 @@ class StepTasks:
         policy: CachePolicy = StepKeyPolicy()
         if cfg.cache_policy is not None:
             policy = NO_CACHE if cfg.cache_policy is NO_CACHE else policy + cfg.cache_policy
+        if self.journaled:
+            policy = policy.configure(isolation_level="SERIALIZABLE", lock_manager=step_lock_manager())
         task: Task[Any, Any] = Task(
             fn=run_step,
             name=f"{self.kind}: {name}",

@@ -1,0 +1,149 @@
+"""Step locks that a killed process cannot keep.
+
+Steps run under Prefect's SERIALIZABLE isolation, so two processes resuming the same run never execute the same
+step twice: the second waits for the first's lock, then finds the committed entry and replays it. Prefect's
+file lock has no owner check, so a lock left by a SIGKILLed process would block every resume forever. This lock
+manager (Prefect's `LockManager` protocol) records the holder's host and pid and reclaims a lock whose holder
+process on this host is gone. Locks held on other hosts are honoured until `stale_after` seconds, if set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("prefect_pydantic_ai")
+
+_HOST = socket.gethostname()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ReclaimingLockManager:
+    """File locks in `directory`, one file per step key, reclaimed when their holder died."""
+
+    def __init__(
+        self, directory: Path, *, stale_after: float | None = None, poll_interval: float = 0.05
+    ) -> None:
+        self.directory = Path(directory)
+        self.stale_after = stale_after
+        self.poll_interval = poll_interval
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.lock"
+
+    def _read(self, key: str) -> dict[str, Any] | None:
+        path = self._path(key)
+        try:
+            info = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict):
+            return info
+        # Created but not yet (or never) written: the holder is unknown; it is reclaimed once clearly abandoned.
+        try:
+            return {"holder": None, "since": path.stat().st_mtime, "unwritten": True}
+        except FileNotFoundError:
+            return None
+
+    _UNWRITTEN_GRACE = 10.0
+
+    def _held_by_the_dead(self, info: dict[str, Any]) -> bool:
+        if info.get("unwritten"):
+            return time.time() - float(info["since"]) > self._UNWRITTEN_GRACE
+        if info.get("host") == _HOST and not _process_alive(int(info.get("pid", -1))):
+            return True
+        return self.stale_after is not None and time.time() - float(info.get("since", 0)) > self.stale_after
+
+    def acquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while not self._try_acquire(key, holder):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_interval)
+        return True
+
+    async def aacquire_lock(
+        self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
+    ) -> bool:
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while not self._try_acquire(key, holder):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.poll_interval)
+        return True
+
+    def _try_acquire(self, key: str, holder: str) -> bool:
+        if self.is_lock_holder(key, holder):
+            return True
+        if self.is_locked(key):
+            return False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        record = json.dumps(
+            {"holder": holder, "pid": os.getpid(), "host": _HOST, "since": time.time()}
+        ).encode()
+        try:
+            fd = os.open(self._path(key), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(record)
+        return True
+
+    def release_lock(self, key: str, holder: str) -> None:
+        if not self.is_lock_holder(key, holder):
+            raise ValueError(f"No lock held by {holder} for key {key}")
+        self._path(key).unlink(missing_ok=True)
+
+    def is_locked(self, key: str) -> bool:
+        info = self._read(key)
+        if info is None:
+            return False
+        if self._held_by_the_dead(info):
+            logger.warning(
+                "Reclaiming the lock of step %s left by process %s on %s, which is gone.",
+                key[:12],
+                info.get("pid"),
+                info.get("host") or "?",
+            )
+            self._path(key).unlink(missing_ok=True)
+            return False
+        return True
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        info = self._read(key)
+        return info is not None and info.get("holder") == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_interval)
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_locked(key):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(self.poll_interval)
+        return True
