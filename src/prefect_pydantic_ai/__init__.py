@@ -8,5 +8,19 @@ paying for the same calls twice.
 from .agent import PrefectAgent
 from .config import TaskConfig
 from .errors import DurabilityConfigError, NotJournalableError
+from .ledger import Ledger
+from .report import ledger_of
+from .runs import RunError, list_runs, resume_run, show_run
 
-__all__ = ["DurabilityConfigError", "NotJournalableError", "PrefectAgent", "TaskConfig"]
+__all__ = [
+    "DurabilityConfigError",
+    "Ledger",
+    "NotJournalableError",
+    "PrefectAgent",
+    "RunError",
+    "TaskConfig",
+    "ledger_of",
+    "list_runs",
+    "resume_run",
+    "show_run",
+]

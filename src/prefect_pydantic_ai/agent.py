@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
+import os
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from prefect import Flow, get_client, tags
+from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from pydantic_ai.agent import AbstractAgent, WrapperAgent
@@ -21,15 +26,26 @@ from pydantic_ai.run import AgentRun, AgentRunResult
 from pydantic_ai.tools import AgentDepsT, RunContext, ToolDefinition
 
 from .config import TaskConfig
-from .errors import DurabilityConfigError
-from .journal import ConversationDigest, run_seed
+from .errors import DurabilityConfigError, NotJournalableError
+from .journal import ConversationDigest, RunInputs, to_journal_json
+from .ledger import Ledger
 from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog
+from .report import ledger_markdown, remember_ledger
+from .runs import (
+    TAG,
+    AttemptRecord,
+    RunError,
+    RunRecord,
+    entrypoint_of,
+    read_record,
+    rehydrate_deps,
+    write_record,
+)
 from .steps import StepTasks
-from .tool_step import ToolSteps
-
-TAG = "prefect-pydantic-ai"
+from .tool_step import ToolSteps, ToolTasks
 
 _idempotency_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("idempotency_key", default=None)
+_bare_flow: contextvars.ContextVar[bool] = contextvars.ContextVar("bare_flow", default=False)
 
 # Per attempt of a root flow run (root flow run id, run count): agent-run ordinals and which agent owns a name.
 _ordinals: dict[tuple[str, int], Counter[str]] = {}
@@ -81,6 +97,9 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
 
     `idempotency_key=` names a logical run across processes: calling `run` again with the same key replays
     every step that completed and continues from the first one that did not.
+
+    `deps_for_resume` rebuilds deps when a run is resumed by `prefect-pydantic-ai resume` and its deps held
+    secret-looking values, which are never stored: it receives the stored (redacted) deps JSON.
     """
 
     def __init__(
@@ -90,6 +109,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         model_task_config: TaskConfig | None = None,
         tool_task_config: TaskConfig | None = None,
         tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
+        deps_for_resume: Callable[[Any], AgentDepsT] | None = None,
     ) -> None:
         super().__init__(wrapped)
         if not wrapped.name:
@@ -101,7 +121,13 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         self.model_task_config = model_task_config or TaskConfig()
         self.tool_task_config = tool_task_config or TaskConfig()
         self.tool_task_config_by_name: dict[str, TaskConfig | None] = dict(tool_task_config_by_name or {})
-        self._model_tasks = StepTasks("model", self.model_task_config)
+        self.deps_for_resume = deps_for_resume
+        self._model_tasks = StepTasks("model", self.model_task_config, agent=self._name)
+        self._tool_tasks = ToolTasks(self.tool_task_config, self.tool_task_config_by_name, agent=self._name)
+        caller = inspect.currentframe()
+        self._defined_in: str | None = (
+            caller.f_back.f_globals.get("__name__") if caller and caller.f_back else None
+        )
 
     @property
     def name(self) -> str:
@@ -131,7 +157,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         ) -> AgentRunResult[Any]:
             return await self.run(user_prompt, idempotency_key=idempotency_key, **kwargs)  # type: ignore[no-any-return]
 
-        with tags(TAG, f"agent:{self._name}"):
+        with self._run_tags(idempotency_key):
             return await self._start_flow(agent_run, user_prompt, idempotency_key)
 
     def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
@@ -151,27 +177,66 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             async with _iter_in_flow_run(self, user_prompt, key, kwargs) as run:
                 yield run
             return
-        capability = await self._durable_run(key, kwargs)
+        capability, record = await self._durable_run(user_prompt, key, kwargs)
         kwargs["capabilities"] = [*(kwargs.get("capabilities") or ()), capability]
-        async with self.wrapped.iter(user_prompt, **kwargs) as run:
-            yield run
+        try:
+            async with self.wrapped.iter(user_prompt, **kwargs) as run:
+                yield run
+        except Exception as exc:
+            await _finish(record, capability.model_steps.log, error=exc)
+            raise
+        if run.result is not None:
+            ledger = await _finish(record, capability.model_steps.log, output=run.result.output)
+            remember_ledger(run.result, ledger)
+
+    async def resume_flow_run(self, flow_run: FlowRun, record: RunRecord) -> Any:
+        """Run an earlier flow run of this agent again, in place (same id, run count + 1), from its record."""
+        from prefect.flow_engine import run_flow_async
+
+        deps = rehydrate_deps(self.wrapped.deps_type, record.deps)
+        if record.redacted:
+            if self.deps_for_resume is None:
+                raise RunError(
+                    f"The deps of run {flow_run.id} held secret-looking values that were not stored "
+                    f"({', '.join(record.redacted)}); pass deps_for_resume= to PrefectAgent({self._name!r}) to "
+                    "rebuild them on resume."
+                )
+            deps = self.deps_for_resume(record.deps)
+        kwargs: dict[str, Any] = {} if deps is None else {"deps": deps}
+
+        async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
+            return await self.run(record.prompt, idempotency_key=idempotency_key, **kwargs)
+
+        return await run_flow_async(
+            self._flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
+        )
 
     # -- internals ---------------------------------------------------------------------------------------------
+
+    def _run_tags(self, idempotency_key: str | None) -> Any:
+        return tags(TAG, f"agent:{self._name}", *([f"key:{idempotency_key}"] if idempotency_key else []))
+
+    def _flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
+        return Flow(
+            fn=fn,
+            name=self._name,
+            flow_run_name=flow_run_name,
+            persist_result=False,
+            validate_parameters=False,
+            description=f"Durable run of the Pydantic AI agent {self._name!r}.",
+        )
 
     def _start_flow(
         self, fn: Callable[..., Awaitable[Any]], user_prompt: Any, idempotency_key: str | None
     ) -> Awaitable[Any]:
         """Call `fn` as a new flow run named after the agent (and the idempotency key, when given)."""
-        run_flow: Any = Flow(
-            fn=fn,
-            name=self._name,
-            flow_run_name=idempotency_key,
-            persist_result=False,
-            validate_parameters=False,
-            description=f"Durable run of the Pydantic AI agent {self._name!r}.",
-        )
+        run_flow: Any = self._flow(fn, idempotency_key)
         prompt = user_prompt if isinstance(user_prompt, str) else None
-        return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
+        token = _bare_flow.set(True)
+        try:
+            return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
+        finally:
+            _bare_flow.reset(token)
 
     def _preflight(self, kwargs: Mapping[str, Any]) -> None:
         """Fail before any flow run exists when the run cannot work at all."""
@@ -179,11 +244,11 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             raise DurabilityConfigError(
                 f"Agent {self._name!r} has no model: pass one to Agent(...) or to run(..., model=...)."
             )
-        run_seed(self._name, deps=kwargs.get("deps"), metadata=_journaled_metadata(kwargs.get("metadata")))
+        RunInputs.of(kwargs.get("deps"), _journaled_metadata(kwargs.get("metadata")))
 
     async def _durable_run(
-        self, idempotency_key: str | None, kwargs: Mapping[str, Any]
-    ) -> DurableRunCapability:
+        self, user_prompt: Any, idempotency_key: str | None, kwargs: Mapping[str, Any]
+    ) -> tuple[DurableRunCapability, RunRecord]:
         flow_ctx = FlowRunContext.get()
         assert flow_ctx is not None and flow_ctx.flow_run is not None
         flow_run = flow_ctx.flow_run
@@ -203,12 +268,76 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             agent=self._name,
             ordinal=ordinal,
         )
-        seed = run_seed(
-            self._name, deps=kwargs.get("deps"), metadata=_journaled_metadata(kwargs.get("metadata"))
+        inputs = RunInputs.of(kwargs.get("deps"), _journaled_metadata(kwargs.get("metadata")))
+        record = await self._record(flow_ctx, ordinal, user_prompt, idempotency_key, inputs)
+        model_steps = ModelSteps(
+            identity, self._model_tasks, ConversationDigest(inputs.seed(self._name)), StepLog()
         )
-        model_steps = ModelSteps(identity, self._model_tasks, ConversationDigest(seed), StepLog())
-        tool_steps = ToolSteps(model_steps, self.tool_task_config, self.tool_task_config_by_name)
-        return DurableRunCapability(model_steps, tool_steps)
+        tool_steps = ToolSteps(model_steps, self._tool_tasks)
+        return DurableRunCapability(model_steps, tool_steps), record
+
+    async def _record(
+        self, flow_ctx: FlowRunContext, ordinal: int, user_prompt: Any, key: str | None, inputs: RunInputs
+    ) -> RunRecord:
+        """Write (or, on a later attempt, refresh) the run record; tag a user's flow run as holding this agent."""
+        assert flow_ctx.flow_run is not None
+        flow_run_id = str(flow_ctx.flow_run.id)
+        record = await read_record(flow_run_id, self._name, ordinal)
+        if record is None:
+            bare = _bare_flow.get() and flow_ctx.flow is not None and flow_ctx.flow.name == self._name
+            flow_fn = getattr(flow_ctx.flow, "fn", None)
+            record = RunRecord(
+                flow_run_id=flow_run_id,
+                agent=self._name,
+                ordinal=ordinal,
+                idempotency_key=key,
+                entrypoint=entrypoint_of(self, self._defined_in)
+                if bare
+                else entrypoint_of(flow_ctx.flow, getattr(flow_fn, "__module__", None)),
+                entrypoint_kind="agent" if bare else "flow",
+                prompt=user_prompt if isinstance(user_prompt, str) else None,
+                deps=inputs.deps,
+                redacted=list(inputs.redacted),
+            )
+        else:
+            record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
+        await write_record(record)
+        wanted = {TAG, f"agent:{self._name}", *([f"key:{key}"] if key else [])}
+        if not wanted <= set(flow_ctx.flow_run.tags):
+            async with get_client() as client:
+                await client.update_flow_run(
+                    flow_ctx.flow_run.id, tags=sorted(wanted | set(flow_ctx.flow_run.tags))
+                )
+            flow_ctx.flow_run.tags = sorted(wanted | set(flow_ctx.flow_run.tags))
+        return record
+
+
+async def _finish(
+    record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
+) -> Ledger:
+    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+    flow_ctx = FlowRunContext.get()
+    run_count = flow_ctx.flow_run.run_count if flow_ctx and flow_ctx.flow_run else 1
+    ledger = log.ledger()
+    try:
+        stored_output = to_journal_json(output, what="the run output")
+    except NotJournalableError:
+        stored_output = repr(output)
+    attempt = AttemptRecord(
+        run_count=run_count,
+        state="failed" if error is not None else "completed",
+        finished_at=datetime.now(UTC),
+        output=stored_output,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+        ledger=ledger,
+    )
+    record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
+    await write_record(record)
+    await acreate_markdown_artifact(
+        markdown=ledger_markdown(record.agent, ledger, attempt),
+        description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
+    )
+    return ledger
 
 
 def _journaled_metadata(metadata: Any) -> Any:
@@ -256,7 +385,7 @@ async def _iter_in_flow_run(
                     reply.set_exception(exc)
             return run.result
 
-    with tags(TAG, f"agent:{agent.name}"):
+    with agent._run_tags(idempotency_key):
         flow_task = asyncio.ensure_future(agent._start_flow(agent_run, user_prompt, idempotency_key))
     done, _ = await asyncio.wait({flow_task, started}, return_when=asyncio.FIRST_COMPLETED)
     if flow_task in done and not started.done():

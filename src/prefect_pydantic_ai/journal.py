@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -109,15 +110,61 @@ def step_key(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-def run_seed(agent: str, *, deps: Any, metadata: Any) -> bytes:
-    """Bytes that start a run's digest: two runs with different deps or metadata never share a step."""
-    return canonical_json(
-        {
-            "agent": agent,
-            "deps": to_journal_json(deps, what="deps"),
-            "metadata": to_journal_json(metadata, what="metadata"),
-        }
-    )
+_SECRET_NAME = re.compile(
+    r"api[_-]?key|token|secret|passw(or)?d|credential|auth|private[_-]?key", re.IGNORECASE
+)
+_SECRET_VALUE = re.compile(r"^(sk-|sk_|pk_|rk_|ghp_|gho_|github_pat_|xox[abp]-|AKIA|AIza|eyJ)")
+REDACTED = "<redacted>"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """A run's deps and metadata as journaled JSON, with secret-looking values removed (`redacted` says where).
+
+    Secrets never reach a key or a record: rotating an API key does not invalidate a journal, and nothing stored
+    or shown by Prefect contains it.
+    """
+
+    deps: Any
+    metadata: Any
+    redacted: tuple[str, ...]
+
+    @classmethod
+    def of(cls, deps: Any, metadata: Any) -> RunInputs:
+        clean_deps, hidden = redact(to_journal_json(deps, what="deps"), "deps")
+        clean_meta, hidden_meta = redact(to_journal_json(metadata, what="metadata"), "metadata")
+        return cls(deps=clean_deps, metadata=clean_meta, redacted=(*hidden, *hidden_meta))
+
+    def seed(self, agent: str) -> bytes:
+        """Bytes that start a run's digest: two runs with different deps or metadata never share a step."""
+        return canonical_json({"agent": agent, "deps": self.deps, "metadata": self.metadata})
+
+
+def redact(value: Any, path: str = "deps") -> tuple[Any, list[str]]:
+    """`value` (plain JSON data) with secret-looking fields replaced, and the paths of what was replaced."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        hidden: list[str] = []
+        for key, item in value.items():
+            child = f"{path}.{key}"
+            if isinstance(key, str) and _SECRET_NAME.search(key) and item not in (None, ""):
+                out[key] = REDACTED
+                hidden.append(child)
+            else:
+                out[key], more = redact(item, child)
+                hidden += more
+        return out, hidden
+    if isinstance(value, list):
+        items: list[Any] = []
+        hidden = []
+        for index, item in enumerate(value):
+            clean, more = redact(item, f"{path}[{index}]")
+            items.append(clean)
+            hidden += more
+        return items, hidden
+    if isinstance(value, str) and (_SECRET_VALUE.match(value) or value == "**********"):
+        return REDACTED, [path]
+    return value, []
 
 
 def _dataframe_json(value: Any) -> Any:

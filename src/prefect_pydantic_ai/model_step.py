@@ -15,6 +15,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 
 from .journal import ConversationDigest, canonical_json, dump_response, load_response, seal, step_key
+from .ledger import Ledger, StepUsage
 from .steps import StepResult, StepTasks
 
 
@@ -29,12 +30,19 @@ class RunIdentity:
 
 @dataclass
 class StepLog:
-    """What each step of this attempt did; the ledger and `show` read it."""
+    """What each step of this attempt did, priced only when the attempt ends (pricing is not free)."""
 
-    model_executed: list[ModelResponse] = field(default_factory=list)
-    model_replayed: list[ModelResponse] = field(default_factory=list)
-    tools_executed: list[str] = field(default_factory=list)
-    tools_replayed: list[str] = field(default_factory=list)
+    models: list[tuple[ModelResponse, bool]] = field(default_factory=list)
+    tools: list[tuple[str, bool]] = field(default_factory=list)
+
+    def ledger(self) -> Ledger:
+        """Spent (executed) vs saved (replayed) usage, calls and dollars of this attempt."""
+        ledger = Ledger()
+        for response, replayed in self.models:
+            ledger.record_model(StepUsage.from_response(response), replayed)
+        for name, replayed in self.tools:
+            ledger.record_tool(name, replayed)
+        return ledger
 
 
 class ModelSteps:
@@ -92,7 +100,7 @@ class ModelSteps:
 
         result: StepResult = await self.tasks.run(model.model_name, self.next_key(), execute)
         response = load_response(result.data)
-        (self.log.model_replayed if result.replayed else self.log.model_executed).append(response)
+        self.log.models.append((response, result.replayed))
         return response
 
 

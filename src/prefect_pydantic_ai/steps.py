@@ -103,9 +103,10 @@ class StepResult:
 class StepTasks:
     """The Prefect tasks of one kind of step, one per name (`model: gpt-4o`, `tool: search`), built once."""
 
-    def __init__(self, kind: StepKind, config: TaskConfig) -> None:
+    def __init__(self, kind: StepKind, config: TaskConfig, *, agent: str) -> None:
         self.kind = kind
         self.config = config
+        self.agent = agent
         self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
         self._tasks: dict[tuple[str, bool], Task[Any, Any]] = {}
 
@@ -133,7 +134,7 @@ class StepTasks:
             result_storage=cfg.result_storage,
             result_serializer="json",
             log_prints=bool(cfg.log_prints),
-            tags=cfg.tags,
+            tags=[*(cfg.tags or ()), f"agent:{self.agent}"],
             refresh_cache=True if overwrite else None,
         )
         self._tasks[(name, overwrite)] = task

@@ -33,26 +33,28 @@ from .steps import StepTasks
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
 
 
+class ToolTasks:
+    """The step tasks of an agent's tools: the default config, overridden field by field per tool name."""
+
+    def __init__(self, default: TaskConfig, by_name: dict[str, TaskConfig | None], *, agent: str) -> None:
+        self._default = StepTasks("tool", default, agent=agent)
+        self._by_name = {
+            name: None if cfg is None else StepTasks("tool", cfg.merged_over(default), agent=agent)
+            for name, cfg in by_name.items()
+        }
+
+    def for_tool(self, tool_name: str) -> StepTasks | None:
+        """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
+        return self._by_name.get(tool_name, self._default)
+
+
 class ToolSteps:
     """Runs a run's tool calls as journaled steps, with the per-tool task configuration."""
 
-    def __init__(
-        self,
-        model_steps: ModelSteps,
-        default: TaskConfig,
-        by_name: dict[str, TaskConfig | None],
-    ) -> None:
+    def __init__(self, model_steps: ModelSteps, tasks: ToolTasks) -> None:
         self._model_steps = model_steps
-        self._default = StepTasks("tool", default)
-        self._by_name = {
-            name: None if cfg is None else StepTasks("tool", cfg.merged_over(default))
-            for name, cfg in by_name.items()
-        }
+        self._tasks = tasks
         self._unplaced = 0
-
-    def tasks_for(self, tool_name: str) -> StepTasks | None:
-        """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
-        return self._by_name.get(tool_name, self._default)
 
     def key(self, call: ToolCallPart) -> str:
         """Key of a tool call: the model step that issued it, its position in that response, name and args."""
@@ -82,7 +84,7 @@ class ToolSteps:
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Any:
         """Run the tool call `call` through the journal; `handler` runs the real tool lifecycle."""
-        tasks = self.tasks_for(call.tool_name)
+        tasks = self._tasks.for_tool(call.tool_name)
         if tasks is None:
             return await handler(args)
         live: list[BaseException] = []
@@ -106,13 +108,11 @@ class ToolSteps:
             return seal("tool", _return_outcome(call.tool_name, result))
 
         step = await tasks.run(call.tool_name, self.key(call), work)
-        log = self._model_steps.log
+        self._model_steps.log.tools.append((call.tool_name, step.replayed))
         if not step.replayed:
-            log.tools_executed.append(call.tool_name)
             if live:
                 raise live[0]
             return live_result[0]
-        log.tools_replayed.append(call.tool_name)
         ctx.usage.tool_calls += 1  # the tool call the replayed step stands for
         return _replay(step.data)
 
