@@ -45,7 +45,8 @@ from .steps import StepTasks
 from .tool_step import ToolSteps, ToolTasks
 
 _idempotency_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("idempotency_key", default=None)
-_bare_flow: contextvars.ContextVar[bool] = contextvars.ContextVar("bare_flow", default=False)
+
+_OWN_FLOW = "__prefect_pydantic_ai_agent__"
 
 # Per attempt of a root flow run (root flow run id, run count): agent-run ordinals and which agent owns a name.
 _ordinals: dict[tuple[str, int], Counter[str]] = {}
@@ -217,6 +218,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         return tags(TAG, f"agent:{self._name}", *([f"key:{idempotency_key}"] if idempotency_key else []))
 
     def _flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
+        fn.__dict__[_OWN_FLOW] = self._name  # marks the flow as this agent's own (not a user's @flow)
         return Flow(
             fn=fn,
             name=self._name,
@@ -232,11 +234,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         """Call `fn` as a new flow run named after the agent (and the idempotency key, when given)."""
         run_flow: Any = self._flow(fn, idempotency_key)
         prompt = user_prompt if isinstance(user_prompt, str) else None
-        token = _bare_flow.set(True)
-        try:
-            return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
-        finally:
-            _bare_flow.reset(token)
+        return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
 
     def _preflight(self, kwargs: Mapping[str, Any]) -> None:
         """Fail before any flow run exists when the run cannot work at all."""
@@ -284,7 +282,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         flow_run_id = str(flow_ctx.flow_run.id)
         record = await read_record(flow_run_id, self._name, ordinal)
         if record is None:
-            bare = _bare_flow.get() and flow_ctx.flow is not None and flow_ctx.flow.name == self._name
+            bare = getattr(getattr(flow_ctx.flow, "fn", None), _OWN_FLOW, None) == self._name
             flow_fn = getattr(flow_ctx.flow, "fn", None)
             record = RunRecord(
                 flow_run_id=flow_run_id,

@@ -128,10 +128,13 @@ def entrypoint_of(obj: object, module_name: str | None) -> str | None:
         return None
     for attribute, value in vars(module).items():
         if value is obj:
-            if module_name == "__main__":
-                file = getattr(module, "__file__", None)
-                return f"{Path(file).resolve()}:{attribute}" if file else None
-            return f"{module_name}:{attribute}"
+            if module_name != "__main__":
+                return f"{module_name}:{attribute}"
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and spec.name:  # run with `python -m package.module`
+                return f"{spec.name}:{attribute}"
+            file = getattr(module, "__file__", None)
+            return f"{Path(file).resolve()}:{attribute}" if file else None
     return None
 
 

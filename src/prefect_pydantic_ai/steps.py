@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,33 @@ def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[...,
     return should_retry
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished step, as progress displays see it."""
+
+    agent: str
+    kind: StepKind
+    name: str
+    replayed: bool
+    attempts: int
+    seconds: float
+    error: str | None = None
+
+
+_observers: list[Callable[[StepEvent], None]] = []
+
+
+def observe_steps(callback: Callable[[StepEvent], None]) -> Callable[[], None]:
+    """Call `callback` after every step in this process (live progress); returns a function that stops it."""
+    _observers.append(callback)
+    return lambda: _observers.remove(callback)
+
+
+def _notify(event: StepEvent) -> None:
+    for callback in list(_observers):
+        callback(event)
+
+
 @dataclass
 class StepResult:
     """What a step returned, and whether it came from the journal or from running the work."""
@@ -143,6 +171,7 @@ class StepTasks:
     async def run(self, name: str, key: str, work: Callable[[], Awaitable[Any]]) -> StepResult:
         """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store."""
         attempts = 0
+        started = time.perf_counter()
 
         async def attempt() -> Any:
             nonlocal attempts
@@ -159,11 +188,23 @@ class StepTasks:
             except BaseException as exc:
                 if isinstance(exc, Exception) and not is_permanent(exc):
                     exc.add_note(f"in {self.kind} step {name!r} after {attempts} attempt(s)")
+                if _observers:
+                    _notify(
+                        StepEvent(
+                            self.agent,
+                            self.kind,
+                            name,
+                            False,
+                            attempts,
+                            time.perf_counter() - started,
+                            f"{type(exc).__name__}: {exc}",
+                        )
+                    )
                 raise
             finally:
                 _PENDING.pop(key, None)
             try:
-                return StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
+                result = StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
             except JournalCorruptError as exc:
                 if attempts:
                     raise
@@ -174,6 +215,14 @@ class StepTasks:
                     exc,
                 )
                 overwrite = True
+                continue
+            if _observers:
+                _notify(
+                    StepEvent(
+                        self.agent, self.kind, name, result.replayed, attempts, time.perf_counter() - started
+                    )
+                )
+            return result
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard

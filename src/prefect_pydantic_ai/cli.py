@@ -1,0 +1,351 @@
+"""`prefect-pydantic-ai`: list agent runs, show their steps, resume crashed or failed runs, report costs, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Durable Pydantic AI agents on Prefect: see, resume and account for agent runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+_T = TypeVar("_T")
+
+SYMBOLS = {"executed": "✓", "replayed": "⚡", "retried": "↻", "failed": "✗", "not_reached": "⊘"}
+STATE_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "crashed": "bold red",
+    "running": "cyan",
+    "paused": "yellow",
+    "cancelled": "dim",
+    "pending": "dim",
+}
+
+
+def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Turn errors the user can fix into one readable line and exit code 2 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        from pydantic_ai.exceptions import UserError
+
+        from .analyst import DatasetError
+        from .runs import RunError
+
+        try:
+            return fn(*args, **kwargs)
+        except (RunError, UserError, DatasetError, ValueError) as exc:
+            errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    return asyncio.run(coro)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s" if value >= 1 else f"{value * 1000:.0f}ms"
+
+
+@app.command("runs")
+@_user_errors
+def runs_command(
+    state: Annotated[
+        str | None, typer.Option(help="Only runs in this state (completed, failed, crashed, ...).")
+    ] = None,
+    agent: Annotated[str | None, typer.Option(help="Only runs of this agent.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
+) -> None:
+    """List agent runs, newest first. A run whose process died is marked crashed."""
+    from .runs import dumps, list_runs
+
+    states = {"completed", "failed", "crashed", "running", "paused", "cancelled", "pending"}
+    if state is not None and state not in states:
+        raise ValueError(f"Unknown state {state!r}; use one of: {', '.join(sorted(states))}.")
+    found = _run(list_runs(state=state, agent=agent, limit=limit))
+    if as_json:
+        print(dumps(found))
+        return
+    table = Table(title="Agent runs", title_justify="left")
+    for column in ("Run id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Duration"):
+        table.add_column(column, justify="right" if column in ("Steps", "Replayed", "Duration") else "left")
+    for run in found:
+        style = STATE_STYLE.get(run.state, "")
+        table.add_row(
+            run.run_id[:12],
+            run.idempotency_key or "-",
+            ", ".join(run.agents),
+            f"[{style}]{run.state}[/{style}]" if style else run.state,
+            str(run.steps_completed),
+            str(run.steps_replayed),
+            _when(run.started),
+            _seconds(run.duration_s),
+        )
+    console.print(table if found else "No agent runs yet.")
+
+
+def _timeline_table(title: str, steps: list[Any]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("#", justify="right")
+    table.add_column("Step")
+    table.add_column("Status")
+    table.add_column("Attempts", justify="right")
+    table.add_column("Duration", justify="right")
+    for step in steps:
+        kind = "Model call" if step.kind == "model" else "Tool call"
+        table.add_row(
+            SYMBOLS[step.status],
+            str(step.index),
+            f"{kind}: {step.name}",
+            step.status.replace("_", " "),
+            str(step.attempts) if step.attempts else "-",
+            _seconds(step.duration_s),
+        )
+    return table
+
+
+def show_json(detail: Any) -> dict[str, Any]:
+    """The documented `show --json` document."""
+    from .ledger import Ledger
+    from .report import usage_json
+
+    document = detail.model_dump(mode="json", exclude={"ledger"})
+    document.update(usage_json(detail.ledger or Ledger()))
+    return dict(document)
+
+
+def print_ledger(ledger: Any) -> None:
+    from .report import usd
+
+    table = Table(title="What replay saved", title_justify="left")
+    table.add_column("")
+    table.add_column("Spent (executed)", justify="right")
+    table.add_column("Saved (replayed)", justify="right")
+    table.add_row("Model calls", str(ledger.spent.model_calls), str(ledger.saved.model_calls))
+    table.add_row("Tool calls", str(ledger.spent.tool_calls), str(ledger.saved.tool_calls))
+    table.add_row("Tokens", f"{ledger.spent.total_tokens:,}", f"{ledger.saved.total_tokens:,}")
+    table.add_row("Cost (USD)", usd(ledger.spent), usd(ledger.saved))
+    console.print(table)
+
+
+@app.command("show")
+@_user_errors
+def show_command(
+    run: Annotated[str, typer.Argument(help="Flow run id, a unique prefix of it, or an idempotency key.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
+) -> None:
+    """Show a run's step timeline: ✓ executed, ⚡ replayed, ↻ retried, ✗ failed, ⊘ not reached."""
+    from .runs import show_run
+
+    detail = _run(show_run(run))
+    if as_json:
+        print(json.dumps(show_json(detail), indent=2, default=str))
+        return
+    print_detail(detail)
+
+
+def print_detail(detail: Any) -> None:
+    style = STATE_STYLE.get(detail.state, "")
+    key = f"  key [bold]{detail.idempotency_key}[/bold]" if detail.idempotency_key else ""
+    console.print(
+        f"Run [bold]{detail.run_id}[/bold] ({detail.name}){key}  agent {', '.join(detail.agents)}  "
+        f"[{style}]{detail.state}[/{style}]"
+    )
+    for number, steps in enumerate(detail.earlier_attempts, start=1):
+        console.print(_timeline_table(f"Attempt {number}", steps))
+    console.print(_timeline_table(f"Attempt {len(detail.earlier_attempts) + 1} (latest)", detail.steps))
+    if detail.error:
+        console.print(f"[red]Error:[/red] {detail.error}", highlight=False)
+    elif detail.output is not None:
+        console.print("Output:")
+        console.print_json(json.dumps(detail.output, default=str))
+    if detail.ledger is not None:
+        print_ledger(detail.ledger)
+
+
+@app.command("resume")
+@_user_errors
+def resume_command(
+    run: Annotated[str | None, typer.Argument(help="Flow run id, unique prefix, or idempotency key.")] = None,
+    all_crashed: Annotated[bool, typer.Option("--all-crashed", help="Resume every crashed run.")] = False,
+    entrypoint: Annotated[
+        str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
+    ] = None,
+) -> None:
+    """Run a crashed or failed run again in place: completed steps replay, the rest executes."""
+    from .runs import list_runs
+
+    if (run is None) == (not all_crashed):
+        raise ValueError("Give a RUN to resume, or --all-crashed (not both).")
+    targets = [run] if run is not None else [r.run_id for r in _run(list_runs(state="crashed", limit=1000))]
+    if not targets:
+        console.print("No crashed runs.")
+        return
+    failures = 0
+    for target in targets:
+        failures += _resume_one(target, entrypoint)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _resume_one(ref: str, entrypoint: str | None) -> int:
+    from .runs import RunError, resume_run, show_run
+    from .steps import observe_steps
+
+    def progress(event: Any) -> None:
+        symbol = "✗" if event.error else "⚡" if event.replayed else "↻" if event.attempts > 1 else "✓"
+        console.print(
+            f"  {symbol} {event.kind}: {event.name}  [dim]{_seconds(event.seconds)}[/dim]", highlight=False
+        )
+
+    before = _run(show_run(ref))
+    if before.state == "completed":
+        console.print(f"Run {before.run_id} already completed; its stored output (nothing executed):")
+        console.print_json(json.dumps(before.output, default=str))
+        return 0
+    console.print(
+        f"Resuming run [bold]{before.run_id}[/bold] ({before.name}), attempt {before.run_count + 1} ..."
+    )
+    stop = observe_steps(progress)
+    failed = 0
+    try:
+        _run(resume_run(ref, entrypoint=entrypoint))
+    except RunError:
+        raise
+    except Exception as exc:
+        errors.print(f"[red]The resumed run failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        failed = 1
+    finally:
+        stop()
+    print_detail(_run(show_run(before.run_id)))
+    return failed
+
+
+@app.command("costs")
+@_user_errors
+def costs_command(
+    since: Annotated[str, typer.Option(help="Runs since: 7d, 24h, 30m or an ISO date.")] = "7d",
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Totals across runs by agent and model: spent, saved by replay, and the share of work replay avoided."""
+    from .ledger import Ledger, parse_since
+    from .report import usage_json, usd
+    from .runs import ledgers_since
+
+    found = _run(ledgers_since(parse_since(since), agent))
+    by_agent: dict[str, Ledger] = {}
+    for name, ledger in found:
+        by_agent[name] = by_agent[name].merge(ledger) if name in by_agent else ledger
+    total = Ledger()
+    for ledger in by_agent.values():
+        total = total.merge(ledger)
+    if as_json:
+        document = {
+            "since": parse_since(since).isoformat(),
+            "runs": len(found),
+            "total": usage_json(total),
+            "by_agent": {name: usage_json(ledger) for name, ledger in sorted(by_agent.items())},
+            "by_model": {
+                name: {
+                    "spent": usage.spent.model_dump(mode="json"),
+                    "saved": usage.saved.model_dump(mode="json"),
+                }
+                for name, usage in sorted(total.by_model.items())
+            },
+        }
+        print(json.dumps(document, indent=2))
+        return
+    table = Table(title=f"Costs since {since} ({len(found)} attempts)", title_justify="left")
+    for column in (
+        "Agent / model",
+        "Calls spent",
+        "Calls saved",
+        "Tokens spent",
+        "Tokens saved",
+        "Spent",
+        "Saved",
+    ):
+        table.add_column(column, justify="left" if column == "Agent / model" else "right")
+    for name, ledger in sorted(by_agent.items()):
+        table.add_row(
+            f"[bold]{name}[/bold]",
+            str(ledger.spent.model_calls),
+            str(ledger.saved.model_calls),
+            f"{ledger.spent.total_tokens:,}",
+            f"{ledger.saved.total_tokens:,}",
+            usd(ledger.spent),
+            usd(ledger.saved),
+        )
+        for model, usage in sorted(ledger.by_model.items()):
+            table.add_row(
+                f"  {model}",
+                str(usage.spent.model_calls),
+                str(usage.saved.model_calls),
+                f"{usage.spent.total_tokens:,}",
+                f"{usage.saved.total_tokens:,}",
+                usd(usage.spent),
+                usd(usage.saved),
+            )
+    console.print(table)
+    share = total.share_avoided()
+    console.print(
+        f"Replay avoided {share.model_calls:.0%} of model calls and {share.tokens:.0%} of tokens; "
+        f"saved {usd(total.saved)} of {usd(total.spent + total.saved)}."
+    )
+
+
+@app.command("demo")
+@_user_errors
+def demo_command(
+    fail_at: Annotated[
+        str, typer.Option(help="The step that fails in the first attempt.")
+    ] = "detect_anomalies",
+    kill: Annotated[
+        bool, typer.Option("--kill", help="SIGKILL the first attempt at that step instead.")
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Any pydantic-ai model (e.g. openai:gpt-4o); default: the scripted offline analyst."
+        ),
+    ] = None,
+    csv: Annotated[
+        Path | None, typer.Option(help="Analyse this CSV instead of the built-in sales data.")
+    ] = None,
+    no_failure: Annotated[
+        bool, typer.Option("--no-failure", help="Run once, without injecting a failure.")
+    ] = False,
+) -> None:
+    """The seed's AI Data Analyst walkthrough for real: attempt 1 fails at a step, the retry replays the rest."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(fail_at=fail_at, kill=kill, model=model, csv=csv, inject_failure=not no_failure))
+
+
+def main() -> None:
+    app()

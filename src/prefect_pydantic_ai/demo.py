@@ -1,0 +1,319 @@
+"""`prefect-pydantic-ai demo`: the seed's Recovery Flow walkthrough, run for real on this machine.
+
+Attempt 1 runs the AI Data Analyst in a child process and fails at the chosen step: an injected timeout that
+outlasts the step's retries, or (`--kill`) a SIGKILL of the whole process. The recovery attempt then resumes the
+same Prefect flow run, exactly as `prefect-pydantic-ai resume <run>` would: completed steps replay from the
+journal and execution continues from the failed step. The two timelines, the analysis and what replay saved are
+printed at the end. With no Prefect server configured, a temporary local one is started (no network needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
+from .cli import SYMBOLS, console, print_ledger
+from .runs import RunError
+
+# The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
+STEPS: dict[str, tuple[str, int]] = {
+    "plan": ("model", 1),
+    "calculate_statistics": ("calculate_statistics", 1),
+    "interpret": ("model", 2),
+    "detect_anomalies": ("detect_anomalies", 1),
+    "recommendations": ("model", 3),
+}
+STEP_LABELS = [
+    "Plan analysis",
+    "calculate_statistics",
+    "Interpret statistics",
+    "detect_anomalies",
+    "Recommendations",
+]
+_TOOL_RETRIES = 2  # as in the worker's TOOL_CONFIG
+_MODEL_RETRIES = 2  # as in the worker's MODEL_CONFIG
+
+
+def _step(fail_at: str) -> tuple[str, int]:
+    if fail_at.isdigit() and 1 <= int(fail_at) <= len(STEPS):
+        return list(STEPS.values())[int(fail_at) - 1]
+    if fail_at not in STEPS:
+        raise ValueError(f"Unknown step {fail_at!r} for --fail-at; use 1-5 or one of: {', '.join(STEPS)}.")
+    return STEPS[fail_at]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[tuple[str, bool]]:
+    """The configured Prefect API, or a temporary local server (yields its URL and whether it is temporary)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        yield configured, False
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RunError(f"The local Prefect server did not start; see {log.name}.") from None
+                time.sleep(0.2)
+        os.environ["PREFECT_API_URL"] = url  # for the child processes
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url, True
+            finally:
+                _flush_logs()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _flush_logs() -> None:
+    """Send queued run logs to the API now, while the server is still there to receive them."""
+    from prefect.logging.handlers import APILogHandler
+
+    asyncio.run(APILogHandler.aflush())
+
+
+def run_demo(*, fail_at: str, kill: bool, model: str | None, csv: Path | None, inject_failure: bool) -> int:
+    """Run the walkthrough; returns the process exit code."""
+    started = time.monotonic()
+    # The demo prints its own progress; Prefect's run logs still go to the API (the UI shows them).
+    from prefect.logging.configuration import setup_logging
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    setup_logging(incremental=False)
+    if csv is not None:
+        try:
+            load_csv(csv)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+    fault_name, fault_call = _step(fail_at)
+    key = f"demo-{uuid.uuid4().hex[:8]}"
+    console.rule(
+        "[bold]prefect-pydantic-ai demo: the AI Data Analyst, with a real failure and a real recovery"
+    )
+    if model is None:
+        console.print(
+            f"Model: [bold]{OFFLINE_MODEL_NAME}[/bold]. This is a scripted policy, [bold]not an LLM[/bold]: it "
+            "calls the real tools on the real data and writes the analysis from their results. "
+            "Use --model openai:gpt-4o (or any pydantic-ai model) for a real one."
+        )
+    else:
+        console.print(f"Model: [bold]{model}[/bold]")
+    console.print(
+        f"Data: {csv if csv else 'built-in sales data (100 rows, two planted outliers: 1000 and 2000)'}"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="ppa-demo-") as scratch:
+        plan = _fault_plan(Path(scratch), fault_name, fault_call, kill=kill, inject=inject_failure)
+        env = {
+            **os.environ,
+            **plan.to_env(),
+            "PPA_DEMO_KEY": key,
+            "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "ERROR"),
+        }
+        if model:
+            env["PPA_DEMO_MODEL"] = model
+        if csv:
+            env["PPA_DEMO_CSV"] = str(csv.resolve())
+        with prefect_api() as (api, temporary):
+            where = "a temporary local Prefect server" if temporary else "the configured Prefect server"
+            console.print(f"Prefect: {where} at {api} (ready after {time.monotonic() - started:.1f}s)")
+            env["PREFECT_API_URL"] = api
+            return _walkthrough(
+                env, key, fault_name, kill=kill, inject=inject_failure, started=started, link=not temporary
+            )
+
+
+def _fault_plan(scratch: Path, name: str, call: int, *, kill: bool, inject: bool) -> Any:
+    from .testing.faults import FaultPlan
+
+    plan = FaultPlan(state_file=scratch / "fault-calls.jsonl")
+    if not inject:
+        return plan
+    if kill:
+        return plan.kill(name, on_call=call)
+    attempts = 1 + (_MODEL_RETRIES if name == "model" else _TOOL_RETRIES)
+    for offset in range(attempts):  # every attempt of the step fails: its retries are exhausted
+        if name == "model":
+            plan.fail(name, on_call=call + offset, exc=TimeoutError("injected: the model API timed out"))
+        else:
+            plan.fail(name, on_call=call + offset, delay=30.0)  # hangs past the task's timeout
+    return plan
+
+
+def _walkthrough(
+    env: dict[str, str], key: str, fault: str, *, kill: bool, inject: bool, started: float, link: bool
+) -> int:
+    from .runs import resume_run, show_run
+    from .steps import observe_steps
+
+    what = "is SIGKILLed at" if kill else "times out beyond its retries at"
+    console.print()
+    console.rule("Attempt 1" + (f": the process {what} {fault}" if inject else ""))
+    os.environ.update(env)  # the worker module reads its fault plan, key, model and data from here
+    from . import _demo_worker
+
+    returncode, reason = _first_attempt_in_child(_demo_worker.first_attempt)
+    first_result = time.monotonic() - started
+    if returncode == 0:
+        console.print(f"Attempt 1 completed ({first_result:.1f}s).")
+    elif returncode == -signal.SIGKILL:
+        console.print(
+            f"[bold red]Attempt 1 was killed (SIGKILL) at {fault}.[/bold red] Its flow run is left 'Running'."
+        )
+    else:
+        console.print(f"[bold red]Attempt 1 failed:[/bold red] {reason}", highlight=False)
+    detail = asyncio.run(show_run(key))
+    if returncode != 0:
+        console.print()
+        console.rule(f"Recovery: prefect-pydantic-ai resume {detail.run_id}")
+        console.print(
+            f"Same flow run, attempt {detail.run_count + 1}: completed steps replay (⚡), the rest executes."
+        )
+        stop = observe_steps(
+            lambda e: console.print(
+                f"  {'✗' if e.error else '⚡' if e.replayed else '↻' if e.attempts > 1 else '✓'} {e.kind}: {e.name}"
+                f"  [dim]{e.seconds * 1000:.0f}ms[/dim]",
+                highlight=False,
+            )
+        )
+        try:
+            asyncio.run(resume_run(detail.run_id))
+        finally:
+            stop()
+        detail = asyncio.run(show_run(detail.run_id))
+    console.print()
+    if detail.earlier_attempts:
+        console.print(_seed_table("Initial run", detail.earlier_attempts[0]))
+        console.print(_seed_table("Retry attempt", detail.steps))
+    else:
+        console.print(_seed_table("Run", detail.steps))
+    if detail.state != "completed":
+        console.print(f"[red]The run ended {detail.state}: {detail.error}[/red]")
+        return 1
+    _print_analysis(detail.output)
+    if detail.ledger is not None:
+        print_ledger(detail.ledger)
+        saved = detail.ledger.saved
+        if saved.model_calls:
+            console.print(
+                f"Replay saved {saved.model_calls} model call(s), {saved.tool_calls} tool call(s) and "
+                f"{saved.total_tokens:,} tokens that attempt 1 had already paid for."
+            )
+    if link:
+        from prefect.settings import PREFECT_UI_URL
+
+        console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{detail.run_id}")
+    console.print(
+        f"[dim]Timing: attempt 1 finished at {first_result:.1f}s, everything at {time.monotonic() - started:.1f}s. "
+        f"See it again: prefect-pydantic-ai show {key}[/dim]"
+    )
+    return 0
+
+
+def _first_attempt_in_child(attempt: Callable[[], Coroutine[Any, Any, None]]) -> tuple[int, str]:
+    """Run attempt 1 in a forked child process (it may be SIGKILLed); its exit code and failure reason.
+
+    Forking after the imports keeps the demo fast; the child is a real separate process with its own pid, so a
+    kill takes down everything it was doing, exactly as a crash would.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run the attempt, report why it failed, never return into the parent's code
+        os.close(read_end)
+        code, reason = 0, ""
+        try:
+            asyncio.run(attempt())
+        except Exception as exc:
+            code, reason = 1, f"{type(exc).__name__}: {exc}"
+        finally:
+            with os.fdopen(write_end, "w") as pipe:
+                pipe.write(reason)
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        reason = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), reason
+
+
+def _seed_table(title: str, steps: list[Any]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("Step")
+    table.add_column("Status")
+    table.add_column("Attempts", justify="right")
+    notes = {
+        "executed": "executed",
+        "replayed": "skipped, loaded from the journal",
+        "retried": "executed after retries",
+        "failed": "failed",
+        "not_reached": "not reached",
+    }
+    for index, step in enumerate(steps):
+        label = (
+            STEP_LABELS[index] if index < len(STEP_LABELS) and len(steps) <= len(STEP_LABELS) else step.name
+        )
+        kind = "Model call" if step.kind == "model" else "Tool call"
+        table.add_row(SYMBOLS[step.status], f"{kind}: {label}", notes[step.status], str(step.attempts or "-"))
+    return table
+
+
+def _print_analysis(output: Any) -> None:
+    if not isinstance(output, dict):
+        console.print(f"Output: {output}")
+        return
+    console.rule("The analysis (a validated DataAnalysis)")
+    console.print(f"[bold]Summary:[/bold] {output.get('summary', '')}", highlight=False)
+    for label, field in (("Key findings", "key_findings"), ("Recommendations", "recommendations")):
+        console.print(f"[bold]{label}:[/bold]")
+        for item in output.get(field, []):
+            console.print(f"  • {item}", highlight=False)
+    anomalies = output.get("anomalies", [])
+    console.print(f"[bold]Anomalies ({len(anomalies)}):[/bold]")
+    for anomaly in anomalies:
+        console.print(
+            f"  • row {anomaly.get('row')}: {anomaly.get('column')} = {anomaly.get('value')} (z = {anomaly.get('z_score', 0):.1f})",
+            highlight=False,
+        )
