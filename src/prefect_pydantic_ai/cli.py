@@ -342,9 +342,41 @@ def demo_command(
     ] = False,
 ) -> None:
     """The seed's AI Data Analyst walkthrough for real: attempt 1 fails at a step, the retry replays the rest."""
-    from .demo import run_demo
+    import os
+    import time
 
-    sys.exit(run_demo(fail_at=fail_at, kill=kill, model=model, csv=csv, inject_failure=not no_failure))
+    started = time.monotonic()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from .demo import LocalServer
+
+        server = LocalServer()  # boots while the imports below run
+    try:
+        from .demo import run_demo
+
+        if server is not None and _profile_has_api_url():  # a Prefect profile names a server: use that one
+            server.stop()
+            server = None
+
+        code = run_demo(
+            fail_at=fail_at,
+            kill=kill,
+            model=model,
+            csv=csv,
+            inject_failure=not no_failure,
+            server=server,
+            started=started,
+        )
+    finally:
+        if server is not None and server.process.poll() is None:
+            server.stop()
+    sys.exit(code)
+
+
+def _profile_has_api_url() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def main() -> None:

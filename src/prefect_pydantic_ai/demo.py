@@ -26,9 +26,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
 from .cli import SYMBOLS, console, print_ledger
-from .runs import RunError
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
 STEPS: dict[str, tuple[str, int]] = {
@@ -63,47 +61,61 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def prefect_api() -> Iterator[tuple[str, bool]]:
-    """The configured Prefect API, or a temporary local server (yields its URL and whether it is temporary)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+class LocalServer:
+    """A temporary Prefect server on a free loopback port, started with nothing but the standard library so it
+    boots while this process imports Prefect and pandas."""
 
-    configured = PREFECT_API_URL.value()
-    if configured:
-        yield configured, False
-        return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": url},
-    )
-    try:
-        deadline = time.monotonic() + 120
+    def __init__(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": self.url},
+        )
+
+    def wait_until_ready(self, timeout: float = 120) -> None:
+        from .runs import RunError
+
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
             except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RunError(f"The local Prefect server did not start; see {log.name}.") from None
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RunError(f"The local Prefect server did not start; see {self.log.name}.") from None
                 time.sleep(0.2)
-        os.environ["PREFECT_API_URL"] = url  # for the child processes
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@contextlib.contextmanager
+def prefect_api(server: LocalServer | None) -> Iterator[str]:
+    """The configured Prefect API, or `server` once it is ready (its URL is then set for this process too)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if server is None:
+        yield str(PREFECT_API_URL.value())
+        return
+    try:
+        server.wait_until_ready()
+        os.environ["PREFECT_API_URL"] = server.url
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
             try:
-                yield url, True
+                yield server.url
             finally:
                 _flush_logs()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 def _flush_logs() -> None:
@@ -113,11 +125,21 @@ def _flush_logs() -> None:
     asyncio.run(APILogHandler.aflush())
 
 
-def run_demo(*, fail_at: str, kill: bool, model: str | None, csv: Path | None, inject_failure: bool) -> int:
-    """Run the walkthrough; returns the process exit code."""
-    started = time.monotonic()
+def run_demo(
+    *,
+    fail_at: str,
+    kill: bool,
+    model: str | None,
+    csv: Path | None,
+    inject_failure: bool,
+    server: LocalServer | None,
+    started: float,
+) -> int:
+    """Run the walkthrough on `server` (None: the configured Prefect API); returns the process exit code."""
     # The demo prints its own progress; Prefect's run logs still go to the API (the UI shows them).
     from prefect.logging.configuration import setup_logging
+
+    from .analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
 
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     setup_logging(incremental=False)
@@ -155,7 +177,8 @@ def run_demo(*, fail_at: str, kill: bool, model: str | None, csv: Path | None, i
             env["PPA_DEMO_MODEL"] = model
         if csv:
             env["PPA_DEMO_CSV"] = str(csv.resolve())
-        with prefect_api() as (api, temporary):
+        with prefect_api(server) as api:
+            temporary = server is not None
             where = "a temporary local Prefect server" if temporary else "the configured Prefect server"
             console.print(f"Prefect: {where} at {api} (ready after {time.monotonic() - started:.1f}s)")
             env["PREFECT_API_URL"] = api
