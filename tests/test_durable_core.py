@@ -294,7 +294,8 @@ async def test_a_corrupt_journal_entry_is_re_executed_with_a_warning(
     before = {p: p.stat().st_mtime_ns for p in storage_dir.iterdir()}
     await durable.run("go", idempotency_key=key)
     written = sorted(
-        (p for p in storage_dir.iterdir() if p.is_file() and p not in before), key=lambda p: p.stat().st_mtime_ns
+        (p for p in storage_dir.iterdir() if p.is_file() and p not in before),
+        key=lambda p: p.stat().st_mtime_ns,
     )
     assert len(written) == 5  # one journal entry per step
     stats_entry = written[1]

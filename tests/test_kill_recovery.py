@@ -20,13 +20,12 @@ SCRIPT = Path(__file__).parent / "scripts" / "five_step.py"
 SHAPE = ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies", "model"]
 
 
-def _run(log: Path, key: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run(log: Path, key: str, *kill: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FIVE_STEP_LOG": str(log)}
+    if kill:
+        env[kill[0]] = kill[1]
     return subprocess.run(
-        [sys.executable, str(SCRIPT), "--key", key, "--log", str(log), *extra],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=os.environ.copy(),
+        [sys.executable, str(SCRIPT), key], capture_output=True, text=True, timeout=180, env=env
     )
 
 
@@ -47,11 +46,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]
 @pytest.mark.parametrize(
     ("flag", "call", "completed_before_kill"),
     [
-        ("--kill-before", 2, 1),  # after the first model call
-        ("--kill-before", 3, 2),  # after the first tool
-        ("--kill-before", 4, 3),  # after the second model call
-        ("--kill-before", 5, 4),  # after the second tool
-        ("--kill-in-tool", 4, 3),  # in the middle of detect_anomalies
+        ("FIVE_STEP_KILL_BEFORE", 2, 1),  # after the first model call
+        ("FIVE_STEP_KILL_BEFORE", 3, 2),  # after the first tool
+        ("FIVE_STEP_KILL_BEFORE", 4, 3),  # after the second model call
+        ("FIVE_STEP_KILL_BEFORE", 5, 4),  # after the second tool
+        ("FIVE_STEP_KILL_IN_TOOL", 4, 3),  # in the middle of detect_anomalies
     ],
 )
 def test_sigkill_then_rerun_with_the_same_key_completes_without_repeating_completed_steps(
@@ -62,7 +61,7 @@ def test_sigkill_then_rerun_with_the_same_key_completes_without_repeating_comple
     killed = _run(log, key, flag, str(call))
     assert killed.returncode == -signal.SIGKILL
     first = [line.split(" ", 1)[1] for line in log.read_text().splitlines()]
-    assert first == SHAPE[: completed_before_kill + (1 if flag == "--kill-in-tool" else 0)]
+    assert first == SHAPE[: completed_before_kill + (1 if flag == "FIVE_STEP_KILL_IN_TOOL" else 0)]
 
     resumed = _output(_run(log, key))
     assert resumed == uninterrupted

@@ -192,6 +192,7 @@ def print_detail(detail: Any) -> None:
 def resume_command(
     run: Annotated[str | None, typer.Argument(help="Flow run id, unique prefix, or idempotency key.")] = None,
     all_crashed: Annotated[bool, typer.Option("--all-crashed", help="Resume every crashed run.")] = False,
+    agent: Annotated[str | None, typer.Option(help="With --all-crashed: only runs of this agent.")] = None,
     entrypoint: Annotated[
         str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
     ] = None,
@@ -201,7 +202,11 @@ def resume_command(
 
     if (run is None) == (not all_crashed):
         raise ValueError("Give a RUN to resume, or --all-crashed (not both).")
-    targets = [run] if run is not None else [r.run_id for r in _run(list_runs(state="crashed", limit=1000))]
+    targets = (
+        [run]
+        if run is not None
+        else [r.run_id for r in _run(list_runs(state="crashed", agent=agent, limit=1000))]
+    )
     if not targets:
         console.print("No crashed runs.")
         return

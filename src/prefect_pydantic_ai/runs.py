@@ -293,6 +293,21 @@ async def _task_runs(client: PrefectClient, flow_run_ids: list[UUID]) -> dict[UU
         offset += 200
 
 
+async def _flow_runs(
+    client: PrefectClient, flow_run_filter: FlowRunFilter, sort: FlowRunSort, limit: int
+) -> list[FlowRun]:
+    """Up to `limit` flow runs, read in pages (the API serves at most 200 at a time)."""
+    found: list[FlowRun] = []
+    while len(found) < limit:
+        page = await client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=sort, limit=min(200, limit - len(found)), offset=len(found)
+        )
+        found += page
+        if len(page) < 200:
+            break
+    return found
+
+
 async def _mark_crashed_if_dead(client: PrefectClient, flow_run: FlowRun) -> FlowRun:
     """A running flow run whose recorded process on this host is gone is crashed: say so to Prefect."""
     if _state_of(flow_run) != "running":
@@ -327,13 +342,14 @@ async def list_runs(
     """Flow runs holding agent runs, newest first, with crashed runs detected and marked as such."""
     tags = [TAG] + ([f"agent:{agent}"] if agent else [])
     async with get_client() as client:
-        flow_runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
+        flow_runs = await _flow_runs(
+            client,
+            FlowRunFilter(
                 tags=FlowRunFilterTags(all_=tags),
                 start_time=FlowRunFilterStartTime(after_=since) if since else None,
             ),
-            sort=FlowRunSort.START_TIME_DESC,
-            limit=limit if state is None else max(limit * 5, 100),
+            FlowRunSort.START_TIME_DESC,
+            limit if state is None else max(limit * 5, 1000),
         )
         flow_runs = [await _mark_crashed_if_dead(client, fr) for fr in flow_runs]
         if state is not None:
@@ -375,15 +391,12 @@ async def resolve_run(ref: str) -> FlowRun:
         )
         if by_key:
             return await _mark_crashed_if_dead(client, by_key[0])
-        if not re.fullmatch(r"[0-9a-fA-F-]{4,36}", ref):
+        if not re.fullmatch(r"[0-9a-fA-F-]{1,36}", ref):
             raise RunError(f"No agent run with idempotency key {ref!r}; see `prefect-pydantic-ai runs`.")
-        candidates = [
-            fr
-            for fr in await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG])), limit=1000
-            )
-            if str(fr.id).startswith(ref.lower())
-        ]
+        tagged = await _flow_runs(
+            client, FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG])), FlowRunSort.START_TIME_DESC, 100_000
+        )
+        candidates = [fr for fr in tagged if str(fr.id).startswith(ref.lower())]
         if not candidates:
             raise RunError(f"No agent run matches {ref!r} (not an id, id prefix or idempotency key).")
         if len(candidates) > 1:
@@ -418,9 +431,11 @@ async def show_run(ref: str) -> RunDetail:
     async with get_client() as client:
         runs = [flow_run]
         if key is not None:  # earlier processes of the same logical run are earlier attempts
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
-                sort=FlowRunSort.START_TIME_ASC,
+            runs = await _flow_runs(
+                client,
+                FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
+                FlowRunSort.START_TIME_ASC,
+                1000,
             )
             runs = [
                 fr

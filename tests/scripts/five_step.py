@@ -1,17 +1,20 @@
-"""The seed's data-analyst shape in one process: model → tool → model → tool → model.
+"""The seed's data-analyst shape: model → tool → model → tool → model, as an importable module and a script.
 
-Every model and tool call appends a line to --log before doing its work, so tests can count calls across
-processes. --kill-before N SIGKILLs this process just before call N starts (a step boundary); --kill-in-tool N
-SIGKILLs it in the middle of call N, after it started (N must be a tool call: 2 or 4).
+Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
+processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
+$FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
+makes call N sleep for a minute. `durable` is module-level so `prefect-pydantic-ai resume` can re-create it.
+Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 from pydantic_ai import Agent, RunContext
@@ -20,25 +23,21 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
 
-args = argparse.ArgumentParser()
-args.add_argument("--key", required=True)
-args.add_argument("--log", type=Path, required=True)
-args.add_argument("--kill-before", type=int, default=0)
-args.add_argument("--kill-in-tool", type=int, default=0)
-opts = args.parse_args()
-
 
 def _call(name: str) -> None:
-    lines = opts.log.read_text().splitlines() if opts.log.exists() else []
+    log = Path(os.environ["FIVE_STEP_LOG"])
+    lines = log.read_text().splitlines() if log.exists() else []
     number = len(lines) + 1
-    if number == opts.kill_before:
+    if number == int(os.environ.get("FIVE_STEP_KILL_BEFORE", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
-    with opts.log.open("a") as f:
+    with log.open("a") as f:
         f.write(f"{number} {name}\n")
         f.flush()
         os.fsync(f.fileno())
-    if number == opts.kill_in_tool:
+    if number == int(os.environ.get("FIVE_STEP_KILL_IN_TOOL", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+    if number == int(os.environ.get("FIVE_STEP_HANG_IN_TOOL", "0")):
+        time.sleep(60)
 
 
 def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -53,7 +52,7 @@ def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     )
 
 
-agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list)
+agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list[float])
 
 
 @agent.tool
@@ -70,7 +69,8 @@ def detect_anomalies(ctx: RunContext[list[float]], column: str) -> list[float]:
 
 
 durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=0))
-result = durable.run_sync(
-    "Analyze the sales data", deps=[100.0, 110.0, 1000.0, 95.0], idempotency_key=opts.key
-)
-print("OUTPUT " + json.dumps({"output": result.output, "usage": result.usage.requests}))
+DEPS = [100.0, 110.0, 1000.0, 95.0]
+
+if __name__ == "__main__":
+    result = durable.run_sync("Analyze the sales data", deps=DEPS, idempotency_key=sys.argv[1] or None)
+    print("OUTPUT " + json.dumps({"output": result.output, "requests": result.usage.requests}))

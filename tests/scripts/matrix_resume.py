@@ -1,0 +1,102 @@
+"""One durable run of a three-model-step, two-tool agent, for the multi-process reliability tests.
+
+Shape: model → fetch → model → save → model. Every model and tool call is appended to the `--calls` `CallLog`
+when it starts (with this process's pid), so tests count executions across processes; each step then takes
+`--step-seconds`. Faults come from the `FaultPlan` in the environment: `boundary` is hit (and logged) before
+each model request, outside every step (a SIGKILL there lands between two steps); `tool:fetch` and
+`tool:save` are hit inside those tools. With `--barrier DIR`, the process waits before its `--barrier-at`th model request (also
+outside every step) until `--parties` processes have arrived in DIR, so concurrent resumers reach the same
+unfinished step at the same moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+from pydantic_ai import Agent
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from prefect_pydantic_ai import PrefectAgent
+from prefect_pydantic_ai.testing import CallLog, FaultPlan
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--key", required=True)
+parser.add_argument("--calls", type=Path, required=True)
+parser.add_argument("--step-seconds", type=float, default=0.0)
+parser.add_argument("--barrier", type=Path)
+parser.add_argument("--barrier-at", type=int, default=1)
+parser.add_argument("--parties", type=int, default=2)
+opts = parser.parse_args()
+
+plan = FaultPlan.from_env()
+calls = CallLog(opts.calls)
+boundaries = 0
+
+
+def barrier(directory: Path, parties: int, timeout: float = 60.0) -> None:
+    """Wait until `parties` processes have arrived in `directory` (give up after `timeout` seconds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(directory.iterdir())) < parties and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+    calls.record("model", len(returns) + 1)
+    time.sleep(opts.step_seconds)  # FunctionModel runs a sync function in a worker thread
+    if not returns:
+        prompt = next(p for m in messages for p in m.parts if isinstance(p, UserPromptPart))
+        return ModelResponse(parts=[ToolCallPart("fetch", {"item": str(prompt.content)})])
+    if len(returns) == 1:
+        return ModelResponse(parts=[ToolCallPart("save", {"value": returns[0].content})])
+    return ModelResponse(parts=[TextPart(f"done: {returns[1].content}")])
+
+
+agent = Agent(FunctionModel(model), name="matrix_resume")
+
+
+@agent.instructions
+def boundary() -> str:
+    """Runs before every model request, outside any step: the place for a SIGKILL between two steps."""
+    global boundaries
+    boundaries += 1
+    calls.record("boundary", boundaries)
+    if opts.barrier is not None and boundaries == opts.barrier_at:
+        barrier(opts.barrier, opts.parties)
+    plan.hit_sync("boundary")
+    return "Fetch the item, then save it."
+
+
+@agent.tool_plain
+async def fetch(item: str) -> str:
+    calls.record("tool:fetch", item)
+    await plan.hit("tool:fetch")
+    await asyncio.sleep(opts.step_seconds)
+    return f"{item}-fetched"
+
+
+@agent.tool_plain
+async def save(value: str) -> str:
+    calls.record("tool:save", value)
+    await plan.hit("tool:save")
+    await asyncio.sleep(opts.step_seconds)
+    return f"{value}-saved"
+
+
+result = PrefectAgent(agent).run_sync("order-42", idempotency_key=opts.key)
+print("OUTPUT " + json.dumps(result.output), flush=True)

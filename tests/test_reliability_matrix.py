@@ -1,0 +1,451 @@
+"""The reliability matrix, through the real HTTP path: pydantic-ai's OpenAI client against `LoopbackOpenAI`.
+
+For every fault the server can inject we count what crosses the socket: a retryable fault is retried per the
+model step's `TaskConfig` (one HTTP request per attempt, since the SDK's own retries are off), an exhausted step
+fails the run with an error naming the step and the cause, and a resume with the same idempotency key sends only
+the requests of the steps that did not complete. The numbers asserted here are the ones in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import AsyncOpenAI
+from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.settings import ModelSettings
+
+from prefect_pydantic_ai import PrefectAgent, TaskConfig
+from prefect_pydantic_ai.testing import CallLog, FaultPlan, LoopbackOpenAI, StatusFault, TextReply
+
+pytestmark = pytest.mark.anyio
+
+PROMPT = "What is the weather in Paris?"
+FINAL = "Paris is sunny."
+MODEL_STEP = "model step 'gpt-4o'"
+
+
+def _key() -> str:
+    return f"matrix-{uuid.uuid4().hex[:10]}"
+
+
+def error_text(exc: BaseException) -> str:
+    """What the user sees for a failed run: the exception line plus its notes."""
+    return "".join(traceback.format_exception_only(exc))
+
+
+@pytest.fixture
+def server() -> Iterator[LoopbackOpenAI]:
+    with LoopbackOpenAI() as running:
+        yield running
+
+
+@dataclass
+class Weather:
+    """A `lookup` tool that counts its calls."""
+
+    calls: list[str] = field(default_factory=list)
+
+    def agent(self, model: Model, name: str) -> Agent[None, str]:
+        agent: Agent[None, str] = Agent(model, name=name)
+
+        @agent.tool_plain
+        def lookup(city: str) -> str:
+            """The weather in `city`."""
+            self.calls.append(city)
+            return f"{city}: sunny"
+
+        return agent
+
+
+# -- the matrix: one fault on the second model request, after a completed model + tool prefix ------------------
+
+
+@dataclass(frozen=True)
+class HttpFault:
+    """A fault the server injects into one request, and what the client makes of it."""
+
+    name: str
+    inject: Callable[[LoopbackOpenAI], object]
+    error: type[Exception]
+    cause: str
+    timeout_seconds: float | None = None
+
+
+FAULTS = [
+    HttpFault("429", lambda s: s.fault_status(429, retry_after=5), ModelHTTPError, "status_code: 429"),
+    HttpFault("500", lambda s: s.fault_status(500), ModelHTTPError, "status_code: 500"),
+    HttpFault(
+        "timeout",
+        lambda s: s.fault_delay(3.0, then=TextReply("too late")),
+        TimeoutError,
+        "TaskRunTimeoutError: Scope timed out after 0.5 second(s)",
+        timeout_seconds=0.5,
+    ),
+    HttpFault("reset", lambda s: s.fault_reset(), ModelConnectionError, "Connection error"),
+    HttpFault("malformed-json", lambda s: s.fault_malformed_json(), ModelAPIError, "decode"),
+]
+
+
+def _durable(
+    server: LoopbackOpenAI, weather: Weather, fault: HttpFault, retries: int
+) -> PrefectAgent[None, str]:
+    config = TaskConfig(retries=retries, retry_delay_seconds=0, timeout_seconds=fault.timeout_seconds)
+    return PrefectAgent(
+        weather.agent(server.openai_model(), f"matrix_{fault.name}"), model_task_config=config
+    )
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+async def test_a_transient_fault_is_retried_once_and_the_resume_sends_nothing(
+    server: LoopbackOpenAI, fault: HttpFault
+) -> None:
+    weather = Weather()
+    durable = _durable(server, weather, fault, retries=1)
+    server.reply_tool_calls([("lookup", {"city": "Paris"})])
+    fault.inject(server)
+    server.reply_text(FINAL)
+    key = _key()
+
+    started = time.monotonic()
+    result = await durable.run(PROMPT, idempotency_key=key)
+
+    assert result.output == FINAL
+    assert server.request_count == 3  # model, model (fault), model (Prefect's retry)
+    assert server.requests[2]["messages"] == server.requests[1]["messages"]  # the retry repeats the request
+    assert weather.calls == ["Paris"]
+    if fault.name == "429":  # documented: Prefect's retry waits retry_delay_seconds, not the Retry-After
+        assert time.monotonic() - started < 5
+
+    resumed = await durable.run(PROMPT, idempotency_key=key)
+
+    assert resumed.output == FINAL
+    assert server.request_count == 3 and weather.calls == ["Paris"]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+async def test_an_exhausted_step_fails_naming_step_and_cause_and_the_resume_completes(
+    server: LoopbackOpenAI, fault: HttpFault
+) -> None:
+    weather = Weather()
+    durable = _durable(server, weather, fault, retries=1)
+    server.reply_tool_calls([("lookup", {"city": "Paris"})])
+    fault.inject(server)
+    fault.inject(server)
+    key = _key()
+
+    with pytest.raises(fault.error) as failure:
+        await durable.run(PROMPT, idempotency_key=key)
+
+    text = error_text(failure.value)
+    assert f"in {MODEL_STEP} after 2 attempt(s)" in text
+    assert fault.cause in text
+    assert server.request_count == 3 and weather.calls == ["Paris"]
+
+    server.reply_text(FINAL)
+    resumed = await durable.run(PROMPT, idempotency_key=key)
+
+    assert resumed.output == FINAL
+    assert server.request_count == 4  # only the failed step: model 1 and the tool replay from the journal
+    assert server.requests[3]["messages"] == server.requests[1]["messages"]
+    assert weather.calls == ["Paris"]
+
+
+async def test_a_rejected_request_is_not_retried_and_the_resume_completes(server: LoopbackOpenAI) -> None:
+    weather = Weather()
+    durable = PrefectAgent(
+        weather.agent(server.openai_model(), "matrix_400"), model_task_config=TaskConfig(retries=2)
+    )
+    server.reply_tool_calls([("lookup", {"city": "Paris"})])
+    server.fault_status(400, message="Invalid 'messages': rejected")
+    key = _key()
+
+    with pytest.raises(ModelHTTPError) as failure:
+        await durable.run(PROMPT, idempotency_key=key)
+
+    assert failure.value.status_code == 400
+    assert "Invalid 'messages': rejected" in error_text(failure.value)
+    assert server.request_count == 2  # retries=2, but a 400 cannot be fixed by sending it again
+
+    server.reply_text(FINAL)
+    assert (await durable.run(PROMPT, idempotency_key=key)).output == FINAL
+    assert server.request_count == 3 and weather.calls == ["Paris"]
+
+
+# -- pydantic-ai's own retries (the model is asked to correct itself) are journaled like any exchange --------
+
+
+async def test_invalid_tool_args_retry_prompt_is_journaled_and_replayed(server: LoopbackOpenAI) -> None:
+    weather = Weather()
+    durable = PrefectAgent(weather.agent(server.openai_model(), "matrix_tool_args"))
+    server.fault_invalid_tool_args("lookup")
+    server.reply_tool_calls([("lookup", {"city": "Paris"})])
+    server.fault_status(500)  # the last step fails: the run stops after the corrected exchange
+    key = _key()
+
+    with pytest.raises(ModelHTTPError):
+        await durable.run(PROMPT, idempotency_key=key)
+
+    assert server.request_count == 3 and weather.calls == ["Paris"]
+    [retry_prompt] = [m for m in server.requests[1]["messages"] if m["role"] == "tool"]
+    assert "json_invalid" in retry_prompt["content"]  # the model was asked to correct its arguments
+
+    server.reply_text(FINAL)
+    resumed = await durable.run(PROMPT, idempotency_key=key)
+
+    assert resumed.output == FINAL
+    assert server.request_count == 4  # invalid call, retry prompt, corrected call and tool all replayed
+    assert server.requests[3]["messages"] == server.requests[2]["messages"]
+    assert weather.calls == ["Paris"]
+
+    again = await durable.run(PROMPT, idempotency_key=key)
+
+    assert again.output == FINAL
+    assert server.request_count == 4 and weather.calls == ["Paris"]  # the whole exchange: zero requests
+    assert [m.kind for m in again.all_messages()] == [m.kind for m in resumed.all_messages()]
+
+
+class Forecast(BaseModel):
+    city: str
+    celsius: int
+
+
+async def test_schema_invalid_output_retry_prompt_is_journaled_and_replayed(server: LoopbackOpenAI) -> None:
+    agent: Agent[None, Forecast] = Agent(server.openai_model(), name="matrix_output", output_type=Forecast)
+    durable = PrefectAgent(agent)
+    server.fault_schema_invalid_output({"city": "Paris", "celsius": "warm"})
+    server.fault_status(500)
+    key = _key()
+
+    with pytest.raises(ModelHTTPError):
+        await durable.run(PROMPT, idempotency_key=key)
+
+    assert server.request_count == 2
+    [retry_prompt] = [m for m in server.requests[1]["messages"] if m["role"] == "tool"]
+    assert "celsius" in retry_prompt["content"]
+
+    server.reply_json({"city": "Paris", "celsius": 21})
+    resumed = await durable.run(PROMPT, idempotency_key=key)
+
+    assert resumed.output == Forecast(city="Paris", celsius=21)
+    assert server.request_count == 3
+    assert server.requests[2]["messages"] == server.requests[1]["messages"]
+
+    again = await durable.run(PROMPT, idempotency_key=key)
+
+    assert again.output == Forecast(city="Paris", celsius=21)
+    assert server.request_count == 3
+
+
+# -- one retry layer ------------------------------------------------------------------------------------------
+
+
+def _sdk_defaults(server: LoopbackOpenAI) -> OpenAIChatModel:
+    """The model as most users build it: the provider creates the OpenAI client with the SDK's defaults."""
+    return OpenAIChatModel("gpt-4o", provider=OpenAIProvider(base_url=server.base_url, api_key="loopback"))
+
+
+@pytest.mark.parametrize(
+    ("layers", "requests"),
+    [("prefect-only", 3), ("sdk-default", 9), ("model-settings-max-retries-1", 6)],
+)
+async def test_retry_layers_multiply(server: LoopbackOpenAI, layers: str, requests: int) -> None:
+    server.responder = lambda body: StatusFault(500)  # every request fails
+    model = _sdk_defaults(server) if layers == "sdk-default" else server.openai_model(max_retries=0)
+    client = model.client
+    assert isinstance(client, AsyncOpenAI)
+    assert client.max_retries == (2 if layers == "sdk-default" else 0)
+    settings: ModelSettings = {"max_retries": 1} if layers.startswith("model-settings") else {}
+    durable = PrefectAgent(
+        Agent(model, name=f"layers_{layers.replace('-', '_')}"), model_task_config=TaskConfig(retries=2)
+    )
+
+    with pytest.raises(ModelHTTPError) as failure:
+        await durable.run(PROMPT, model_settings=settings)
+
+    assert f"in {MODEL_STEP} after 3 attempt(s)" in error_text(failure.value)
+    assert server.request_count == requests
+
+
+# -- many runs at once against one Prefect server -------------------------------------------------------------
+
+CONCURRENT_RUNS = 50
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+async def test_fifty_concurrent_runs_each_get_their_own_output() -> None:
+    model_calls: list[str] = []
+    tool_calls: list[str] = []
+
+    def echo(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        prompt = str(next(p for m in messages for p in m.parts if isinstance(p, UserPromptPart)).content)
+        model_calls.append(prompt)
+        returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if not returns:
+            return ModelResponse(parts=[ToolCallPart("fingerprint", {"text": prompt})])
+        return ModelResponse(parts=[TextPart(f"{prompt} -> {returns[0].content}")])
+
+    agent: Agent[None, str] = Agent(FunctionModel(echo), name="matrix_concurrent")
+
+    @agent.tool_plain
+    async def fingerprint(text: str) -> str:
+        tool_calls.append(text)
+        await asyncio.sleep(0.01)
+        return _fingerprint(text)
+
+    durable = PrefectAgent(agent)
+    prompts = [f"order-{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(CONCURRENT_RUNS)]
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(durable.run(prompt) for prompt in prompts))
+    elapsed = time.monotonic() - started
+
+    assert [r.output for r in results] == [f"{p} -> {_fingerprint(p)}" for p in prompts]
+    assert sorted(tool_calls) == sorted(
+        prompts
+    )  # each run executed its own tool call, none replayed another's
+    assert sorted(model_calls) == sorted(prompts * 2)
+    assert elapsed < 60, f"{CONCURRENT_RUNS} concurrent runs took {elapsed:.1f}s"
+
+
+# -- several processes: concurrent resume of a killed run, and a lock held by a killed process -----------------
+
+SCRIPT = Path(__file__).parent / "scripts" / "matrix_resume.py"
+FULL_OUTPUT = "done: order-42-fetched-saved"
+
+
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """A failed test must not leave its script processes running."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _start(key: str, calls: Path, plan: FaultPlan, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--key", key, "--calls", str(calls), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **plan.to_env()},
+    )
+    _started.append(proc)
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The run's output, once the process exits successfully within `timeout` seconds."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"pid {proc.pid} did not finish within {timeout}s")
+    assert proc.returncode == 0, stderr[-3000:]
+    line = next(line for line in stdout.splitlines() if line.startswith("OUTPUT "))
+    return line.removeprefix("OUTPUT ")
+
+
+def _kill_run(key: str, calls: Path, plan: FaultPlan, *extra: str) -> None:
+    proc = _start(key, calls, plan, *extra)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+
+
+def _executions(calls: Path) -> dict[str, int]:
+    """How many times each step started, over all processes (`model#2` is the second model request)."""
+    counts: dict[str, int] = {}
+    for entry in CallLog(calls).entries():
+        if entry.name in ("model", "tool:fetch", "tool:save"):
+            step = f"model#{entry.args}" if entry.name == "model" else entry.name
+            counts[step] = counts.get(step, 0) + 1
+    return counts
+
+
+def _wait_for(calls: Path, name: str, pid: int, args: Any = None, timeout: float = 60) -> None:
+    """Wait until process `pid` logged a call of `name` (with `args`, if given)."""
+    deadline = time.monotonic() + timeout
+    while not any(
+        e.name == name and e.pid == pid and (args is None or e.args == args) for e in CallLog(calls).entries()
+    ):
+        assert time.monotonic() < deadline, f"pid {pid} never logged {name} {args}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_processes_resuming_one_killed_run_execute_each_step_once(tmp_path: Path) -> None:
+    key, calls = _key(), tmp_path / "calls.jsonl"
+    # Killed between steps: model 1 and fetch completed, model 2 not started.
+    _kill_run(key, calls, FaultPlan(state_file=tmp_path / "plan.jsonl").kill("boundary", on_call=2))
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1}
+
+    # Both resumers replay model 1 and fetch, then meet at a barrier just before model 2: they reach the first
+    # unfinished step at the same moment, and each remaining step takes a second.
+    extra = ("--step-seconds", "1", "--barrier", str(tmp_path / "barrier"), "--barrier-at", "2")
+    resumers = [_start(key, calls, FaultPlan(), *extra) for _ in range(2)]
+    outputs = [_finish(proc, timeout=120) for proc in resumers]
+
+    assert outputs == [f'"{FULL_OUTPUT}"'] * 2
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 1, "model#3": 1}
+
+
+@pytest.mark.slow
+def test_a_lock_held_by_a_killed_process_does_not_block_the_resume(tmp_path: Path) -> None:
+    key, calls = _key(), tmp_path / "calls.jsonl"
+    # The first process hangs in `save` (it would SIGKILL itself after a minute); the test kills it sooner.
+    plan = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1, delay=60)
+    holder = _start(key, calls, plan)
+    _wait_for(calls, "tool:save", holder.pid)
+
+    resumer = _start(key, calls, plan)
+    _wait_for(calls, "boundary", resumer.pid, args=2)  # replayed model 1 and fetch; model 2, then `save`
+    time.sleep(3)  # ... where it waits: the step is still running in a live process
+    assert _executions(calls)["tool:save"] == 1
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=10) == -signal.SIGKILL
+    killed = time.monotonic()
+    CallLog(calls).record("holder killed")
+
+    output = _finish(resumer, timeout=90)
+
+    assert time.monotonic() - killed < 60
+    assert output == f'"{FULL_OUTPUT}"'
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
+    order = [(e.name, e.pid) for e in CallLog(calls).entries() if e.name in ("tool:save", "holder killed")]
+    assert order == [("tool:save", holder.pid), ("holder killed", os.getpid()), ("tool:save", resumer.pid)]
