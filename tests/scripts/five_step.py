@@ -3,7 +3,9 @@
 Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
-makes call N sleep for a minute. `durable` is module-level so `prefect-pydantic-ai resume` can re-create it.
+makes call N sleep for a minute. Each model response reports usage (1000·step input and 100 output tokens) under
+the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. `durable` is
+module-level so `prefect-pydantic-ai resume` can re-create it.
 Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key).
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
 
@@ -73,4 +76,13 @@ DEPS = [100.0, 110.0, 1000.0, 95.0]
 
 if __name__ == "__main__":
     result = durable.run_sync("Analyze the sales data", deps=DEPS, idempotency_key=sys.argv[1] or None)
-    print("OUTPUT " + json.dumps({"output": result.output, "requests": result.usage.requests}))
+    usage = result.usage
+    print(
+        "OUTPUT "
+        + json.dumps(
+            {
+                "output": result.output,
+                "usage": [usage.requests, usage.input_tokens, usage.output_tokens, usage.tool_calls],
+            }
+        )
+    )
