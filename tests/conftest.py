@@ -33,6 +33,8 @@ os.environ.update(
         "PREFECT_HOME": str(_SESSION_DIR / "prefect-home"),
         "PREFECT_LOCAL_STORAGE_PATH": str(_SESSION_DIR / "storage"),
         "PREFECT_API_URL": f"http://127.0.0.1:{_PORT}/api",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{_PORT}/api",  # the browser test's UI talks to this server
+        "PREFECT_SERVER_UI_API_URL": f"http://127.0.0.1:{_PORT}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
