@@ -439,3 +439,41 @@ async def test_deps_dataframe_is_journaled_by_content() -> None:
     await durable.run("go", deps=pd.DataFrame({"a": [1, 2]}), idempotency_key=key)
     await durable.run("go", deps=pd.DataFrame({"a": [1, 3]}), idempotency_key=key)
     assert len(seen) == 2
+
+
+async def test_per_tool_config_overrides_the_tool_default_field_by_field() -> None:
+    attempts: Counter[str] = Counter()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        done = len(_returns(messages))
+        if done < 2:
+            return ModelResponse(parts=[ToolCallPart(["slow_sync", "vetoed"][done], {})])
+        return ModelResponse(parts=[TextPart("ok")])
+
+    agent = Agent(FunctionModel(model), name="per_tool")
+
+    @agent.tool_plain
+    def slow_sync() -> str:  # a sync tool: its first attempt outlasts the per-tool timeout
+        attempts["slow_sync"] += 1
+        if attempts["slow_sync"] == 1:
+            time.sleep(2)
+        return "done"
+
+    @agent.tool_plain
+    def vetoed() -> str:
+        attempts["vetoed"] += 1
+        if attempts["vetoed"] == 1:
+            raise ConnectionError("flaky")
+        return "done"
+
+    durable = PrefectAgent(
+        agent,
+        tool_task_config=TaskConfig(retries=2, retry_delay_seconds=0),
+        tool_task_config_by_name={
+            "slow_sync": TaskConfig(timeout_seconds=0.5),  # keeps retries=2 from the default
+            "vetoed": TaskConfig(retry_condition_fn=lambda task, run, state: False),
+        },
+    )
+    with pytest.raises(ConnectionError, match="flaky"):
+        await durable.run("go")
+    assert attempts == Counter(slow_sync=2, vetoed=1)  # timed out once then retried; vetoed: no retry
