@@ -27,6 +27,7 @@ import httpx
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import State
 from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.messages import BaseToolReturnPart, ModelMessage, ModelRequest, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -99,12 +100,19 @@ def executed_by_process(plan: FaultPlan) -> list[list[str]]:
     return list(steps.values())
 
 
-async def task_run_names(flow_run_id: UUID, *, at_least: int) -> list[str]:
+def flow_run_id(state: State[Any]) -> UUID:
+    """The id of the flow run that ended in `state`."""
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    return run_id
+
+
+async def task_run_names(run_id: UUID, *, at_least: int) -> list[str]:
     """The names (without Prefect's random suffix) of a flow run's task runs, once Prefect recorded them all.
 
     Task runs reach the API as events, so this polls until at least `at_least` are there and the count is stable.
     """
-    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
     deadline = time.monotonic() + 30
     seen = -1
     async with get_client() as client:
@@ -131,7 +139,7 @@ async def test_analysis_feeds_the_report_and_one_notification_in_the_outbox(
     assert analysis == plain
     assert executed(plan) == ANALYST_STEPS
 
-    run_id = state.state_details.flow_run_id
+    run_id = flow_run_id(state)
     assert [p.name for p in (tmp_path / "outbox").iterdir()] == [f"{run_id}.eml"]
     message = email.message_from_bytes(
         (tmp_path / "outbox" / f"{run_id}.eml").read_bytes(), policy=email.policy.default
@@ -191,7 +199,7 @@ async def test_tool_failure_then_flow_retry_resumes_at_the_failed_tool_and_notif
     assert executed(plan) == [*first_attempt, "data_analyst:detect_anomalies", "data_analyst:model"]
     assert len(list((tmp_path / "outbox").iterdir())) == 1
     async with get_client() as client:
-        assert (await client.read_flow_run(state.state_details.flow_run_id)).run_count == 2
+        assert (await client.read_flow_run(flow_run_id(state))).run_count == 2
 
 
 # -- Pattern 2: agents in sequence with typed deps -----------------------------------------------------------
@@ -229,7 +237,7 @@ async def test_summary_agent_failure_retries_the_flow_without_running_the_resear
     assert Counter(first) == RESEARCH_STEPS + Counter({"summarizer:model": 1, "summarizer:get_findings": 3})
     assert second == ["summarizer:get_findings", "summarizer:model"]  # the research agent replayed entirely
     async with get_client() as client:
-        assert (await client.read_flow_run(state.state_details.flow_run_id)).run_count == 2
+        assert (await client.read_flow_run(flow_run_id(state))).run_count == 2
 
 
 @pytest.mark.anyio
@@ -255,7 +263,7 @@ async def test_research_agent_reads_a_notes_directory_and_cites_its_files(tmp_pa
     assert [note.title for note in knowledge.notes] == ["Backoff", "Queues"]
     findings = (await build_research_agent().run("Research retries with backoff", deps=knowledge)).output
     assert findings == ResearchFindings(
-        summary="Exponential backoff spaces out retries of a failed call. (1 notes consulted: Backoff.)",
+        summary="Exponential backoff spaces out retries of a failed call. (Notes read: Backoff.)",
         key_points=["Exponential backoff spaces out retries of a failed call."],
         sources=["backoff.md"],
     )
@@ -287,7 +295,7 @@ async def test_triage_output_routes_the_ticket_to_exactly_one_branch_task(
         f"{team}/{ticket.id}.json"
     ]
 
-    names = await task_run_names(state.state_details.flow_run_id, at_least=4)
+    names = await task_run_names(flow_run_id(state), at_least=4)
     assert [name for name in names if name in BRANCHES] == [branch]
     assert Counter(names) == Counter(
         {"model: offline-triage (scripted)": 2, "tool: lookup_customer": 1, branch: 1}
@@ -334,7 +342,7 @@ async def test_invalid_triage_output_is_retried_by_validation_before_routing(
         "ticket_triage:model",  # severity "CRITICAL": rejected by TicketTriage
         "ticket_triage:model",  # corrected after the validation error
     ]
-    names = await task_run_names(state.state_details.flow_run_id, at_least=5)
+    names = await task_run_names(flow_run_id(state), at_least=5)
     assert [name for name in names if name in BRANCHES] == ["escalate_to_oncall"]
 
 
@@ -349,7 +357,7 @@ async def test_triage_output_still_invalid_after_retries_fails_the_flow_before_a
     error = await state.aresult(raise_on_failure=False)
     assert isinstance(error, UnexpectedModelBehavior) and "output retries" in str(error)
     assert Counter(executed(plan)) == Counter({"ticket_triage:model": 4, "ticket_triage:lookup_customer": 1})
-    names = await task_run_names(state.state_details.flow_run_id, at_least=5)
+    names = await task_run_names(flow_run_id(state), at_least=5)
     assert Counter(names) == Counter({"model: shouting-triage (scripted)": 4, "tool: lookup_customer": 1})
     assert not (tmp_path / "queues").exists()
 
@@ -368,7 +376,7 @@ async def test_triage_resumes_after_a_failed_lookup_and_routes_once(
         "ticket_triage:lookup_customer",  # the retried flow run replays the first model request
         "ticket_triage:model",
     ]
-    names = await task_run_names(state.state_details.flow_run_id, at_least=6)
+    names = await task_run_names(flow_run_id(state), at_least=6)
     assert [name for name in names if name in BRANCHES] == ["route_to_billing_team"]
 
 
@@ -420,19 +428,29 @@ def serving(
                 proc.wait()
 
 
-async def wait_for_final_state(api: httpx.AsyncClient, flow_run_id: str) -> dict[str, Any]:
+async def call(api: httpx.AsyncClient, method: str, path: str, body: Any = None) -> Any:
+    """One Prefect REST API call; like Prefect's own client, retry while the server answers 503 (busy)."""
+    for attempt in range(8):
+        response = await api.request(method, path, json=body)
+        if response.status_code != 503:
+            break
+        await anyio.sleep(0.25 * 2**attempt)
+    return response.raise_for_status().json()
+
+
+async def wait_for_final_state(api: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 120
     while True:
-        run: dict[str, Any] = (await api.get(f"flow_runs/{flow_run_id}")).raise_for_status().json()
+        run: dict[str, Any] = await call(api, "GET", f"flow_runs/{run_id}")
         if run["state_type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
             return run
         assert time.monotonic() < deadline, f"flow run still {run['state_type']}"
         await anyio.sleep(0.5)
 
 
-async def read_result(flow_run_id: str) -> Any:
+async def read_result(run_id: str) -> Any:
     async with get_client() as client:
-        run = await client.read_flow_run(UUID(flow_run_id))
+        run = await client.read_flow_run(UUID(run_id))
     assert run.state is not None
     return await run.state.aresult()
 
@@ -450,17 +468,14 @@ async def test_served_flow_runs_when_triggered_over_rest_and_its_result_is_a_dat
     with serving(tmp_path / "serve.log", deployment, tmp_path / "outbox", "--cron", "0 9 * * *") as served:
         assert [s["schedule"]["cron"] for s in served["schedules"]] == ["0 9 * * *"]
         async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"] + "/") as api:
-            created = await api.post(
-                f"deployments/{served['id']}/create_flow_run",
-                json={"parameters": {"recipient": "ops@example.com"}},
-            )
-            flow_run_id = created.raise_for_status().json()["id"]
-            run = await wait_for_final_state(api, flow_run_id)
+            body = {"parameters": {"recipient": "ops@example.com"}}
+            run_id = (await call(api, "POST", f"deployments/{served['id']}/create_flow_run", body))["id"]
+            run = await wait_for_final_state(api, run_id)
             assert run["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()
-            analysis = await read_result(flow_run_id)
+            analysis = await read_result(run_id)
     assert isinstance(analysis, DataAnalysis)
     assert analysis == expected
-    message = email.message_from_bytes((tmp_path / "outbox" / f"{flow_run_id}.eml").read_bytes())
+    message = email.message_from_bytes((tmp_path / "outbox" / f"{run_id}.eml").read_bytes())
     assert message["To"] == "ops@example.com"
 
 
@@ -476,26 +491,22 @@ async def test_served_run_failing_midway_is_retried_as_the_same_flow_run_and_rep
     deployment = f"svc-{uuid.uuid4().hex[:8]}"
     with serving(tmp_path / "serve.log", deployment, tmp_path / "outbox", env=plan.to_env()) as served:
         async with httpx.AsyncClient(base_url=os.environ["PREFECT_API_URL"] + "/") as api:
-            created = await api.post(f"deployments/{served['id']}/create_flow_run", json={})
-            flow_run_id = created.raise_for_status().json()["id"]
-            failed = await wait_for_final_state(api, flow_run_id)
+            run_id = (await call(api, "POST", f"deployments/{served['id']}/create_flow_run", {}))["id"]
+            failed = await wait_for_final_state(api, run_id)
             assert failed["state_type"] == "FAILED", (tmp_path / "serve.log").read_text()
             assert not (tmp_path / "outbox").exists()
 
-            rescheduled = await api.post(
-                f"flow_runs/{flow_run_id}/set_state",
-                json={"state": {"type": "SCHEDULED", "name": "Scheduled"}, "force": True},
-            )
-            assert rescheduled.raise_for_status().json()["status"] == "ACCEPT"
-            run = await wait_for_final_state(api, flow_run_id)
+            scheduled = {"state": {"type": "SCHEDULED"}, "force": True}
+            assert (await call(api, "POST", f"flow_runs/{run_id}/set_state", scheduled))["status"] == "ACCEPT"
+            run = await wait_for_final_state(api, run_id)
             assert run["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()
             assert run["run_count"] == 2
-            assert isinstance(await read_result(flow_run_id), DataAnalysis)
+            assert isinstance(await read_result(run_id), DataAnalysis)
 
     first, second = executed_by_process(plan)
     assert first == [*ANALYST_STEPS[:3], *["data_analyst:detect_anomalies"] * 3]
     assert second == ANALYST_STEPS[3:]  # the steps before the failure ran exactly once across both attempts
-    assert [p.name for p in (tmp_path / "outbox").iterdir()] == [f"{flow_run_id}.eml"]
+    assert [p.name for p in (tmp_path / "outbox").iterdir()] == [f"{run_id}.eml"]
 
 
 # -- the command lines (in process: ``python -m`` itself is exercised by the service tests) -------------------
