@@ -477,3 +477,14 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field() -> No
     with pytest.raises(ConnectionError, match="flaky"):
         await durable.run("go")
     assert attempts == Counter(slow_sync=2, vetoed=1)  # timed out once then retried; vetoed: no retry
+
+
+def test_a_module_level_agent_pickles_by_reference_for_served_flows() -> None:
+    import cloudpickle  # what Prefect uses to ship a served flow and the globals it needs
+
+    from tests.scripts import five_step
+
+    assert cloudpickle.loads(cloudpickle.dumps(five_step.durable)) is five_step.durable
+    local = PrefectAgent(two_tool_agent(Calls(), name="local_only"))
+    with pytest.raises(TypeError, match="define it at module level"):
+        cloudpickle.dumps(local)

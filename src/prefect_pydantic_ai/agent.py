@@ -37,6 +37,7 @@ from .runs import (
     RunError,
     RunRecord,
     entrypoint_of,
+    load_entrypoint,
     read_record,
     rehydrate_deps,
     write_record,
@@ -139,6 +140,20 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         raise DurabilityConfigError(
             "A PrefectAgent's name is fixed: it keys the journal. Rename the wrapped agent instead."
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by reference to where the agent is defined, as Prefect does when it ships a served flow.
+
+        An agent holds clients, context variables and functions that cannot be pickled by value; a module-level
+        `PrefectAgent` is re-imported on the other side instead.
+        """
+        entrypoint = entrypoint_of(self, self._defined_in)
+        if entrypoint is None:
+            raise TypeError(
+                f"PrefectAgent {self._name!r} cannot be pickled: define it at module level so it can be re-imported, "
+                "or create it inside the flow function."
+            )
+        return (load_entrypoint, (entrypoint,))
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -252,6 +267,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         flow_run = flow_ctx.flow_run
         root = await _root_flow_run_id(flow_run)
         scope = (root, flow_run.run_count)
+        _forget_old_scopes()
         owner = _owners.setdefault(scope, {}).setdefault(self._name, id(self.wrapped))
         if owner != id(self.wrapped):
             raise DurabilityConfigError(
@@ -336,6 +352,18 @@ async def _finish(
         description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
     )
     return ledger
+
+
+_MAX_SCOPES = 4096
+
+
+def _forget_old_scopes() -> None:
+    """Keep the per-attempt bookkeeping of a long-lived process bounded (oldest attempts first)."""
+    for table in (_ordinals, _owners):
+        while len(table) > _MAX_SCOPES:
+            del table[next(iter(table))]
+    while len(_roots) > _MAX_SCOPES:
+        del _roots[next(iter(_roots))]
 
 
 def _journaled_metadata(metadata: Any) -> Any:

@@ -8,6 +8,7 @@ its retries and timeout apply per attempt, and its result storage holds the entr
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -92,6 +93,33 @@ def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[...,
     return should_retry
 
 
+class StepTimeoutError(TimeoutError):
+    """One attempt at a step ran longer than its `timeout_seconds`."""
+
+
+async def _within(seconds: float | None, work: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Run `work()`, giving up after `seconds`.
+
+    We enforce the timeout ourselves instead of through Prefect's: pydantic-ai runs a sync tool in a worker
+    thread whose await is shielded from cancellation, so a cancelling timeout would only fire once the thread
+    returned. Here the attempt is abandoned at the deadline (an async step is cancelled; a sync tool's thread
+    finishes in the background and its result is discarded) and the retry starts on time.
+    """
+    if seconds is None:
+        return await work()
+    running = asyncio.ensure_future(work())
+    try:
+        done, _ = await asyncio.wait({running}, timeout=seconds)
+    except asyncio.CancelledError:
+        running.cancel()
+        raise
+    if running in done:
+        return running.result()
+    running.cancel()
+    running.add_done_callback(lambda task: task.cancelled() or task.exception())
+    raise StepTimeoutError(f"{what} timed out after {seconds:g}s")
+
+
 @dataclass(frozen=True)
 class StepEvent:
     """One finished step, as progress displays see it."""
@@ -155,7 +183,6 @@ class StepTasks:
             retries=cfg.retries or 0,
             retry_delay_seconds=cfg.retry_delay_seconds or 0,
             retry_jitter_factor=cfg.retry_jitter_factor,
-            timeout_seconds=cfg.timeout_seconds,
             retry_condition_fn=_retry_condition(cfg.retry_condition_fn),
             cache_policy=policy,
             persist_result=self.journaled,
@@ -176,7 +203,7 @@ class StepTasks:
         async def attempt() -> Any:
             nonlocal attempts
             attempts += 1
-            return await work()
+            return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
 
         if self.journaled:
             await self._warn_if_unreadable(name, key)
