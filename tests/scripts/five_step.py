@@ -22,7 +22,6 @@ from pathlib import Path
 from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
-from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
 
