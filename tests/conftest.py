@@ -66,12 +66,21 @@ def prefect_server() -> Iterator[str]:
             raise RuntimeError(f"Prefect server did not start; see {_SESSION_DIR / 'server.log'}")
         time.sleep(0.3)
     yield url
+    _flush_run_logs()  # send queued run logs while the server is still up
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def _flush_run_logs() -> None:
+    import asyncio
+
+    from prefect.logging.handlers import APILogHandler
+
+    asyncio.run(APILogHandler.aflush())
 
 
 @pytest.fixture
