@@ -101,7 +101,7 @@ async def test_failed_run_resumes_with_the_same_key_executing_only_the_failed_st
     key = _key()
     with pytest.raises(ConnectionError, match="unreachable") as failure:
         await durable.run("go", idempotency_key=key)
-    assert "in tool step 'anomalies' after 3 attempt(s)" in str(failure.value.__notes__)
+    assert "in tool step 'anomalies', after 3 attempt(s)" in str(failure.value.__notes__)
     assert calls.log == ["model", "stats", "model", "anomalies", "anomalies", "anomalies"]
 
     calls.log.clear()
@@ -205,7 +205,7 @@ async def test_timeout_beyond_retries_fails_the_run_naming_the_step() -> None:
     durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=1, timeout_seconds=0.3))
     with pytest.raises(TimeoutError) as failure:
         await durable.run("go")
-    assert "in tool step 'hang' after 2 attempt(s)" in str(failure.value.__notes__)
+    assert "in tool step 'hang', after 2 attempt(s)" in str(failure.value.__notes__)
 
 
 async def test_errors_retrying_cannot_fix_are_not_retried() -> None:
@@ -222,9 +222,10 @@ async def test_errors_retrying_cannot_fix_are_not_retried() -> None:
         raise UserError("the tool is not configured: set FOO")
 
     durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=3, retry_delay_seconds=0))
-    with pytest.raises(UserError, match="set FOO"):
+    with pytest.raises(UserError, match="set FOO") as failure:
         await durable.run("go")
     assert len(attempts) == 1
+    assert "in tool step 'misconfigured', not retried: retrying cannot fix it" in str(failure.value.__notes__)
 
 
 async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_execute() -> None:

@@ -93,6 +93,17 @@ def _retry_condition(user_condition: Callable[..., Any] | None) -> Callable[...,
     return should_retry
 
 
+_MAX_RETRY_AFTER = 120.0
+
+
+def _retry_after(exc: BaseException) -> float:
+    """Seconds a rate-limited provider asked us to wait (`Retry-After`), capped; 0 when it did not ask."""
+    seconds = getattr(exc, "retry_after", None)
+    if isinstance(seconds, int | float) and seconds > 0:
+        return min(float(seconds), _MAX_RETRY_AFTER)
+    return 0.0
+
+
 class StepTimeoutError(TimeoutError):
     """One attempt at a step ran longer than its `timeout_seconds`."""
 
@@ -199,11 +210,18 @@ class StepTasks:
         """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store."""
         attempts = 0
         started = time.perf_counter()
+        wait_until = 0.0  # a server's Retry-After, honoured by the next attempt
 
         async def attempt() -> Any:
-            nonlocal attempts
+            nonlocal attempts, wait_until
             attempts += 1
-            return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
+            if (pause := wait_until - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
+            try:
+                return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
+            except Exception as exc:
+                wait_until = time.monotonic() + _retry_after(exc)
+                raise
 
         if self.journaled:
             await self._warn_if_unreadable(name, key)
@@ -213,8 +231,13 @@ class StepTasks:
             try:
                 entry = await self.task(name, overwrite=overwrite)(key)
             except BaseException as exc:
-                if isinstance(exc, Exception) and not is_permanent(exc):
-                    exc.add_note(f"in {self.kind} step {name!r} after {attempts} attempt(s)")
+                if isinstance(exc, Exception):
+                    retried = (
+                        "not retried: retrying cannot fix it"
+                        if is_permanent(exc)
+                        else f"after {attempts} attempt(s)"
+                    )
+                    exc.add_note(f"in {self.kind} step {name!r}, {retried}")
                 if _observers:
                     _notify(
                         StepEvent(
