@@ -176,6 +176,7 @@ class StepTasks:
         self.agent = agent
         self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
         self._tasks: dict[tuple[str, bool], Task[Any, Any]] = {}
+        self._stores: dict[str, tuple[Any, Any]] = {}  # the flow's result store -> this task's view of it
 
     def task(self, name: str, *, overwrite: bool = False) -> Task[Any, Any]:
         """The task for steps called `name`; `overwrite=True` re-executes and replaces a bad journal entry."""
@@ -280,7 +281,12 @@ class StepTasks:
     async def _warn_if_unreadable(self, name: str, key: str) -> None:
         """Warn when an entry exists under `key` but cannot be read: Prefect then treats it as absent and runs
         the step again, which is right, but silently. (A readable entry with a bad checksum is caught in `run`.)"""
-        store = await get_result_store().aupdate_for_task(self.task(name))
+        current = get_result_store()
+        cached = self._stores.get(name)
+        if cached is None or cached[0] is not current:
+            cached = (current, await current.aupdate_for_task(self.task(name)))
+            self._stores[name] = cached
+        store = cached[1]
         storage = store.result_storage
         if storage is None or store.metadata_storage is not None:
             return
