@@ -296,26 +296,22 @@ def costs_command(
         "Saved",
     ):
         table.add_column(column, justify="left" if column == "Agent / model" else "right")
-    for name, ledger in sorted(by_agent.items()):
+
+    def row(label: str, spent: Any, saved: Any) -> None:
         table.add_row(
-            f"[bold]{name}[/bold]",
-            str(ledger.spent.model_calls),
-            str(ledger.saved.model_calls),
-            f"{ledger.spent.total_tokens:,}",
-            f"{ledger.saved.total_tokens:,}",
-            usd(ledger.spent),
-            usd(ledger.saved),
+            label,
+            str(spent.model_calls),
+            str(saved.model_calls),
+            f"{spent.total_tokens:,}",
+            f"{saved.total_tokens:,}",
+            usd(spent),
+            usd(saved),
         )
+
+    for name, ledger in sorted(by_agent.items()):
+        row(f"[bold]{name}[/bold]", ledger.spent, ledger.saved)
         for model, usage in sorted(ledger.by_model.items()):
-            table.add_row(
-                f"  {model}",
-                str(usage.spent.model_calls),
-                str(usage.saved.model_calls),
-                f"{usage.spent.total_tokens:,}",
-                f"{usage.saved.total_tokens:,}",
-                usd(usage.spent),
-                usd(usage.saved),
-            )
+            row(f"  {model}", usage.spent, usage.saved)
     console.print(table)
     share = total.share_avoided()
     console.print(

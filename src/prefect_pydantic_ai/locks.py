@@ -23,7 +23,8 @@ logger = logging.getLogger("prefect_pydantic_ai")
 _HOST = socket.gethostname()
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ class ReclaimingLockManager:
     def _held_by_the_dead(self, info: dict[str, Any]) -> bool:
         if info.get("unwritten"):
             return time.time() - float(info["since"]) > self._UNWRITTEN_GRACE
-        if info.get("host") == _HOST and not _process_alive(int(info.get("pid", -1))):
+        if info.get("host") == _HOST and not process_alive(int(info.get("pid", -1))):
             return True
         return self.stale_after is not None and time.time() - float(info.get("since", 0)) > self.stale_after
 

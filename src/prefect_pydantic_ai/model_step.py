@@ -14,7 +14,15 @@ from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 
-from .journal import ConversationDigest, canonical_json, dump_response, load_response, seal, step_key
+from .journal import (
+    ConversationDigest,
+    StepKind,
+    canonical_json,
+    dump_response,
+    load_response,
+    seal,
+    step_key,
+)
 from .ledger import Ledger, StepUsage
 from .steps import StepResult, StepTasks
 
@@ -71,13 +79,18 @@ class ModelSteps:
     def next_key(self) -> str:
         """The key of the next attempt in this step (a hook may re-attempt on another model)."""
         self._attempt += 1
+        return self.key("model", f"{self.number}.{self._attempt}", self._step_digest)
+
+    def key(self, kind: StepKind, step: str, digest: str, tool_name: str = "") -> str:
+        """A step key of this run: its identity plus the step's own ordinal, kind, tool name and digest."""
         return step_key(
             run_key=self.identity.run_key,
             agent=self.identity.agent,
             agent_ordinal=self.identity.ordinal,
-            kind="model",
-            step=f"{self.number}.{self._attempt}",
-            digest=self._step_digest,
+            kind=kind,
+            step=step,
+            tool_name=tool_name,
+            digest=digest,
         )
 
     def end(self, response: ModelResponse) -> None:

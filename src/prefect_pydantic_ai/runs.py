@@ -38,6 +38,7 @@ from prefect.states import Crashed
 from pydantic import BaseModel, Field
 
 from .ledger import Ledger
+from .locks import process_alive
 
 TAG = "prefect-pydantic-ai"
 _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
@@ -316,7 +317,7 @@ async def _mark_crashed_if_dead(client: PrefectClient, flow_run: FlowRun) -> Flo
     if not records:
         return flow_run
     latest = max(records, key=lambda r: r.started_at)
-    if latest.host != _HOST or _pid_alive(latest.pid):
+    if latest.host != _HOST or process_alive(latest.pid):
         return flow_run
     await client.set_flow_run_state(
         flow_run.id,
@@ -324,16 +325,6 @@ async def _mark_crashed_if_dead(client: PrefectClient, flow_run: FlowRun) -> Flo
         force=True,
     )
     return await client.read_flow_run(flow_run.id)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def list_runs(

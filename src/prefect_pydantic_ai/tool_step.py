@@ -26,7 +26,7 @@ from pydantic_ai.tools import RunContext
 
 from .config import TaskConfig
 from .errors import NotJournalableError
-from .journal import canonical_json, seal, step_key, to_journal_json
+from .journal import canonical_json, seal, to_journal_json
 from .model_step import ModelSteps
 from .steps import StepTasks
 
@@ -66,15 +66,7 @@ class ToolSteps:
         else:
             place = str(position)
         args = hashlib.sha256(canonical_json(to_journal_json(call.args, what="tool arguments"))).hexdigest()
-        return step_key(
-            run_key=steps.identity.run_key,
-            agent=steps.identity.agent,
-            agent_ordinal=steps.identity.ordinal,
-            kind="tool",
-            step=f"{steps.number}.{place}",
-            tool_name=call.tool_name,
-            digest=f"{steps.step_digest}:{args}",
-        )
+        return steps.key("tool", f"{steps.number}.{place}", f"{steps.step_digest}:{args}", call.tool_name)
 
     async def execute(
         self,
