@@ -7,27 +7,18 @@ subprocess a test starts talk to the same throwaway server and never read a prev
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from prefect_pydantic_ai.demo import LocalServer, free_port  # imports no Prefect yet
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ppa-tests-"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-_PORT = _free_port()
+_PORT = free_port()  # chosen before anything imports Prefect, which reads PREFECT_API_URL at import
 os.environ.update(
     {
         "PREFECT_HOME": str(_SESSION_DIR / "prefect-home"),
@@ -45,34 +36,11 @@ os.environ.update(
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server() -> Iterator[str]:
     """A real local Prefect server on a free loopback port, for the whole session."""
-    log = open(_SESSION_DIR / "server.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(_PORT)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=os.environ.copy(),
-    )
-    url = os.environ["PREFECT_API_URL"]
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"Prefect server did not start; see {_SESSION_DIR / 'server.log'}")
-        time.sleep(0.3)
-    yield url
+    server = LocalServer(port=_PORT)
+    server.wait_until_ready()
+    yield server.url
     _flush_run_logs()  # send queued run logs while the server is still up
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server.stop()
 
 
 def _flush_run_logs() -> None:

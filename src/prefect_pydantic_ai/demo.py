@@ -55,7 +55,8 @@ def _step(fail_at: str) -> tuple[str, int]:
     return STEPS[fail_at]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -65,8 +66,8 @@ class LocalServer:
     """A temporary Prefect server on a free loopback port, started with nothing but the standard library so it
     boots while this process imports Prefect and pandas."""
 
-    def __init__(self) -> None:
-        port = _free_port()
+    def __init__(self, port: int | None = None) -> None:
+        port = port or free_port()
         self.url = f"http://127.0.0.1:{port}/api"
         self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(
