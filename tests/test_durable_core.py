@@ -292,6 +292,7 @@ async def test_a_corrupt_journal_entry_is_re_executed_with_a_warning(
     calls = Calls()
     durable = PrefectAgent(two_tool_agent(calls, name="corruptible"))
     key = _key()
+    storage_dir.mkdir(parents=True, exist_ok=True)
     before = {p: p.stat().st_mtime_ns for p in storage_dir.iterdir()}
     await durable.run("go", idempotency_key=key)
     written = sorted(

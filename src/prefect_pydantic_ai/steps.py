@@ -22,6 +22,7 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from pydantic_ai.exceptions import (
@@ -290,11 +291,15 @@ class StepTasks:
         storage = store.result_storage
         if storage is None or store.metadata_storage is not None:
             return
-        try:
-            reader = getattr(storage, "aread_path", None)
-            await (reader(key) if reader is not None else storage.read_path(key))
-        except Exception:
-            return  # nothing stored yet
+        if isinstance(storage, LocalFileSystem):  # the common case: one stat, no thread hop per step
+            if not (Path(storage.basepath or ".").expanduser() / key).exists():
+                return
+        else:
+            try:
+                reader = getattr(storage, "aread_path", None)
+                await (reader(key) if reader is not None else storage.read_path(key))
+            except Exception:
+                return  # nothing stored yet
         try:
             await store.aread(key)
         except Exception as exc:
