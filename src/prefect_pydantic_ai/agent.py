@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from prefect import Flow, get_client, tags
+from prefect import Flow, get_client
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
@@ -173,8 +173,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         ) -> AgentRunResult[Any]:
             return await self.run(user_prompt, idempotency_key=idempotency_key, **kwargs)  # type: ignore[no-any-return]
 
-        with self._run_tags(idempotency_key):
-            return await self._start_flow(agent_run, user_prompt, idempotency_key)
+        return await self._start_flow(agent_run, user_prompt, idempotency_key)
 
     def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
         token = _idempotency_key.set(idempotency_key)
@@ -228,9 +227,6 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         )
 
     # -- internals ---------------------------------------------------------------------------------------------
-
-    def _run_tags(self, idempotency_key: str | None) -> Any:
-        return tags(TAG, f"agent:{self._name}", *([f"key:{idempotency_key}"] if idempotency_key else []))
 
     def _flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
         fn.__dict__[_OWN_FLOW] = self._name  # marks the flow as this agent's own (not a user's @flow)
@@ -411,8 +407,7 @@ async def _iter_in_flow_run(
                     reply.set_exception(exc)
             return run.result
 
-    with agent._run_tags(idempotency_key):
-        flow_task = asyncio.ensure_future(agent._start_flow(agent_run, user_prompt, idempotency_key))
+    flow_task = asyncio.ensure_future(agent._start_flow(agent_run, user_prompt, idempotency_key))
     done, _ = await asyncio.wait({flow_task, started}, return_when=asyncio.FIRST_COMPLETED)
     if flow_task in done and not started.done():
         await flow_task  # raises the error that stopped the flow before the run started

@@ -93,16 +93,21 @@ class ReclaimingLockManager:
         return True
 
     def _try_acquire(self, key: str, holder: str) -> bool:
-        if self.is_lock_holder(key, holder):
-            return True
-        if self.is_locked(key):
-            return False
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Create the lock file exclusively; read it only when it exists (ours already? a dead holder's?)."""
         record = json.dumps(
             {"holder": holder, "pid": os.getpid(), "host": _HOST, "since": time.time()}
         ).encode()
+        if self._create(key, record):
+            return True
+        # `is_locked` reclaims a dead holder's lock, after which it can be created again
+        return self.is_lock_holder(key, holder) or (not self.is_locked(key) and self._create(key, record))
+
+    def _create(self, key: str, record: bytes) -> bool:
         try:
             fd = os.open(self._path(key), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileNotFoundError:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return self._create(key, record)
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:

@@ -1,7 +1,7 @@
 """Agent runs as Prefect knows them: records, listing, step timelines, crash detection and resume.
 
 Prefect is the system of record. A flow run that holds agent runs is tagged `prefect-pydantic-ai` and
-`agent:<name>` (and `key:<idempotency key>`); its task runs are the steps. Beside the journal entries, each agent
+`agent:<name>` (and `key:<idempotency key>`); its task runs, named `<kind>: <name> @ <agent>`, are the steps. Beside the journal entries, each agent
 run writes one small JSON *run record* to Prefect's result storage: how to re-create the run (the import path of
 the agent or of the user's flow, and its inputs with secret-looking values removed), the process that runs it (so a
 killed run is recognised as crashed), and per finished attempt its output or error and its spent/saved ledger.
@@ -220,10 +220,10 @@ def _step_kind(task_run: TaskRun) -> Literal["model", "tool"] | None:
     return None
 
 
-def _step_name(task_run: TaskRun) -> str:
-    # Task run names carry Prefect's random suffix: "tool: detect_anomalies-3f2".
-    name = task_run.name.split(": ", 1)[1]
-    return name.rsplit("-", 1)[0] if re.search(r"-[0-9a-f]{3}$", name) else name
+def _step_name_and_agent(task_run: TaskRun) -> tuple[str, str | None]:
+    """Step task runs are named `<kind>: <model or tool name> @ <agent>`."""
+    name, _, agent = task_run.name.split(": ", 1)[1].rpartition(" @ ")
+    return (name, agent) if name else (agent, None)
 
 
 def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
@@ -245,12 +245,12 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
     steps.sort(key=lambda t: t.start_time or t.expected_start_time or datetime.max.replace(tzinfo=UTC))
     views = []
     for index, task_run in enumerate(steps, start=1):
-        agent = next((tag.removeprefix("agent:") for tag in task_run.tags if tag.startswith("agent:")), None)
+        name, agent = _step_name_and_agent(task_run)
         views.append(
             StepView(
                 index=index,
                 kind=_step_kind(task_run) or "tool",
-                name=_step_name(task_run),
+                name=name,
                 agent=agent,
                 status=_step_status(task_run, attempt_crashed),
                 attempts=max(task_run.run_count, 1) if task_run.state_name != "Cached" else 0,
@@ -260,8 +260,12 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
     return views
 
 
-def not_reached(earlier: list[StepView], later: list[StepView]) -> list[StepView]:
-    """Steps a later attempt ran beyond where an earlier attempt stopped: `⊘` in the earlier timeline."""
+def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:
+    """Steps a later attempt ran beyond where an earlier attempt stopped: `⊘` in the earlier timeline.
+
+    A process killed inside a step may die before Prefect records that step's task run; when the earlier
+    attempt crashed, the first step it did not record is the one it was in: `✗`.
+    """
     missing = later[len(earlier) :]
     return [
         StepView(
@@ -269,8 +273,10 @@ def not_reached(earlier: list[StepView], later: list[StepView]) -> list[StepView
             kind=s.kind,
             name=s.name,
             agent=s.agent,
-            status="not_reached",
-            attempts=0,
+            status="failed"
+            if crashed and offset == 1 and not any(e.status == "failed" for e in earlier)
+            else "not_reached",
+            attempts=int(crashed and offset == 1),
             duration_s=None,
         )
         for offset, s in enumerate(missing, start=1)
@@ -436,16 +442,19 @@ async def show_run(ref: str) -> RunDetail:
                 or fr.start_time <= flow_run.start_time
             ]
         task_runs = await _task_runs(client, [fr.id for fr in runs])
-    attempts: list[list[StepView]] = []
+    agents = _tag_values(flow_run, "agent:")
+    records = await read_records(str(flow_run.id), agents)
+    ended = {a.run_count for r in records for a in r.attempts}  # attempts that finished (not killed)
+    attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
     for fr in runs:
         for count in range(1, fr.run_count + 1):
             last = fr.id == flow_run.id and count == fr.run_count
-            attempts.append(timeline(task_runs[fr.id], count, _state_of(fr) == "crashed" or not last))
-    attempts = [a for a in attempts if a] or [[]]
-    latest = attempts[-1]
-    earlier = [a + not_reached(a, latest) for a in attempts[:-1]]
-    agents = _tag_values(flow_run, "agent:")
-    records = await read_records(str(flow_run.id), agents)
+            died = _state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
+            steps = timeline(task_runs[fr.id], count, _state_of(fr) == "crashed" or not last)
+            if steps or last:
+                attempts.append((steps, died and not last))
+    latest = attempts[-1][0]
+    earlier = [steps + not_reached(steps, latest, crashed=died) for steps, died in attempts[:-1]]
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None

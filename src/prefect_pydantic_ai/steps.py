@@ -202,7 +202,9 @@ class StepTasks:
             result_storage=cfg.result_storage,
             result_serializer="json",
             log_prints=bool(cfg.log_prints),
-            tags=[*(cfg.tags or ()), f"agent:{self.agent}"],
+            # No tags of our own: Prefect asks the server for a concurrency slot for every tagged task run.
+            tags=cfg.tags,
+            task_run_name=f"{self.kind}: {name} @ {self.agent}",
             refresh_cache=True if overwrite else None,
         )
         self._tasks[(name, overwrite)] = task
@@ -217,6 +219,8 @@ class StepTasks:
         async def attempt() -> Any:
             nonlocal attempts, wait_until
             attempts += 1
+            if attempts == 1 and self.journaled and not overwrite:
+                await self._warn_if_entry_exists(name, key)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
             try:
@@ -225,8 +229,6 @@ class StepTasks:
                 wait_until = time.monotonic() + _retry_after(exc)
                 raise
 
-        if self.journaled:
-            await self._warn_if_unreadable(name, key)
         overwrite = False
         for _ in range(2):
             _PENDING[key] = attempt
@@ -279,19 +281,19 @@ class StepTasks:
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
 
-    async def _warn_if_unreadable(self, name: str, key: str) -> None:
-        """Warn when an entry exists under `key` but cannot be read: Prefect then treats it as absent and runs
-        the step again, which is right, but silently. (A readable entry with a bad checksum is caught in `run`.)"""
+    async def _warn_if_entry_exists(self, name: str, key: str) -> None:
+        """Called when Prefect decided to execute a step: an entry already stored under its key was unreadable
+        (Prefect treats those as absent, rightly but silently), so say so. A readable entry with a bad checksum
+        is caught in `run` instead."""
         current = get_result_store()
         cached = self._stores.get(name)
         if cached is None or cached[0] is not current:
             cached = (current, await current.aupdate_for_task(self.task(name)))
             self._stores[name] = cached
-        store = cached[1]
-        storage = store.result_storage
-        if storage is None or store.metadata_storage is not None:
+        storage = cached[1].result_storage
+        if storage is None or cached[1].metadata_storage is not None:
             return
-        if isinstance(storage, LocalFileSystem):  # the common case: one stat, no thread hop per step
+        if isinstance(storage, LocalFileSystem):  # the common case: one stat, no thread hop
             if not (Path(storage.basepath or ".").expanduser() / key).exists():
                 return
         else:
@@ -300,13 +302,9 @@ class StepTasks:
                 await (reader(key) if reader is not None else storage.read_path(key))
             except Exception:
                 return  # nothing stored yet
-        try:
-            await store.aread(key)
-        except Exception as exc:
-            logger.warning(
-                "Journal entry %s of %s step %r is unreadable (%s: corrupt); running the step again.",
-                key[:12],
-                self.kind,
-                name,
-                type(exc).__name__,
-            )
+        logger.warning(
+            "Journal entry %s of %s step %r is unreadable (corrupt); running the step again.",
+            key[:12],
+            self.kind,
+            name,
+        )
