@@ -107,6 +107,11 @@ def flow_run_id(state: State[Any]) -> UUID:
     return run_id
 
 
+def _task_name(run_name: str) -> str:
+    """Our step task runs are named `<kind>: <name> @ <agent>`; other task runs carry Prefect's random suffix."""
+    return run_name.rsplit(" @ ", 1)[0] if " @ " in run_name else run_name.rsplit("-", 1)[0]
+
+
 async def task_run_names(run_id: UUID, *, at_least: int) -> list[str]:
     """The names (without Prefect's random suffix) of a flow run's task runs, once Prefect recorded them all.
 
@@ -119,7 +124,7 @@ async def task_run_names(run_id: UUID, *, at_least: int) -> list[str]:
         while True:
             runs = await client.read_task_runs(flow_run_filter=flow_runs)
             if (len(runs) >= at_least and len(runs) == seen) or time.monotonic() > deadline:
-                return sorted(run.name.rsplit("-", 1)[0] for run in runs)
+                return sorted(_task_name(run.name) for run in runs)
             seen = len(runs)
             await anyio.sleep(0.3)
 
