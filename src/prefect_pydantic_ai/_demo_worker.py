@@ -63,19 +63,12 @@ analyst = PrefectAgent(
 
 async def first_attempt() -> None:
     """Attempt 1 of the demo: run the analysis under the demo's idempotency key (it may fail or be killed)."""
-    from .cli import console
+    from .cli import print_step
     from .steps import observe_steps
 
     csv = os.environ.get("PPA_DEMO_CSV")
     data = load_csv(csv) if csv else sales_dataset()
-    observe_steps(
-        lambda e: console.print(
-            f"  {'✗' if e.error else '↻' if e.attempts > 1 else '✓'} {e.kind}: {e.name}"
-            f"  [dim]{e.attempts} attempt(s), {e.seconds:.2f}s[/dim]"
-            + (f"  [red]{e.error}[/red]" if e.error else ""),
-            highlight=False,
-        )
-    )
+    observe_steps(print_step)
     try:
         await analyst.run(
             DEFAULT_PROMPT, deps=data, idempotency_key=os.environ["PPA_DEMO_KEY"], capabilities=[ToolFaults()]

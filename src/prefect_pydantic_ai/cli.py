@@ -217,15 +217,20 @@ def resume_command(
         raise typer.Exit(1)
 
 
+def print_step(event: Any) -> None:
+    """One line of live progress for a finished step (resume, demo)."""
+    symbol = "✗" if event.error else "⚡" if event.replayed else "↻" if event.attempts > 1 else "✓"
+    attempts = f"{event.attempts} attempt(s), " if event.attempts else ""
+    error = f"  [red]{event.error}[/red]" if event.error else ""
+    console.print(
+        f"  {symbol} {event.kind}: {event.name}  [dim]{attempts}{_seconds(event.seconds)}[/dim]{error}",
+        highlight=False,
+    )
+
+
 def _resume_one(ref: str, entrypoint: str | None) -> int:
     from .runs import RunError, resume_run, show_run
     from .steps import observe_steps
-
-    def progress(event: Any) -> None:
-        symbol = "✗" if event.error else "⚡" if event.replayed else "↻" if event.attempts > 1 else "✓"
-        console.print(
-            f"  {symbol} {event.kind}: {event.name}  [dim]{_seconds(event.seconds)}[/dim]", highlight=False
-        )
 
     before = _run(show_run(ref))
     if before.state == "completed":
@@ -235,7 +240,7 @@ def _resume_one(ref: str, entrypoint: str | None) -> int:
     console.print(
         f"Resuming run [bold]{before.run_id}[/bold] ({before.name}), attempt {before.run_count + 1} ..."
     )
-    stop = observe_steps(progress)
+    stop = observe_steps(print_step)
     failed = 0
     try:
         _run(resume_run(ref, entrypoint=entrypoint))

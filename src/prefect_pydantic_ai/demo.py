@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .cli import SYMBOLS, console, print_ledger
+from .cli import SYMBOLS, console, print_ledger, print_step
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
 STEPS: dict[str, tuple[str, int]] = {
@@ -234,13 +234,7 @@ def _walkthrough(
         console.print(
             f"Same flow run, attempt {detail.run_count + 1}: completed steps replay (⚡), the rest executes."
         )
-        stop = observe_steps(
-            lambda e: console.print(
-                f"  {'✗' if e.error else '⚡' if e.replayed else '↻' if e.attempts > 1 else '✓'} {e.kind}: {e.name}"
-                f"  [dim]{e.seconds * 1000:.0f}ms[/dim]",
-                highlight=False,
-            )
-        )
+        stop = observe_steps(print_step)
         try:
             asyncio.run(resume_run(detail.run_id))
         finally:
