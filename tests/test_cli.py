@@ -167,14 +167,25 @@ def test_unknown_run_unknown_key_and_ambiguous_prefix_are_one_line_errors() -> N
         and "No agent run with idempotency key 'no-such-key-anywhere'" in unknown_key.stderr
     )
 
-    runs = json.loads(cli("runs", "--limit", "200", "--json").stdout)
-    firsts = [r["run_id"][0] for r in runs]
-    shared = next(c for c in firsts if firsts.count(c) > 1)  # earlier tests left plenty of runs
+    shared = _a_shared_first_character_of_run_ids()
     ambiguous = cli("show", shared)
     assert ambiguous.returncode == 2 and f"Run id prefix {shared!r} is ambiguous" in ambiguous.stderr
 
     bad_state = cli("runs", "--state", "sleeping")
     assert bad_state.returncode == 2 and "Unknown state 'sleeping'" in bad_state.stderr
+
+
+def _a_shared_first_character_of_run_ids() -> str:
+    """Add tiny agent runs until two run ids begin alike (17 runs at most: there are 16 hex digits)."""
+    agent = PrefectAgent(
+        Agent(FunctionModel(lambda _m, _i: ModelResponse(parts=[TextPart("ok")])), name="prefix")
+    )
+    while True:
+        firsts = [r["run_id"][0] for r in json.loads(cli("runs", "--limit", "200", "--json").stdout)]
+        if shared := next((c for c in firsts if firsts.count(c) > 1), None):
+            return shared
+        for _ in range(17 - len(firsts)):
+            agent.run_sync("hi")
 
 
 def test_unresolvable_import_path_says_how_to_fix_it(tmp_path: Path) -> None:
