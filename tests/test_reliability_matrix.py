@@ -42,7 +42,14 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
-from prefect_pydantic_ai.testing import CallLog, FaultPlan, LoopbackOpenAI, StatusFault, TextReply
+from prefect_pydantic_ai.testing import (
+    CallLog,
+    FaultInjection,
+    FaultPlan,
+    LoopbackOpenAI,
+    StatusFault,
+    TextReply,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -359,6 +366,42 @@ async def test_fifty_concurrent_runs_each_get_their_own_output() -> None:
     assert overlapped == [True], "the runs did not overlap: a second run never reached its tool call"
     # ~70 s on 2 cores at load average 5: this bound only catches runs that serialize or hang.
     assert elapsed < 180, f"{CONCURRENT_RUNS} runs took {elapsed:.1f}s"
+
+
+# -- the fault-injection capability users get -------------------------------------------------------------------
+
+
+async def test_fault_injection_is_one_failed_attempt_inside_the_step_and_never_sees_replays() -> None:
+    def script(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if not returns:
+            return ModelResponse(parts=[ToolCallPart("search", {"q": "tea"})])
+        return ModelResponse(parts=[TextPart(f"found {returns[0].content}")])
+
+    agent: Agent[None, str] = Agent(FunctionModel(script), name="matrix_injection")
+    searched: list[str] = []
+
+    @agent.tool_plain
+    async def search(q: str) -> str:
+        searched.append(q)
+        return q.upper()
+
+    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=1))
+    plan = FaultPlan().fail("search", on_call=1, exc=TimeoutError("injected"))
+    key = _key()
+
+    first = await durable.run("go", idempotency_key=key, capabilities=[FaultInjection(plan)])
+    assert first.output == "found TEA"
+    assert (plan.calls("model"), plan.calls("search"), searched) == (2, 2, ["tea"])  # failed, then retried
+
+    again = await durable.run("go", idempotency_key=key, capabilities=[FaultInjection(plan)])
+    assert again.output == "found TEA"
+    assert (plan.calls("model"), plan.calls("search"), searched) == (2, 2, ["tea"])  # all replayed
+
+    named = FaultPlan().fail("matrix_injection:model", on_call=1, exc=ConnectionError("injected"))
+    with pytest.raises(ConnectionError, match="injected") as failure:
+        await durable.run("go", capabilities=[FaultInjection(named, prefix="matrix_injection")])
+    assert "in model step 'function:script:', after 1 attempt(s)" in error_text(failure.value)
 
 
 # -- several processes: concurrent resume of a killed run, and a lock held by a killed process -----------------

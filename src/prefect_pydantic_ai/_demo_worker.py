@@ -1,59 +1,30 @@
 """The demo's durable analyst, built at import from the environment `prefect-pydantic-ai demo` sets.
 
 It is a module-level `PrefectAgent` so that its runs record an import path and can be resumed by
-`prefect-pydantic-ai resume`. Faults come from a `FaultPlan` in the environment whose call counts live in a
-state file, so the first attempt fails (or is killed) at the chosen step and the recovery attempt does not.
-`first_attempt()` is the demo's first attempt; the demo runs it in a child process.
+`prefect-pydantic-ai resume`. `first_attempt()` is the demo's first attempt, run in a child process: it gives
+the run the `FaultPlan` from the environment as a `FaultInjection` capability, so it fails (or is killed) at the
+chosen step. The recovery re-imports this agent and runs without faults.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prefect.logging.handlers import APILogHandler
-from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
-from pydantic_ai.models import Model, ModelRequestParameters, infer_model
-from pydantic_ai.models.wrapper import WrapperModel
-from pydantic_ai.settings import ModelSettings
-from pydantic_ai.tools import RunContext, ToolDefinition
+from pydantic_ai.models import Model, infer_model
 
 from . import PrefectAgent, TaskConfig
 from .analyst import DEFAULT_PROMPT, build_analyst_agent, load_csv, offline_analyst_model, sales_dataset
-from .testing.faults import FaultPlan
+from .testing import FaultInjection, FaultPlan
 
 PLAN = FaultPlan.from_env()
 MODEL_CONFIG = TaskConfig(retries=2, retry_delay_seconds=[0.5, 1.0], timeout_seconds=60.0)
 TOOL_CONFIG = TaskConfig(retries=2, retry_delay_seconds=[0.5, 1.0], timeout_seconds=1.0)
 
 
-class _ModelFaults(WrapperModel):
-    """Consults the fault plan before every model request (inside the step's Prefect task)."""
-
-    async def request(
-        self,
-        messages: list[ModelMessage],
-        model_settings: ModelSettings | None,
-        model_request_parameters: ModelRequestParameters,
-    ) -> ModelResponse:
-        await PLAN.hit("model")
-        return await super().request(messages, model_settings, model_request_parameters)
-
-
-class ToolFaults(AbstractCapability[Any]):
-    """Consults the fault plan before every tool call (inside the step's Prefect task)."""
-
-    async def before_tool_execute(
-        self, ctx: RunContext[Any], *, call: ToolCallPart, tool_def: ToolDefinition, args: dict[str, Any]
-    ) -> dict[str, Any]:
-        await PLAN.hit(call.tool_name)
-        return args
-
-
 def _model() -> Model:
     name = os.environ.get("PPA_DEMO_MODEL")
-    return _ModelFaults(offline_analyst_model() if not name else infer_model(name))
+    return offline_analyst_model() if not name else infer_model(name)
 
 
 analyst = PrefectAgent(
@@ -71,7 +42,10 @@ async def first_attempt() -> None:
     observe_steps(print_step)
     try:
         await analyst.run(
-            DEFAULT_PROMPT, deps=data, idempotency_key=os.environ["PPA_DEMO_KEY"], capabilities=[ToolFaults()]
+            DEFAULT_PROMPT,
+            deps=data,
+            idempotency_key=os.environ["PPA_DEMO_KEY"],
+            capabilities=[FaultInjection(PLAN)],
         )
     finally:
         await APILogHandler.aflush()  # the child exits without running atexit handlers

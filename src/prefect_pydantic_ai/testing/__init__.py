@@ -17,6 +17,10 @@ Fail, slow down or SIGKILL a `FunctionModel` or a tool on its Nth call, counted 
     ...
     await plan.hit("lookup")  # first line of the tool
 
+or give a run the plan as a capability, which wraps every model request and tool call inside its durable step::
+
+    await durable.run(prompt, capabilities=[FaultInjection(plan)])
+
 `CallLog` counts calls of named steps across processes (one fsync'ed JSON line per call).
 """
 
@@ -29,6 +33,7 @@ from .faults import (
     FaultPlan,
     wrap_function_model,
 )
+from .injection import FaultInjection
 from .openai_server import (
     DelayFault,
     JsonReply,
@@ -51,6 +56,7 @@ __all__ = [
     "CallLogEntry",
     "DelayFault",
     "Fault",
+    "FaultInjection",
     "FaultPlan",
     "JsonReply",
     "LoopbackOpenAI",
