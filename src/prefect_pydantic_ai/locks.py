@@ -43,6 +43,9 @@ class ReclaimingLockManager:
         self.directory = Path(directory)
         self.stale_after = stale_after
         self.poll_interval = poll_interval
+        # Locks this process holds, by key. While we live no one else may remove them (unless `stale_after` lets
+        # another host reclaim them), so questions about our own locks need no file read.
+        self._ours: dict[str, str] = {}
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.lock"
@@ -97,10 +100,11 @@ class ReclaimingLockManager:
         record = json.dumps(
             {"holder": holder, "pid": os.getpid(), "host": _HOST, "since": time.time()}
         ).encode()
-        if self._create(key, record):
-            return True
         # `is_locked` reclaims a dead holder's lock, after which it can be created again
-        return self.is_lock_holder(key, holder) or (not self.is_locked(key) and self._create(key, record))
+        if self._create(key, record) or (not self.is_locked(key) and self._create(key, record)):
+            self._ours[key] = holder
+            return True
+        return self.is_lock_holder(key, holder)
 
     def _create(self, key: str, record: bytes) -> bool:
         try:
@@ -117,9 +121,15 @@ class ReclaimingLockManager:
     def release_lock(self, key: str, holder: str) -> None:
         if not self.is_lock_holder(key, holder):
             raise ValueError(f"No lock held by {holder} for key {key}")
+        self._ours.pop(key, None)
         self._path(key).unlink(missing_ok=True)
 
+    def _known_ours(self, key: str) -> str | None:
+        return self._ours.get(key) if self.stale_after is None else None
+
     def is_locked(self, key: str) -> bool:
+        if self._known_ours(key) is not None:
+            return True
         info = self._read(key)
         if info is None:
             return False
@@ -135,6 +145,8 @@ class ReclaimingLockManager:
         return True
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
+        if (ours := self._known_ours(key)) is not None:
+            return ours == holder
         info = self._read(key)
         return info is not None and info.get("holder") == holder
 

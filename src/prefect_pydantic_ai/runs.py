@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from .ledger import Ledger
 from .locks import process_alive
+from .storage import journal_storage
 
 TAG = "prefect-pydantic-ai"
 _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
@@ -119,8 +120,10 @@ async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecor
 
 
 async def _storage() -> Any:
+    """Prefect's default result storage (written atomically when it is a local directory)."""
     storage: Any = get_default_result_storage()
-    return await storage if inspect.isawaitable(storage) else storage
+    storage = await storage if inspect.isawaitable(storage) else storage
+    return await journal_storage(storage) or storage
 
 
 def entrypoint_of(obj: object, module_name: str | None) -> str | None:

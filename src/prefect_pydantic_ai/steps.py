@@ -22,7 +22,6 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from pydantic_ai.exceptions import (
@@ -37,6 +36,7 @@ from pydantic_ai.exceptions import (
 from .config import TaskConfig
 from .journal import JournalCorruptError, StepKind, unseal
 from .locks import ReclaimingLockManager
+from .storage import JournalFileSystem, journal_storage
 
 logger = logging.getLogger("prefect_pydantic_ai")
 
@@ -176,12 +176,23 @@ class StepTasks:
         self.config = config
         self.agent = agent
         self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
-        self._tasks: dict[tuple[str, bool], Task[Any, Any]] = {}
-        self._stores: dict[str, tuple[Any, Any]] = {}  # the flow's result store -> this task's view of it
+        self._tasks: dict[tuple[str, bool, int], Task[Any, Any]] = {}
+        self._storage: tuple[Any, Any] | None = None  # (the flow run's result store, the storage steps use)
 
-    def task(self, name: str, *, overwrite: bool = False) -> Task[Any, Any]:
-        """The task for steps called `name`; `overwrite=True` re-executes and replaces a bad journal entry."""
-        cached = self._tasks.get((name, overwrite))
+    async def storage(self) -> Any:
+        """The result storage of this flow run's step tasks: a `JournalFileSystem` where entries go to a local
+        directory, else what the config (or the flow) says."""
+        store = get_result_store()
+        if self._storage is None or self._storage[0] is not store:
+            configured = self.config.result_storage
+            journal = await journal_storage(configured if configured is not None else store.result_storage)
+            self._storage = (store, journal if journal is not None else configured)
+        return self._storage[1]
+
+    def task(self, name: str, storage: Any = None, *, overwrite: bool = False) -> Task[Any, Any]:
+        """The task for steps called `name` that journal to `storage`; `overwrite=True` re-executes and replaces
+        a bad journal entry."""
+        cached = self._tasks.get((name, overwrite, id(storage)))
         if cached is not None:
             return cached
         cfg = self.config
@@ -199,7 +210,7 @@ class StepTasks:
             retry_condition_fn=_retry_condition(cfg.retry_condition_fn),
             cache_policy=policy,
             persist_result=self.journaled,
-            result_storage=cfg.result_storage,
+            result_storage=None if isinstance(storage, JournalFileSystem) else storage,
             result_serializer="json",
             log_prints=bool(cfg.log_prints),
             # No tags of our own: Prefect asks the server for a concurrency slot for every tagged task run.
@@ -207,7 +218,12 @@ class StepTasks:
             task_run_name=f"{self.kind}: {name} @ {self.agent}",
             refresh_cache=True if overwrite else None,
         )
-        self._tasks[(name, overwrite)] = task
+        if isinstance(storage, JournalFileSystem):
+            # Set after construction: `Task()` accepts only saved blocks, since a task's configuration may be sent
+            # to another process (`.delay()`). Step tasks always run in the process that built them, and this
+            # storage is an unsaved view of the same local directory, rebuilt in every process.
+            task.result_storage = storage
+        self._tasks[(name, overwrite, id(storage))] = task
         return task
 
     async def run(self, name: str, key: str, work: Callable[[], Awaitable[Any]]) -> StepResult:
@@ -215,12 +231,13 @@ class StepTasks:
         attempts = 0
         started = time.perf_counter()
         wait_until = 0.0  # a server's Retry-After, honoured by the next attempt
+        storage = await self.storage() if self.journaled else self.config.result_storage
 
         async def attempt() -> Any:
             nonlocal attempts, wait_until
             attempts += 1
             if attempts == 1 and self.journaled and not overwrite:
-                await self._warn_if_entry_exists(name, key)
+                await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
             try:
@@ -233,7 +250,7 @@ class StepTasks:
         for _ in range(2):
             _PENDING[key] = attempt
             try:
-                entry = await self.task(name, overwrite=overwrite)(key)
+                entry = await self.task(name, storage, overwrite=overwrite)(key)
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     retried = (
@@ -281,25 +298,20 @@ class StepTasks:
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
 
-    async def _warn_if_entry_exists(self, name: str, key: str) -> None:
+    async def _warn_if_entry_exists(self, name: str, key: str, storage: Any) -> None:
         """Called when Prefect decided to execute a step: an entry already stored under its key was unreadable
         (Prefect treats those as absent, rightly but silently), so say so. A readable entry with a bad checksum
         is caught in `run` instead."""
-        current = get_result_store()
-        cached = self._stores.get(name)
-        if cached is None or cached[0] is not current:
-            cached = (current, await current.aupdate_for_task(self.task(name)))
-            self._stores[name] = cached
-        storage = cached[1].result_storage
-        if storage is None or cached[1].metadata_storage is not None:
-            return
-        if isinstance(storage, LocalFileSystem):  # the common case: one stat, no thread hop
-            if not (Path(storage.basepath or ".").expanduser() / key).exists():
+        if isinstance(storage, JournalFileSystem):  # the common case: one stat, no thread hop
+            if not storage.entry_path(key).exists():
                 return
         else:
+            view = await get_result_store().aupdate_for_task(self.task(name, storage))
+            if view.result_storage is None or view.metadata_storage is not None:
+                return
             try:
-                reader = getattr(storage, "aread_path", None)
-                await (reader(key) if reader is not None else storage.read_path(key))
+                reader = getattr(view.result_storage, "aread_path", None)
+                await (reader(key) if reader is not None else view.result_storage.read_path(key))
             except Exception:
                 return  # nothing stored yet
         logger.warning(

@@ -1,0 +1,102 @@
+"""Where journal entries live when Prefect's result storage is the local disk: the same files, written faster
+and atomically.
+
+Prefect's `LocalFileSystem` resolves its base path on every call and moves each read and write through anyio's
+worker threads (a write is four thread round trips: ~0.5 ms here, against ~0.07 ms for the write itself). A step
+writes one small entry, so `JournalFileSystem` does small reads and writes directly and writes atomically
+(temporary file + rename): a process killed mid-write leaves the previous state, never a torn entry. It is used
+only in place of a plain `LocalFileSystem`; any other result storage (S3, GCS, a saved block) is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import anyio.to_thread
+from prefect.filesystems import LocalFileSystem
+from prefect.results import aget_default_result_storage
+
+_INLINE_BYTES = 256 * 1024
+"""Entries up to this size are read and written on the event loop; larger ones in a worker thread."""
+
+
+class JournalFileSystem(LocalFileSystem):
+    """A `LocalFileSystem` for journal entries: inline I/O for small files, atomic writes, base path resolved once."""
+
+    _block_type_name = "Prefect Pydantic AI Journal"
+
+    def _resolve_path(self, path: str) -> Path:
+        base = self._base()
+        if not path:
+            return base
+        if "/" not in path and "\\" not in path and path not in (".", ".."):
+            return base / path  # a plain entry name (a step key) cannot leave the base path
+        candidate = Path(path)
+        if candidate.parent == base and candidate.name not in (".", ".."):
+            return candidate  # an entry's full path, as Prefect passes it back
+        return super()._resolve_path(path)
+
+    def entry_path(self, key: str) -> Path:
+        """The file of the journal entry stored under `key`."""
+        return self._resolve_path(key)
+
+    def _base(self) -> Path:
+        base: Path | None = self.__dict__.get("_resolved_base")
+        if base is None:
+            base = Path(self.basepath).expanduser().resolve() if self.basepath else Path(".").resolve()
+            self.__dict__["_resolved_base"] = base
+        return base
+
+    async def aread_path(self, path: str) -> bytes:
+        target = self._resolve_path(path)
+        try:
+            if target.stat().st_size <= _INLINE_BYTES:
+                return target.read_bytes()
+            return await anyio.to_thread.run_sync(target.read_bytes)
+        except (FileNotFoundError, IsADirectoryError):
+            raise ValueError(f"Path {target} does not exist or is not a file.") from None
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        target = self._resolve_path(path)
+        if len(content) <= _INLINE_BYTES:
+            _write_atomically(target, content)
+        else:
+            await anyio.to_thread.run_sync(_write_atomically, target, content)
+        return str(target)
+
+
+def _write_atomically(target: Path, content: bytes) -> None:
+    try:
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.")
+    except FileNotFoundError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+_journals: dict[str, JournalFileSystem] = {}
+
+
+async def journal_storage(effective: object) -> JournalFileSystem | None:
+    """A `JournalFileSystem` to use in place of `effective` (the result storage step tasks would get, `None` for
+    Prefect's default) when that is a plain local directory; `None` when it is anything else."""
+    if effective is None:
+        effective = await aget_default_result_storage()
+    if isinstance(effective, Path):
+        base = str(effective)
+    elif type(effective) is LocalFileSystem:
+        base = str(effective.basepath or ".")
+    else:
+        return None
+    journal = _journals.get(base)
+    if journal is None:
+        journal = _journals[base] = JournalFileSystem(basepath=base)
+    return journal
