@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from prefect_pydantic_ai.demo import LocalServer, free_port
 
 QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }
 """Settings every benchmark process shares: no analytics, and Prefect logs only warnings (equal for all variants)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def isolated_env(home: Path, api_url: str | None) -> dict[str, str]:
@@ -43,30 +35,14 @@ def isolated_env(home: Path, api_url: str | None) -> dict[str, str]:
 def local_prefect_server(timeout: float = 120.0) -> Iterator[tuple[dict[str, str], Path]]:
     """Start `prefect server start` on a free loopback port; yield (env for clients, session directory)."""
     session = Path(tempfile.mkdtemp(prefix="ppa-bench-"))
-    port = _free_port()
+    port = free_port()
     env = isolated_env(session, f"http://127.0.0.1:{port}/api")
-    log_path = session / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while not _healthy(env["PREFECT_API_URL"]):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Prefect server did not start; see {log_path}")
-                time.sleep(0.3)
-            yield {**env, "BENCH_SERVER_PID": str(proc.pid)}, session
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    server = LocalServer(port=port, env=env)
+    try:
+        server.wait_until_ready(timeout)
+        yield {**env, "BENCH_SERVER_PID": str(server.process.pid)}, session
+    finally:
+        server.stop()
 
 
 def settle(
@@ -96,11 +72,3 @@ def cpu_seconds(proc: int | str) -> float:
     """User + system CPU seconds of /proc/<proc>: a process id, or `self/task/<thread id>`."""
     fields = Path(f"/proc/{proc}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False

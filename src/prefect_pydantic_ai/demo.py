@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ class LocalServer:
     """A temporary Prefect server on a free loopback port, started with nothing but the standard library so it
     boots while this process imports Prefect and pandas."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, env: Mapping[str, str] | None = None) -> None:
+        """Start the server on `port` (a free one by default), with `env` (default: this process's environment)."""
         port = port or free_port()
         self.url = f"http://127.0.0.1:{port}/api"
         self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
@@ -74,7 +75,11 @@ class LocalServer:
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": self.url},
+            env={
+                **(os.environ if env is None else env),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_URL": self.url,
+            },
         )
 
     def wait_until_ready(self, timeout: float = 120) -> None:
