@@ -35,6 +35,9 @@ async def test_entries_round_trip_through_the_same_files_prefect_reads(tmp_path:
     await journal.awrite_path("a" * 64, b'{"entry": 2}')
     assert await journal.aread_path("a" * 64) == b'{"entry": 2}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a" * 64]  # no temporary files left behind
+    reference = tmp_path.parent / f"{tmp_path.name}-reference"
+    reference.write_bytes(b"")  # permissions as Prefect's own writes get them (the umask applies)
+    assert (tmp_path / ("a" * 64)).stat().st_mode == reference.stat().st_mode
 
     nested = await journal.awrite_path("prefect-pydantic-ai/runs/x/agent.0.json", b"{}")
     assert Path(nested).read_bytes() == b"{}"

@@ -11,7 +11,7 @@ only in place of a plain `LocalFileSystem`; any other result storage (S3, GCS, a
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
 from pathlib import Path
 
 import anyio.to_thread
@@ -68,17 +68,21 @@ class JournalFileSystem(LocalFileSystem):
 
 
 def _write_atomically(target: Path, content: bytes) -> None:
+    """Write `content` to a temporary file beside `target` (one per process and thread, so no two writers share
+    it; created with the usual permissions), then rename it over `target`."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.")
+        fd = os.open(temporary, flags, 0o666)
     except FileNotFoundError:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:16]}.")
+        fd = os.open(temporary, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
