@@ -17,24 +17,28 @@ if TYPE_CHECKING:
     from .config import TaskConfig as TaskConfig
     from .errors import DurabilityConfigError as DurabilityConfigError
     from .errors import NotJournalableError as NotJournalableError
+    from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .report import ledger_of as ledger_of
     from .runs import RunError as RunError
     from .runs import list_runs as list_runs
     from .runs import resume_run as resume_run
     from .runs import show_run as show_run
+    from .steps import step_idempotency_key as step_idempotency_key
 
 _EXPORTS = {
     "PrefectAgent": "agent",
     "TaskConfig": "config",
     "DurabilityConfigError": "errors",
     "NotJournalableError": "errors",
+    "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "report",
     "RunError": "runs",
     "list_runs": "runs",
     "resume_run": "runs",
     "show_run": "runs",
+    "step_idempotency_key": "steps",
 }
 
 __all__ = sorted(_EXPORTS)

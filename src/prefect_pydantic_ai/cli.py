@@ -196,12 +196,21 @@ def resume_command(
     entrypoint: Annotated[
         str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
     ] = None,
+    unverified: Annotated[
+        str | None,
+        typer.Option(
+            help="For calls of non-idempotent tools whose effect is unverified: 'rerun' calls them again, "
+            "'tell_model' tells the model the effect may or may not have happened."
+        ),
+    ] = None,
 ) -> None:
     """Run a crashed or failed run again in place: completed steps replay, the rest executes."""
     from .runs import list_runs
 
     if (run is None) == (not all_crashed):
         raise ValueError("Give a RUN to resume, or --all-crashed (not both).")
+    if unverified not in (None, "rerun", "tell_model"):
+        raise ValueError(f"Unknown --unverified {unverified!r}; use rerun or tell_model.")
     targets = (
         [run]
         if run is not None
@@ -212,7 +221,7 @@ def resume_command(
         return
     failures = 0
     for target in targets:
-        failures += _resume_one(target, entrypoint)
+        failures += _resume_one(target, entrypoint, unverified)
     if failures:
         raise typer.Exit(1)
 
@@ -228,7 +237,7 @@ def print_step(event: Any) -> None:
     )
 
 
-def _resume_one(ref: str, entrypoint: str | None) -> int:
+def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
     from .runs import RunError, resume_run, show_run
     from .steps import observe_steps
 
@@ -243,7 +252,7 @@ def _resume_one(ref: str, entrypoint: str | None) -> int:
     stop = observe_steps(print_step)
     failed = 0
     try:
-        _run(resume_run(ref, entrypoint=entrypoint))
+        _run(resume_run(ref, entrypoint=entrypoint, unverified=unverified))  # type: ignore[arg-type]
     except RunError:
         raise
     except Exception as exc:

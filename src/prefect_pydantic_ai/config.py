@@ -1,7 +1,7 @@
 """Per-step execution policy: retries, backoff, timeout and result handling of one Prefect task."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import WritableFileSystem
@@ -25,6 +25,12 @@ class TaskConfig(BaseModel):
     - `cache_policy`: added to our step-key policy. `prefect.cache_policies.NO_CACHE` turns journaling off
       for this step, so it always executes again on resume.
     - `persist_result` / `result_storage`: where the journal lives (default: Prefect's result storage).
+    - `on_unverified` (tools only): marks a tool as *not idempotent* (it sends an email, charges a card). Left
+      unset, a call interrupted before its result was journaled (process killed, attempt timed out) simply runs
+      again. Set, such a call is "unverified" on its next attempt, and: `"fail"` stops the run with
+      `UnverifiedEffectError` for a human to check (then `resume --unverified rerun|tell_model`), `"tell_model"`
+      gives the model a result saying the effect may or may not have happened, `"rerun"` runs it again with a
+      warning. Pass `step_idempotency_key()` to the external system so that it can drop a repeated call itself.
     """
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
@@ -39,6 +45,7 @@ class TaskConfig(BaseModel):
     result_storage: Any = None  # a Prefect WritableFileSystem block or a block slug; checked below
     log_prints: bool | None = None
     tags: tuple[str, ...] | None = None
+    on_unverified: Literal["fail", "tell_model", "rerun"] | None = None
 
     @model_validator(mode="after")
     def _delays_are_not_negative(self) -> "TaskConfig":

@@ -11,3 +11,8 @@ class DurabilityConfigError(UserError):
 
 class NotJournalableError(DurabilityConfigError):
     """A run input (deps, metadata) or a tool result cannot be written to the journal as JSON."""
+
+
+class UnverifiedEffectError(RuntimeError):
+    """A non-idempotent tool call started in an earlier attempt and never recorded completion: whether its effect
+    happened is unknown, so the run stops for a human to check instead of repeating it."""

@@ -504,8 +504,24 @@ async def ledgers_since(since: datetime | None, agent: str | None) -> list[tuple
 # -- resume ----------------------------------------------------------------------------------------------------
 
 
-async def resume_run(ref: str, *, entrypoint: str | None = None) -> Any:
-    """Run the same flow run again (run count + 1): completed steps replay, the rest executes."""
+async def resume_run(
+    ref: str, *, entrypoint: str | None = None, unverified: Literal["rerun", "tell_model"] | None = None
+) -> Any:
+    """Run the same flow run again (run count + 1): completed steps replay, the rest executes.
+
+    `unverified` decides, for this attempt, what happens to calls of non-idempotent tools that an earlier
+    attempt started and never finished (see `TaskConfig.on_unverified`): call them again, or tell the model.
+    """
+    from .tool_step import unverified_override
+
+    token = unverified_override.set(unverified)
+    try:
+        return await _resume(ref, entrypoint)
+    finally:
+        unverified_override.reset(token)
+
+
+async def _resume(ref: str, entrypoint: str | None) -> Any:
     from prefect.flow_engine import run_flow_async
     from prefect.states import AwaitingRetry
 

@@ -9,6 +9,7 @@ its retries and timeout apply per attempt, and its result storage holds the entr
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -34,6 +35,7 @@ from pydantic_ai.exceptions import (
 )
 
 from .config import TaskConfig
+from .errors import UnverifiedEffectError
 from .journal import JournalCorruptError, StepKind, unseal
 from .locks import ReclaimingLockManager
 from .storage import JournalFileSystem, journal_storage
@@ -41,6 +43,19 @@ from .storage import JournalFileSystem, journal_storage
 logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+_current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_current_step", default=None)
+
+
+def step_idempotency_key() -> str:
+    """The key of the model or tool step running now: the same for every attempt and every resume of this call,
+    different for any other call (even an identical one at another step). Pass it to external systems that drop
+    repeated requests (payment and email APIs take an idempotency key)."""
+    key = _current_step.get()
+    if key is None:
+        raise RuntimeError(
+            "step_idempotency_key() works only inside a model or tool step of a PrefectAgent run."
+        )
+    return key
 
 
 @functools.cache
@@ -76,7 +91,12 @@ def is_permanent(exc: BaseException) -> bool:
     if isinstance(exc, ModelHTTPError):
         return 400 <= exc.status_code < 500 and exc.status_code not in _RETRYABLE_HTTP_4XX
     return isinstance(
-        exc, UserError | ModelRequestRejectedError | UsageLimitExceeded | UnexpectedModelBehavior
+        exc,
+        UserError
+        | ModelRequestRejectedError
+        | UsageLimitExceeded
+        | UnexpectedModelBehavior
+        | UnverifiedEffectError,
     )
 
 
@@ -226,12 +246,25 @@ class StepTasks:
         self._tasks[(name, overwrite, id(storage))] = task
         return task
 
-    async def run(self, name: str, key: str, work: Callable[[], Awaitable[Any]]) -> StepResult:
-        """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store."""
+    async def run(
+        self,
+        name: str,
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        unverified: Callable[[], Awaitable[Any]] | None = None,
+    ) -> StepResult:
+        """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store.
+
+        With `unverified` (a step that must not silently happen twice), each attempt leaves a "started" marker
+        beside the journal until it finishes; an attempt that finds one left behind (its predecessor was killed
+        or abandoned at its timeout) runs `unverified` instead of `work`.
+        """
         attempts = 0
         started = time.perf_counter()
         wait_until = 0.0  # a server's Retry-After, honoured by the next attempt
         storage = await self.storage() if self.journaled else self.config.result_storage
+        guarded = unverified is not None and self.journaled and storage is not None
 
         async def attempt() -> Any:
             nonlocal attempts, wait_until
@@ -240,11 +273,21 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
+            token = _current_step.set(key)
             try:
+                if guarded:
+                    assert unverified is not None
+                    if await _marker(storage, key) == _STARTED:
+                        return await unverified()
+                    await _set_marker(storage, key, _STARTED)
                 return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
             except Exception as exc:
                 wait_until = time.monotonic() + _retry_after(exc)
+                if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
+                    await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
                 raise
+            finally:
+                _current_step.reset(token)
 
         overwrite = False
         for _ in range(2):
@@ -287,6 +330,8 @@ class StepTasks:
                 )
                 overwrite = True
                 continue
+            if guarded and attempts:
+                await _set_marker(storage, key, _FINISHED)  # journaled now: the effect is verified
             if _observers:
                 _notify(
                     StepEvent(
@@ -320,3 +365,23 @@ class StepTasks:
             self.kind,
             name,
         )
+
+
+_STARTED, _FINISHED = b"started", b"finished"
+
+
+async def _marker(storage: Any, key: str) -> bytes | None:
+    """The "started" marker of a guarded step, stored beside its journal entry (any result storage can hold it)."""
+    reader = getattr(storage, "aread_path", None)
+    try:
+        return bytes(
+            await (reader(f"{key}.started") if reader is not None else storage.read_path(f"{key}.started"))
+        )
+    except Exception:
+        return None
+
+
+async def _set_marker(storage: Any, key: str, state: bytes) -> None:
+    writer = getattr(storage, "awrite_path", None)
+    path = f"{key}.started"
+    await (writer(path, state) if writer is not None else storage.write_path(path, state))

@@ -7,9 +7,11 @@ replayed step has the same effect on the run as the original, and only real erro
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 from pydantic_ai.exceptions import (
@@ -25,12 +27,25 @@ from pydantic_ai.messages import ToolCallPart, ToolReturn
 from pydantic_ai.tools import RunContext
 
 from .config import TaskConfig
-from .errors import NotJournalableError
+from .errors import NotJournalableError, UnverifiedEffectError
 from .journal import canonical_json, seal, to_journal_json
 from .model_step import ModelSteps
 from .steps import StepTasks
 
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
+logger = logging.getLogger("prefect_pydantic_ai")
+
+UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
+unverified_override: contextvars.ContextVar[UnverifiedPolicy | None] = contextvars.ContextVar(
+    "ppa_unverified_override", default=None
+)
+"""Set by `resume_run(..., unverified=...)`: how the resumed attempt treats unverified calls, whatever the config."""
+
+UNVERIFIED_NOTE = (
+    "This call of {tool!r} was started in an earlier attempt of this run, which stopped before the result came "
+    "back. Its effect is unverified: it may or may not have happened. Do not assume either; check before "
+    "calling it again."
+)
 
 
 class ToolTasks:
@@ -99,13 +114,36 @@ class ToolSteps:
             live_result.append(result)
             return seal("tool", _return_outcome(call.tool_name, result))
 
-        step = await tasks.run(call.tool_name, self.key(call), work)
+        key = self.key(call)
+        policy = tasks.config.on_unverified
+
+        async def unverified() -> Any:
+            """The call was started in an earlier attempt and never finished: apply the tool's policy."""
+            chosen = unverified_override.get() or policy
+            if chosen == "fail":
+                raise UnverifiedEffectError(
+                    f"Tool {call.tool_name!r} was called in an earlier attempt that stopped before its result "
+                    f"was recorded, so whether its effect happened is unknown (step idempotency key {key}). "
+                    "Check the external system, then resume with `--unverified rerun` (call it again) or "
+                    "`--unverified tell_model` (tell the model the effect is unverified)."
+                )
+            if chosen == "tell_model":
+                return seal(
+                    "tool", {"outcome": "unverified", "message": UNVERIFIED_NOTE.format(tool=call.tool_name)}
+                )
+            logger.warning(
+                "Tool %r: an earlier attempt's effect is unverified; calling it again.", call.tool_name
+            )
+            return await work()
+
+        step = await tasks.run(call.tool_name, key, work, unverified=None if policy is None else unverified)
         self._model_steps.log.tools.append((call.tool_name, step.replayed))
-        if not step.replayed:
-            if live:
-                raise live[0]
+        if live:
+            raise live[0]
+        if live_result:
             return live_result[0]
-        ctx.usage.tool_calls += 1  # the tool call the replayed step stands for
+        if step.replayed and step.data["outcome"] != "unverified":
+            ctx.usage.tool_calls += 1  # the tool call the replayed step stands for
         return _replay(step.data)
 
 
@@ -159,5 +197,7 @@ def _replay(outcome: dict[str, Any]) -> Any:
             raise ApprovalRequired(outcome["metadata"])
         case "skip":
             raise SkipToolExecution(outcome["value"])
+        case "unverified":
+            return outcome["message"]
         case other:
             raise ValueError(f"unknown journaled tool outcome {other!r}")

@@ -1,0 +1,122 @@
+"""Non-idempotent tools: a call interrupted after its effect but before its result was journaled is never
+silently repeated; every attempt of a call sees the same `step_idempotency_key()`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from prefect_pydantic_ai import (
+    PrefectAgent,
+    TaskConfig,
+    UnverifiedEffectError,
+    show_run,
+    step_idempotency_key,
+)
+
+SCRIPT = Path(__file__).parent / "scripts" / "send_email.py"
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=240, env={**os.environ, **env}
+    )
+
+
+def test_a_killed_non_idempotent_call_stops_the_run_until_a_human_decides(tmp_path: Path) -> None:
+    sent = tmp_path / "sent.log"
+    env = {"SEND_EMAIL_LOG": str(sent)}
+    key = f"email-{uuid.uuid4().hex[:8]}"
+
+    killed = _run(str(SCRIPT), key, env={**env, "SEND_EMAIL_KILL": "1"})
+    assert killed.returncode == -9
+    assert len(sent.read_text().splitlines()) == 1  # the email went out, its result was never journaled
+
+    again = _run(str(SCRIPT), key, env=env)
+    assert again.returncode == 1, again.stdout + again.stderr[-2000:]
+    assert "ERROR UnverifiedEffectError: Tool 'send_email' was called in an earlier attempt" in again.stdout
+    assert "--unverified rerun" in again.stdout
+    assert len(sent.read_text().splitlines()) == 1  # not sent twice
+
+    resumed = _run("-m", "prefect_pydantic_ai", "resume", key, "--unverified", "tell_model", env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-2000:]
+    assert len(sent.read_text().splitlines()) == 1
+    detail = asyncio.run(show_run(key))
+    assert detail.state == "completed"
+    assert str(detail.output).startswith(
+        "send_email said: This call of 'send_email' was started in an earlier"
+    )
+
+    bad = _run("-m", "prefect_pydantic_ai", "resume", key, "--unverified", "maybe", env=env)
+    assert bad.returncode == 2 and "Unknown --unverified 'maybe'" in bad.stderr
+
+
+@pytest.mark.anyio
+async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency_key() -> None:
+    calls: list[str] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        returns = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if not returns:
+            return ModelResponse(
+                parts=[ToolCallPart("charge", {"cents": 500}), ToolCallPart("charge", {"cents": 500})]
+            )
+        return ModelResponse(parts=[TextPart(" | ".join(str(r.content) for r in returns))])
+
+    agent: Agent[None, str] = Agent(FunctionModel(model), name="charger")
+
+    @agent.tool_plain
+    async def charge(cents: int) -> str:
+        calls.append(step_idempotency_key())
+        if len(calls) == 1:
+            await asyncio.sleep(30)  # the first attempt hangs past its timeout and is abandoned
+        return f"charged {cents}"
+
+    config = TaskConfig(retries=1, retry_delay_seconds=0, timeout_seconds=0.5, on_unverified="rerun")
+    durable = PrefectAgent(agent, tool_task_config_by_name={"charge": config})
+    result = await durable.run("Charge twice", idempotency_key=f"charge-{uuid.uuid4().hex[:8]}")
+
+    assert result.output == "charged 500 | charged 500"
+    assert len(calls) == 3  # the abandoned attempt, its rerun, and the second (identical) charge
+    first, rerun, second = (
+        (calls[0], calls[1], calls[2]) if calls[0] == calls[1] else (calls[0], calls[2], calls[1])
+    )
+    assert first == rerun and len(first) == 64  # every attempt of one call: one key
+    assert second != first  # an identical call at another position: its own key
+
+    with pytest.raises(RuntimeError, match="only inside a model or tool step"):
+        step_idempotency_key()
+
+
+@pytest.mark.anyio
+async def test_an_attempt_abandoned_at_its_timeout_is_unverified_and_the_fail_policy_stops_the_run() -> None:
+    calls: list[str] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if not any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
+            return ModelResponse(parts=[ToolCallPart("transfer", {"cents": 100})])
+        return ModelResponse(parts=[TextPart("done")])
+
+    agent: Agent[None, str] = Agent(FunctionModel(model), name="transferer")
+
+    @agent.tool_plain
+    async def transfer(cents: int) -> str:
+        calls.append(step_idempotency_key())
+        await asyncio.sleep(30)  # hangs past its timeout: did the transfer happen? unknown
+        return "transferred"
+
+    config = TaskConfig(retries=3, retry_delay_seconds=0, timeout_seconds=0.5, on_unverified="fail")
+    durable = PrefectAgent(agent, tool_task_config_by_name={"transfer": config})
+    with pytest.raises(UnverifiedEffectError, match="step idempotency key") as failure:
+        await durable.run("Transfer", idempotency_key=f"transfer-{uuid.uuid4().hex[:8]}")
+    assert len(calls) == 1  # the retry found the call unverified and did not repeat it (nor retry further)
+    assert calls[0] in str(failure.value)
