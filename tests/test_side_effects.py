@@ -61,7 +61,9 @@ def test_a_killed_non_idempotent_call_stops_the_run_until_a_human_decides(tmp_pa
 
 
 @pytest.mark.anyio
-async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency_key() -> None:
+async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     calls: list[str] = []
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -92,6 +94,8 @@ async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency
     )
     assert first == rerun and len(first) == 64  # every attempt of one call: one key
     assert second != first  # an identical call at another position: its own key
+    unverified = [r.getMessage() for r in caplog.records if "effect is unverified" in r.getMessage()]
+    assert unverified == ["Tool 'charge': an earlier attempt's effect is unverified; calling it again."]
 
     with pytest.raises(RuntimeError, match="only inside a model or tool step"):
         step_idempotency_key()

@@ -43,6 +43,8 @@ from .storage import JournalFileSystem, journal_storage
 logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+RUN_AGAIN = object()
+"""What a step's `unverified` callback returns to have the step's work run again (instead of an entry)."""
 _current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_current_step", default=None)
 
 
@@ -258,7 +260,7 @@ class StepTasks:
 
         With `unverified` (a step that must not silently happen twice), each attempt leaves a "started" marker
         beside the journal until it finishes; an attempt that finds one left behind (its predecessor was killed
-        or abandoned at its timeout) runs `unverified` instead of `work`.
+        or abandoned at its timeout) runs `unverified` instead, which returns the entry to store or `RUN_AGAIN`.
         """
         attempts = 0
         started = time.perf_counter()
@@ -277,9 +279,10 @@ class StepTasks:
             try:
                 if guarded:
                     assert unverified is not None
-                    if await _marker(storage, key) == _STARTED:
-                        return await unverified()
-                    await _set_marker(storage, key, _STARTED)
+                    if await _marker(storage, key) != _STARTED:
+                        await _set_marker(storage, key, _STARTED)
+                    elif (decided := await unverified()) is not RUN_AGAIN:
+                        return decided
                 return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
             except Exception as exc:
                 wait_until = time.monotonic() + _retry_after(exc)

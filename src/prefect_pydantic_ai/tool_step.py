@@ -30,7 +30,7 @@ from .config import TaskConfig
 from .errors import NotJournalableError, UnverifiedEffectError
 from .journal import canonical_json, seal, to_journal_json
 from .model_step import ModelSteps
-from .steps import StepTasks
+from .steps import RUN_AGAIN, StepTasks
 
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -134,7 +134,7 @@ class ToolSteps:
             logger.warning(
                 "Tool %r: an earlier attempt's effect is unverified; calling it again.", call.tool_name
             )
-            return await work()
+            return RUN_AGAIN  # through the step's own timeout, like any attempt
 
         step = await tasks.run(call.tool_name, key, work, unverified=None if policy is None else unverified)
         self._model_steps.log.tools.append((call.tool_name, step.replayed))
