@@ -270,3 +270,29 @@ async def test_secret_looking_deps_never_reach_parameters_labels_logs_or_records
     stored = "".join(p.read_text(errors="ignore") for p in storage_dir.rglob("*") if p.is_file())
     assert secret not in stored
     assert secret not in json.dumps(detail)
+
+
+def test_a_step_whose_completion_event_died_with_the_process_shows_executed_when_the_next_attempt_replayed_it() -> (
+    None
+):
+    from prefect_pydantic_ai.runs import StepView, completed_before_the_kill
+
+    def view(index: int, status: str) -> StepView:
+        return StepView(
+            index=index, kind="model", name="m", agent="a", status=status, attempts=1, duration_s=None
+        )  # type: ignore[arg-type]
+
+    killed = [view(1, "executed"), view(2, "failed")]  # step 2 left "Running" in Prefect
+    assert [
+        s.status for s in completed_before_the_kill(killed, [view(1, "replayed"), view(2, "replayed")])
+    ] == [
+        "executed",
+        "executed",
+    ]
+    # The next attempt executed step 2 again: it had not completed.
+    assert [
+        s.status for s in completed_before_the_kill(killed, [view(1, "replayed"), view(2, "executed")])
+    ] == [
+        "executed",
+        "failed",
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import re
@@ -263,6 +264,21 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
     return views
 
 
+def completed_before_the_kill(steps: list[StepView], following: list[StepView]) -> list[StepView]:
+    """A killed attempt's steps, with the ones the next attempt replayed shown as executed.
+
+    Prefect learns that a task run completed from an event sent in the background; a process killed right after
+    a step may take that event with it, leaving the step "Running". The next attempt replaying the step proves
+    it completed, and in this attempt (had an earlier one completed it, this one would have replayed it).
+    """
+    return [
+        step.model_copy(update={"status": "executed"})
+        if step.status == "failed" and index < len(following) and following[index].status == "replayed"
+        else step
+        for index, step in enumerate(steps)
+    ]
+
+
 def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:
     """Steps a later attempt ran beyond where an earlier attempt stopped: `⊘` in the earlier timeline.
 
@@ -457,7 +473,11 @@ async def show_run(ref: str) -> RunDetail:
             if steps or last:
                 attempts.append((steps, died and not last))
     latest = attempts[-1][0]
-    earlier = [steps + not_reached(steps, latest, crashed=died) for steps, died in attempts[:-1]]
+    earlier = []
+    for (steps, died), (following, _) in itertools.pairwise(attempts):
+        if died:
+            steps = completed_before_the_kill(steps, following)
+        earlier.append(steps + not_reached(steps, latest, crashed=died))
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None
