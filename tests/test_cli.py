@@ -289,6 +289,9 @@ def test_a_step_whose_completion_event_died_with_the_process_shows_executed_when
         "executed",
         "executed",
     ]
+    # Steps whose task runs never reached Prefect at all, but that the next attempt replayed.
+    later = [view(1, "replayed"), view(2, "replayed"), view(3, "replayed"), view(4, "executed")]
+    assert [s.status for s in completed_before_the_kill([view(1, "executed")], later)] == ["executed"] * 3
     # The next attempt executed step 2 again: it had not completed.
     assert [
         s.status for s in completed_before_the_kill(killed, [view(1, "replayed"), view(2, "executed")])

@@ -265,18 +265,28 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
 
 
 def completed_before_the_kill(steps: list[StepView], following: list[StepView]) -> list[StepView]:
-    """A killed attempt's steps, with the ones the next attempt replayed shown as executed.
+    """A killed attempt's steps, completed with what the next attempt proves: the steps it replayed were executed.
 
-    Prefect learns that a task run completed from an event sent in the background; a process killed right after
-    a step may take that event with it, leaving the step "Running". The next attempt replaying the step proves
-    it completed, and in this attempt (had an earlier one completed it, this one would have replayed it).
+    Prefect learns about task runs from events sent in the background, and a process killed right after a step
+    may take the last events with it: that step then shows "Running", or no task run at all. The next attempt
+    replaying a step proves it completed, and in this attempt (had an earlier one completed it, this one would
+    have replayed it).
     """
-    return [
+    shown = [
         step.model_copy(update={"status": "executed"})
         if step.status == "failed" and index < len(following) and following[index].status == "replayed"
         else step
         for index, step in enumerate(steps)
     ]
+    for later in following[len(shown) :]:
+        if later.status != "replayed":
+            break
+        shown.append(
+            later.model_copy(
+                update={"index": len(shown) + 1, "status": "executed", "attempts": 1, "duration_s": None}
+            )
+        )
+    return shown
 
 
 def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:
