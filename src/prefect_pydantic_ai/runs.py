@@ -480,7 +480,7 @@ async def show_run(ref: str) -> RunDetail:
             last = fr.id == flow_run.id and count == fr.run_count
             died = _state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
             steps = timeline(task_runs[fr.id], count, _state_of(fr) == "crashed" or not last)
-            if steps or last:
+            if steps or last or died:  # a killed attempt may have lost every task-run event
                 attempts.append((steps, died and not last))
     latest = attempts[-1][0]
     earlier = []
