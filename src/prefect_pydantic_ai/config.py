@@ -7,6 +7,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
+"""What happens to a call of a non-idempotent tool that an earlier attempt started and never finished."""
+
 RetryCondition = Callable[..., Any]
 """Prefect's `retry_condition_fn(task, task_run, state) -> bool` (may be async)."""
 
@@ -45,7 +48,7 @@ class TaskConfig(BaseModel):
     result_storage: Any = None  # a Prefect WritableFileSystem block or a block slug; checked below
     log_prints: bool | None = None
     tags: tuple[str, ...] | None = None
-    on_unverified: Literal["fail", "tell_model", "rerun"] | None = None
+    on_unverified: UnverifiedPolicy | None = None
 
     @model_validator(mode="after")
     def _delays_are_not_negative(self) -> "TaskConfig":

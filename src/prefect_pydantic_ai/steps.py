@@ -358,8 +358,7 @@ class StepTasks:
             if view.result_storage is None or view.metadata_storage is not None:
                 return
             try:
-                reader = getattr(view.result_storage, "aread_path", None)
-                await (reader(key) if reader is not None else view.result_storage.read_path(key))
+                await _read_path(view.result_storage, key)
             except Exception:
                 return  # nothing stored yet
         logger.warning(
@@ -373,13 +372,16 @@ class StepTasks:
 _STARTED, _FINISHED = b"started", b"finished"
 
 
+async def _read_path(storage: Any, path: str) -> bytes:
+    """Read `path` from any result storage block (async where it has `aread_path`)."""
+    reader = getattr(storage, "aread_path", None)
+    return bytes(await (reader(path) if reader is not None else storage.read_path(path)))
+
+
 async def _marker(storage: Any, key: str) -> bytes | None:
     """The "started" marker of a guarded step, stored beside its journal entry (any result storage can hold it)."""
-    reader = getattr(storage, "aread_path", None)
     try:
-        return bytes(
-            await (reader(f"{key}.started") if reader is not None else storage.read_path(f"{key}.started"))
-        )
+        return await _read_path(storage, f"{key}.started")
     except Exception:
         return None
 

@@ -11,7 +11,7 @@ import contextvars
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import TypeAdapter
 from pydantic_ai.exceptions import (
@@ -26,7 +26,7 @@ from pydantic_ai.exceptions import (
 from pydantic_ai.messages import ToolCallPart, ToolReturn
 from pydantic_ai.tools import RunContext
 
-from .config import TaskConfig
+from .config import TaskConfig, UnverifiedPolicy
 from .errors import NotJournalableError, UnverifiedEffectError
 from .journal import canonical_json, seal, to_journal_json
 from .model_step import ModelSteps
@@ -35,7 +35,6 @@ from .steps import RUN_AGAIN, StepTasks
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
 logger = logging.getLogger("prefect_pydantic_ai")
 
-UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
 unverified_override: contextvars.ContextVar[UnverifiedPolicy | None] = contextvars.ContextVar(
     "ppa_unverified_override", default=None
 )
