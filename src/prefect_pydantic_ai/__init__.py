@@ -1,8 +1,8 @@
 """Durable execution for Pydantic AI agents on Prefect 3.
 
-Wrap an agent in `PrefectAgent`: each run becomes a Prefect flow run, each model request and tool call a
-Prefect task with its own `TaskConfig`, and a run that failed or was killed resumes from its journal instead of
-paying for the same calls twice.
+Add `PrefectDurability` to an agent, or wrap it in `PrefectAgent`: each run becomes a Prefect flow run (or
+part of yours), each model request and tool call a Prefect task with its own `TaskConfig`, and a run that
+failed or was killed resumes from its journal instead of paying for the same calls twice.
 
 The names below are imported on first use, so `prefect-pydantic-ai --help` does not pay for importing Prefect.
 """
@@ -14,30 +14,34 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .agent import PrefectAgent as PrefectAgent
+    from .capability import PrefectDurability as PrefectDurability
+    from .capability import idempotency_key as idempotency_key
     from .config import TaskConfig as TaskConfig
     from .errors import DurabilityConfigError as DurabilityConfigError
     from .errors import NotJournalableError as NotJournalableError
+    from .errors import RunError as RunError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .report import ledger_of as ledger_of
-    from .runs import RunError as RunError
+    from .resume import resume_run as resume_run
     from .runs import list_runs as list_runs
-    from .runs import resume_run as resume_run
-    from .runs import show_run as show_run
+    from .show import show_run as show_run
     from .steps import step_idempotency_key as step_idempotency_key
 
 _EXPORTS = {
     "PrefectAgent": "agent",
+    "PrefectDurability": "capability",
+    "idempotency_key": "capability",
     "TaskConfig": "config",
     "DurabilityConfigError": "errors",
     "NotJournalableError": "errors",
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "report",
-    "RunError": "runs",
+    "RunError": "errors",
     "list_runs": "runs",
-    "resume_run": "runs",
-    "show_run": "runs",
+    "resume_run": "resume",
+    "show_run": "show",
     "step_idempotency_key": "steps",
 }
 

@@ -34,7 +34,7 @@ analyst = PrefectAgent(
 
 async def first_attempt() -> None:
     """Attempt 1 of the demo: run the analysis under the demo's idempotency key (it may fail or be killed)."""
-    from .cli import print_step
+    from .display import print_step
     from .steps import observe_steps
 
     csv = os.environ.get("PPA_DEMO_CSV")

@@ -6,14 +6,14 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import datetime
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from .display import STATE_STYLE, console, errors, print_detail, print_step, seconds, when
 
 app = typer.Typer(
     help="Durable Pydantic AI agents on Prefect: see, resume and account for agent runs.",
@@ -21,21 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-errors = Console(stderr=True)
 
 _T = TypeVar("_T")
-
-SYMBOLS = {"executed": "✓", "replayed": "⚡", "retried": "↻", "failed": "✗", "not_reached": "⊘"}
-STATE_STYLE = {
-    "completed": "green",
-    "failed": "red",
-    "crashed": "bold red",
-    "running": "cyan",
-    "paused": "yellow",
-    "cancelled": "dim",
-    "pending": "dim",
-}
 
 
 def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
@@ -46,7 +33,7 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
         from pydantic_ai.exceptions import UserError
 
         from .analyst import DatasetError
-        from .runs import RunError
+        from .errors import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -61,14 +48,6 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coro)
 
 
-def _when(moment: datetime | None) -> str:
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}s" if value >= 1 else f"{value * 1000:.0f}ms"
-
-
 @app.command("runs")
 @_user_errors
 def runs_command(
@@ -80,7 +59,8 @@ def runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """List agent runs, newest first. A run whose process died is marked crashed."""
-    from .runs import dumps, list_runs
+    from .display import dumps
+    from .runs import list_runs
 
     states = {"completed", "failed", "crashed", "running", "paused", "cancelled", "pending"}
     if state is not None and state not in states:
@@ -101,55 +81,10 @@ def runs_command(
             f"[{style}]{run.state}[/{style}]" if style else run.state,
             str(run.steps_completed),
             str(run.steps_replayed),
-            _when(run.started),
-            _seconds(run.duration_s),
+            when(run.started),
+            seconds(run.duration_s),
         )
     console.print(table if found else "No agent runs yet.")
-
-
-def _timeline_table(title: str, steps: list[Any]) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("")
-    table.add_column("#", justify="right")
-    table.add_column("Step")
-    table.add_column("Status")
-    table.add_column("Attempts", justify="right")
-    table.add_column("Duration", justify="right")
-    for step in steps:
-        kind = "Model call" if step.kind == "model" else "Tool call"
-        table.add_row(
-            SYMBOLS[step.status],
-            str(step.index),
-            f"{kind}: {step.name}",
-            step.status.replace("_", " "),
-            str(step.attempts) if step.attempts else "-",
-            _seconds(step.duration_s),
-        )
-    return table
-
-
-def show_json(detail: Any) -> dict[str, Any]:
-    """The documented `show --json` document."""
-    from .ledger import Ledger
-    from .report import usage_json
-
-    document = detail.model_dump(mode="json", exclude={"ledger"})
-    document.update(usage_json(detail.ledger or Ledger()))
-    return dict(document)
-
-
-def print_ledger(ledger: Any) -> None:
-    from .report import usd
-
-    table = Table(title="What replay saved", title_justify="left")
-    table.add_column("")
-    table.add_column("Spent (executed)", justify="right")
-    table.add_column("Saved (replayed)", justify="right")
-    table.add_row("Model calls", str(ledger.spent.model_calls), str(ledger.saved.model_calls))
-    table.add_row("Tool calls", str(ledger.spent.tool_calls), str(ledger.saved.tool_calls))
-    table.add_row("Tokens", f"{ledger.spent.total_tokens:,}", f"{ledger.saved.total_tokens:,}")
-    table.add_row("Cost (USD)", usd(ledger.spent), usd(ledger.saved))
-    console.print(table)
 
 
 @app.command("show")
@@ -159,32 +94,14 @@ def show_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """Show a run's step timeline: ✓ executed, ⚡ replayed, ↻ retried, ✗ failed, ⊘ not reached."""
-    from .runs import show_run
+    from .display import show_json
+    from .show import show_run
 
     detail = _run(show_run(run))
     if as_json:
         print(json.dumps(show_json(detail), indent=2, default=str))
         return
     print_detail(detail)
-
-
-def print_detail(detail: Any) -> None:
-    style = STATE_STYLE.get(detail.state, "")
-    key = f"  key [bold]{detail.idempotency_key}[/bold]" if detail.idempotency_key else ""
-    console.print(
-        f"Run [bold]{detail.run_id}[/bold] ({detail.name}){key}  agent {', '.join(detail.agents)}  "
-        f"[{style}]{detail.state}[/{style}]"
-    )
-    for number, steps in enumerate(detail.earlier_attempts, start=1):
-        console.print(_timeline_table(f"Attempt {number}", steps))
-    console.print(_timeline_table(f"Attempt {len(detail.earlier_attempts) + 1} (latest)", detail.steps))
-    if detail.error:
-        console.print(f"[red]Error:[/red] {detail.error}", highlight=False)
-    elif detail.output is not None:
-        console.print("Output:")
-        console.print_json(json.dumps(detail.output, default=str))
-    if detail.ledger is not None:
-        print_ledger(detail.ledger)
 
 
 @app.command("resume")
@@ -226,19 +143,10 @@ def resume_command(
         raise typer.Exit(1)
 
 
-def print_step(event: Any) -> None:
-    """One line of live progress for a finished step (resume, demo)."""
-    symbol = "✗" if event.error else "⚡" if event.replayed else "↻" if event.attempts > 1 else "✓"
-    attempts = f"{event.attempts} attempt(s), " if event.attempts else ""
-    error = f"  [red]{event.error}[/red]" if event.error else ""
-    console.print(
-        f"  {symbol} {event.kind}: {event.name}  [dim]{attempts}{_seconds(event.seconds)}[/dim]{error}",
-        highlight=False,
-    )
-
-
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
-    from .runs import RunError, resume_run, show_run
+    from .errors import RunError
+    from .resume import resume_run
+    from .show import show_run
     from .steps import observe_steps
 
     before = _run(show_run(ref))
@@ -272,9 +180,9 @@ def costs_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Totals across runs by agent and model: spent, saved by replay, and the share of work replay avoided."""
+    from .costs import ledgers_since
     from .ledger import Ledger, parse_since
     from .report import usage_json, usd
-    from .runs import ledgers_since
 
     found = _run(ledgers_since(parse_since(since), agent))
     by_agent: dict[str, Ledger] = {}

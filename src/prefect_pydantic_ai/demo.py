@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .cli import SYMBOLS, console, print_ledger, print_step
+from .display import SYMBOLS, console, print_ledger, print_step
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
 STEPS: dict[str, tuple[str, int]] = {
@@ -83,7 +83,7 @@ class LocalServer:
         )
 
     def wait_until_ready(self, timeout: float = 120) -> None:
-        from .runs import RunError
+        from .errors import RunError
 
         deadline = time.monotonic() + timeout
         while True:
@@ -213,7 +213,8 @@ def _fault_plan(scratch: Path, name: str, call: int, *, kill: bool, inject: bool
 def _walkthrough(
     env: dict[str, str], key: str, fault: str, *, kill: bool, inject: bool, started: float, link: bool
 ) -> int:
-    from .runs import resume_run, show_run
+    from .resume import resume_run
+    from .show import show_run
     from .steps import observe_steps
 
     what = "is SIGKILLed at" if kill else "times out beyond its retries at"

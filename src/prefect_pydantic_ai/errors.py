@@ -16,3 +16,7 @@ class NotJournalableError(DurabilityConfigError):
 class UnverifiedEffectError(RuntimeError):
     """A non-idempotent tool call started in an earlier attempt and never recorded completion: whether its effect
     happened is unknown, so the run stops for a human to check instead of repeating it."""
+
+
+class RunError(Exception):
+    """A run cannot be found, resolved or resumed; the message says what to do. The CLI exits with code 2."""

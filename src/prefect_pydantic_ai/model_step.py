@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,7 +133,8 @@ class DurableModel(WrapperModel):
     never holds a half-finished stream that cannot be replayed.
     """
 
-    def __init__(self, wrapped: Model, steps: ModelSteps) -> None:
+    def __init__(self, wrapped: Model, steps: Callable[[], ModelSteps]) -> None:
+        """`steps()` gives the current run's model steps (they exist once the run has started)."""
         super().__init__(wrapped)
         self._steps = steps
 
@@ -143,7 +144,7 @@ class DurableModel(WrapperModel):
         model_settings: ModelSettings | None,
         model_request_parameters: ModelRequestParameters,
     ) -> ModelResponse:
-        return await self._steps.request(
+        return await self._steps().request(
             self.wrapped,
             lambda: self.wrapped.request(messages, model_settings, model_request_parameters),
         )

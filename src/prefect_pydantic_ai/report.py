@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .ledger import Ledger, UsageTotals, format_usd
 
 if TYPE_CHECKING:
-    from .runs import AttemptRecord
+    from .records import AttemptRecord
 
 _ledgers: dict[int, Ledger] = {}
 

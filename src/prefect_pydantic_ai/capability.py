@@ -1,0 +1,392 @@
+"""`PrefectDurability`: the capability that makes an agent's runs durable on Prefect.
+
+Add it to a named agent, `Agent(..., name="analyst", capabilities=[PrefectDurability(...)])`, and every run of
+that agent is journaled: each model request is a `model: <name>` Prefect task and each tool call a
+`tool: <name>` task, each with its own `TaskConfig`. Inside a user's `@flow` the steps are tasks of that flow
+run, so retrying it replays them; outside any flow the run becomes a flow run of its own, named after the agent.
+`with idempotency_key("q4-report"):` names a logical run across processes. `PrefectAgent` is a thin wrapper
+over this capability; both forms give the same guarantees.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import inspect
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from prefect import Flow, get_client
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
+from prefect.flow_engine import run_flow_async
+from pydantic_ai.agent import AbstractAgent
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.capabilities.abstract import WrapRunHandler
+from pydantic_ai.messages import ToolCallPart
+from pydantic_ai.models import Model, ModelRequestContext
+from pydantic_ai.run import AgentRunResult
+from pydantic_ai.tools import RunContext, ToolDefinition
+
+from .config import TaskConfig
+from .errors import DurabilityConfigError, NotJournalableError, RunError
+from .journal import ConversationDigest, RunInputs, to_journal_json
+from .ledger import Ledger
+from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog
+from .records import TAG, AttemptRecord, RunRecord, entrypoint_of, read_record, rehydrate_deps, write_record
+from .report import ledger_markdown, remember_ledger
+from .steps import StepTasks
+from .tool_step import ToolSteps, ToolTasks
+
+_run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
+
+_OWN_FLOW = "__prefect_pydantic_ai_agent__"
+"""Marks a flow function as an agent's own flow (a bare run), as opposed to a user's `@flow`."""
+
+# Per attempt of a root flow run (root flow run id, run count): agent-run ordinals and which agent owns a name.
+_ordinals: dict[tuple[str, int], Counter[str]] = {}
+_owners: dict[tuple[str, int], dict[str, int]] = {}
+_roots: dict[str, str] = {}
+_MAX_SCOPES = 4096
+
+
+@contextmanager
+def idempotency_key(key: str | None) -> Iterator[None]:
+    """Durable runs started in this block belong to the logical run `key`.
+
+    A new process running the same agent under the same key after an attempt failed or was killed replays
+    every completed step and continues; once the run completed, the same call returns its output and executes
+    nothing. `None` keeps the key of an enclosing block (or none: the run key is then the root flow run id).
+    """
+    if key is None:
+        yield
+        return
+    token = _run_key.set(key)
+    try:
+        yield
+    finally:
+        _run_key.reset(token)
+
+
+_within_key = idempotency_key  # under another name where a flow parameter is called `idempotency_key`
+
+
+class _DurableRun:
+    """The journal state of one agent run: its record, its model and tool steps."""
+
+    def __init__(self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps) -> None:
+        self.record = record
+        self.model_steps = model_steps
+        self.tool_steps = tool_steps
+
+
+class PrefectDurability(AbstractCapability[Any]):
+    """Durable execution of an agent's runs on Prefect: journaled model and tool steps, resumable runs.
+
+    - `model_task_config` / `tool_task_config`: retries, backoff and timeout of model requests and tool calls.
+    - `tool_task_config_by_name`: per tool, overriding the tool default field by field; `None` runs that tool
+      inline, outside the journal.
+    - `deps_for_resume`: rebuilds deps when `prefect-pydantic-ai resume` re-creates a run whose deps held
+      secret-looking values, which are never stored; it receives the stored (redacted) deps JSON.
+    """
+
+    _model_tasks: StepTasks
+    _tool_tasks: ToolTasks
+
+    def __init__(
+        self,
+        *,
+        model_task_config: TaskConfig | None = None,
+        tool_task_config: TaskConfig | None = None,
+        tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
+        deps_for_resume: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.model_task_config = model_task_config or TaskConfig()
+        self.tool_task_config = tool_task_config or TaskConfig()
+        self.tool_task_config_by_name: dict[str, TaskConfig | None] = dict(tool_task_config_by_name or {})
+        self.deps_for_resume = deps_for_resume
+        caller = inspect.currentframe()
+        self._defined_in: str | None = (
+            caller.f_back.f_globals.get("__name__") if caller and caller.f_back else None
+        )
+        self._agent: AbstractAgent[Any, Any] | None = None
+        self._importable: tuple[object, str | None] | None = None
+        self._bindings: dict[int, PrefectDurability] = {}
+        self._run: _DurableRun | None = None
+
+    # -- binding -----------------------------------------------------------------------------------------------
+
+    def for_agent(self, agent: AbstractAgent[Any, Any]) -> PrefectDurability:
+        """This capability bound to `agent` (once per agent): its name keys the journal and names the tasks."""
+        if self._agent is agent:
+            return self
+        bound = self._bindings.get(id(agent))
+        if bound is not None and bound._agent is agent:
+            return bound
+        if not agent.name:
+            raise DurabilityConfigError(
+                "A durable agent needs a name: create it with Agent(..., name='my_agent'). The name identifies "
+                "its steps in the journal and names its Prefect flow, so it must not change between runs."
+            )
+        bound = copy.copy(self)
+        bound._agent = agent
+        bound._bindings = {}
+        bound._model_tasks = StepTasks("model", self.model_task_config, agent=agent.name)
+        bound._tool_tasks = ToolTasks(self.tool_task_config, self.tool_task_config_by_name, agent=agent.name)
+        self._bindings[id(agent)] = bound
+        return bound
+
+    def importable_as(self, owner: object, module: str | None) -> None:
+        """Record `owner` (found in `module`) as what a resume re-imports, instead of the agent itself."""
+        self._importable = (owner, module)
+
+    async def for_run(self, ctx: RunContext[Any]) -> PrefectDurability:
+        fresh = copy.copy(self)
+        fresh._run = None
+        return fresh
+
+    @property
+    def agent_name(self) -> str:
+        assert self._agent is not None and self._agent.name, "PrefectDurability used before for_agent()"
+        return self._agent.name
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
+        if FlowRunContext.get() is not None:
+            return await self._durable(ctx, inputs, handler)
+        key = _run_key.get()
+
+        async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
+            return await self._durable(ctx, inputs, handler)
+
+        flow = self.flow(agent_run, key)
+        prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
+        return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
+
+    def flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
+        """The agent's own flow around `fn` (a bare run), named after the agent."""
+        fn.__dict__[_OWN_FLOW] = self.agent_name
+        return Flow(
+            fn=fn,
+            name=self.agent_name,
+            flow_run_name=flow_run_name,
+            persist_result=False,
+            validate_parameters=False,
+            description=f"Durable run of the Pydantic AI agent {self.agent_name!r}.",
+        )
+
+    async def _durable(
+        self, ctx: RunContext[Any], inputs: RunInputs, handler: WrapRunHandler
+    ) -> AgentRunResult[Any]:
+        self._run = run = await self._begin(ctx, inputs)
+        try:
+            result = await handler()
+        except BaseException as exc:
+            await _finish(run.record, run.model_steps.log, error=exc)
+            raise
+        remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
+        return result
+
+    async def _begin(self, ctx: RunContext[Any], inputs: RunInputs) -> _DurableRun:
+        flow_ctx = FlowRunContext.get()
+        assert flow_ctx is not None and flow_ctx.flow_run is not None
+        flow_run = flow_ctx.flow_run
+        name = self.agent_name
+        root = await _root_flow_run_id(flow_run)
+        scope = (root, flow_run.run_count)
+        _forget_old_scopes()
+        owner = _owners.setdefault(scope, {}).setdefault(name, id(self._agent))
+        if owner != id(self._agent):
+            raise DurabilityConfigError(
+                f"Two different agents are named {name!r} in flow run {flow_run.name!r}; their steps would "
+                "share journal keys. Give each agent its own name."
+            )
+        ordinals = _ordinals.setdefault(scope, Counter())
+        ordinal = ordinals[name]
+        ordinals[name] += 1
+        key = _run_key.get()
+        identity = RunIdentity(
+            run_key=f"key:{key}" if key is not None else f"flow:{root}", agent=name, ordinal=ordinal
+        )
+        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs)
+        model_steps = ModelSteps(
+            identity, self._model_tasks, ConversationDigest(inputs.seed(name)), StepLog()
+        )
+        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks))
+
+    async def _record(
+        self, flow_ctx: FlowRunContext, ordinal: int, user_prompt: Any, key: str | None, inputs: RunInputs
+    ) -> RunRecord:
+        """Write (or, on a later attempt, refresh) the run record; tag the flow run as holding this agent."""
+        assert flow_ctx.flow_run is not None
+        name = self.agent_name
+        flow_run_id = str(flow_ctx.flow_run.id)
+        record = await read_record(flow_run_id, name, ordinal)
+        if record is None:
+            flow_fn = getattr(flow_ctx.flow, "fn", None)
+            bare = getattr(flow_fn, _OWN_FLOW, None) == name
+            owner, module = self._importable or (self._agent, self._defined_in)
+            record = RunRecord(
+                flow_run_id=flow_run_id,
+                agent=name,
+                ordinal=ordinal,
+                idempotency_key=key,
+                entrypoint=entrypoint_of(owner, module)
+                if bare
+                else entrypoint_of(flow_ctx.flow, getattr(flow_fn, "__module__", None)),
+                entrypoint_kind="agent" if bare else "flow",
+                prompt=user_prompt if isinstance(user_prompt, str) else None,
+                deps=inputs.deps,
+                redacted=list(inputs.redacted),
+            )
+        else:
+            record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
+        await write_record(record)
+        wanted = {TAG, f"agent:{name}", *([f"key:{key}"] if key else [])}
+        if not wanted <= set(flow_ctx.flow_run.tags):
+            tags = sorted(wanted | set(flow_ctx.flow_run.tags))
+            async with get_client() as client:
+                await client.update_flow_run(flow_ctx.flow_run.id, tags=tags)
+            flow_ctx.flow_run.tags = tags
+        return record
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+
+    def _steps(self) -> _DurableRun:
+        assert self._run is not None, "a durable step ran outside PrefectDurability.wrap_run"
+        return self._run
+
+    def get_wrapper_model(self, model: Model) -> Model | None:
+        return DurableModel(model, lambda: self._steps().model_steps)
+
+    async def wrap_model_request(
+        self,
+        ctx: RunContext[Any],
+        *,
+        request_context: ModelRequestContext,
+        handler: Callable[[ModelRequestContext], Awaitable[Any]],
+    ) -> Any:
+        steps = self._steps().model_steps
+        steps.begin(ctx.messages, request_context.model_request_parameters)
+        response = await handler(request_context)
+        steps.end(response)
+        return response
+
+    async def wrap_tool_execute(
+        self,
+        ctx: RunContext[Any],
+        *,
+        call: ToolCallPart,
+        tool_def: ToolDefinition,
+        args: dict[str, Any],
+        handler: Callable[[dict[str, Any]], Awaitable[Any]],
+    ) -> Any:
+        return await self._steps().tool_steps.execute(ctx, call, args, handler)
+
+    # -- resume ------------------------------------------------------------------------------------------------
+
+    async def resume_flow_run(
+        self, agent: AbstractAgent[Any, Any], flow_run: FlowRun, record: RunRecord
+    ) -> Any:
+        """Run an earlier flow run of `agent` (its own flow, a bare run) again in place, from its record."""
+        assert self._agent is not None
+        deps = rehydrate_deps(self._agent.deps_type, record.deps)
+        if record.redacted:
+            if self.deps_for_resume is None:
+                raise RunError(
+                    f"The deps of run {flow_run.id} held secret-looking values that were not stored "
+                    f"({', '.join(record.redacted)}); pass deps_for_resume= to PrefectAgent({self.agent_name!r}) "
+                    "to rebuild them on resume."
+                )
+            deps = self.deps_for_resume(record.deps)
+        kwargs: dict[str, Any] = {} if deps is None else {"deps": deps}
+
+        async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
+            with _within_key(idempotency_key):
+                return await agent.run(record.prompt, **kwargs)
+
+        return await run_flow_async(
+            self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
+        )
+
+
+def durability_of(agent: object) -> PrefectDurability | None:
+    """The `PrefectDurability` bound to `agent` (a `PrefectAgent`, or an agent built with the capability)."""
+    own = getattr(agent, "durability", None)
+    if isinstance(own, PrefectDurability):
+        return own
+    if not isinstance(agent, AbstractAgent):
+        return None
+    found: list[PrefectDurability] = []
+
+    def collect(capability: AbstractCapability[Any]) -> None:
+        if isinstance(capability, PrefectDurability):
+            found.append(capability)
+
+    agent.root_capability.apply(collect)
+    return found[0].for_agent(agent) if found else None
+
+
+async def _finish(
+    record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
+) -> Ledger:
+    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+    flow_ctx = FlowRunContext.get()
+    run_count = flow_ctx.flow_run.run_count if flow_ctx and flow_ctx.flow_run else 1
+    ledger = log.ledger()
+    try:
+        stored_output = to_journal_json(output, what="the run output")
+    except NotJournalableError:
+        stored_output = repr(output)
+    attempt = AttemptRecord(
+        run_count=run_count,
+        state="failed" if error is not None else "completed",
+        finished_at=datetime.now(UTC),
+        output=stored_output,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+        ledger=ledger,
+    )
+    record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
+    await write_record(record)
+    await acreate_markdown_artifact(
+        markdown=ledger_markdown(record.agent, ledger, attempt),
+        description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
+    )
+    return ledger
+
+
+def _forget_old_scopes() -> None:
+    """Keep the per-attempt bookkeeping of a long-lived process bounded (oldest attempts first)."""
+    for table in (_ordinals, _owners):
+        while len(table) > _MAX_SCOPES:
+            del table[next(iter(table))]
+    while len(_roots) > _MAX_SCOPES:
+        del _roots[next(iter(_roots))]
+
+
+def _journaled_metadata(metadata: Any) -> Any:
+    """Run metadata enters the run's identity; a metadata callable is evaluated per run, so it cannot."""
+    return None if callable(metadata) else metadata
+
+
+async def _root_flow_run_id(flow_run: FlowRun) -> str:
+    """The id of the outermost flow run: a retried parent gives its subflows new ids, but keeps its own."""
+    own = str(flow_run.id)
+    if flow_run.parent_task_run_id is None:
+        return own
+    if own not in _roots:
+        async with get_client() as client:
+            task_run = await client.read_task_run(flow_run.parent_task_run_id)
+            if task_run.flow_run_id is None:
+                _roots[own] = own
+            else:
+                _roots[own] = await _root_flow_run_id(await client.read_flow_run(task_run.flow_run_id))
+    return _roots[own]

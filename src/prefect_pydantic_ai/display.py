@@ -1,0 +1,115 @@
+"""Terminal rendering shared by the CLI and the demo: run tables, step timelines, live step lines, ledgers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+errors = Console(stderr=True)
+
+SYMBOLS = {"executed": "✓", "replayed": "⚡", "retried": "↻", "failed": "✗", "not_reached": "⊘"}
+STATE_STYLE = {
+    "completed": "green",
+    "failed": "red",
+    "crashed": "bold red",
+    "running": "cyan",
+    "paused": "yellow",
+    "cancelled": "dim",
+    "pending": "dim",
+}
+
+
+def when(moment: datetime | None) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s" if value >= 1 else f"{value * 1000:.0f}ms"
+
+
+def timeline_table(title: str, steps: list[Any]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("#", justify="right")
+    table.add_column("Step")
+    table.add_column("Status")
+    table.add_column("Attempts", justify="right")
+    table.add_column("Duration", justify="right")
+    for step in steps:
+        kind = "Model call" if step.kind == "model" else "Tool call"
+        table.add_row(
+            SYMBOLS[step.status],
+            str(step.index),
+            f"{kind}: {step.name}",
+            step.status.replace("_", " "),
+            str(step.attempts) if step.attempts else "-",
+            seconds(step.duration_s),
+        )
+    return table
+
+
+def show_json(detail: Any) -> dict[str, Any]:
+    """The documented `show --json` document."""
+    from .ledger import Ledger
+    from .report import usage_json
+
+    document = detail.model_dump(mode="json", exclude={"ledger"})
+    document.update(usage_json(detail.ledger or Ledger()))
+    return dict(document)
+
+
+def print_ledger(ledger: Any) -> None:
+    from .report import usd
+
+    table = Table(title="What replay saved", title_justify="left")
+    table.add_column("")
+    table.add_column("Spent (executed)", justify="right")
+    table.add_column("Saved (replayed)", justify="right")
+    table.add_row("Model calls", str(ledger.spent.model_calls), str(ledger.saved.model_calls))
+    table.add_row("Tool calls", str(ledger.spent.tool_calls), str(ledger.saved.tool_calls))
+    table.add_row("Tokens", f"{ledger.spent.total_tokens:,}", f"{ledger.saved.total_tokens:,}")
+    table.add_row("Cost (USD)", usd(ledger.spent), usd(ledger.saved))
+    console.print(table)
+
+
+def print_detail(detail: Any) -> None:
+    style = STATE_STYLE.get(detail.state, "")
+    key = f"  key [bold]{detail.idempotency_key}[/bold]" if detail.idempotency_key else ""
+    console.print(
+        f"Run [bold]{detail.run_id}[/bold] ({detail.name}){key}  agent {', '.join(detail.agents)}  "
+        f"[{style}]{detail.state}[/{style}]"
+    )
+    for number, steps in enumerate(detail.earlier_attempts, start=1):
+        console.print(timeline_table(f"Attempt {number}", steps))
+    console.print(timeline_table(f"Attempt {len(detail.earlier_attempts) + 1} (latest)", detail.steps))
+    if detail.error:
+        console.print(f"[red]Error:[/red] {detail.error}", highlight=False)
+    elif detail.output is not None:
+        console.print("Output:")
+        console.print_json(json.dumps(detail.output, default=str))
+    if detail.ledger is not None:
+        print_ledger(detail.ledger)
+
+
+def print_step(event: Any) -> None:
+    """One line of live progress for a finished step (resume, demo)."""
+    symbol = "✗" if event.error else "⚡" if event.replayed else "↻" if event.attempts > 1 else "✓"
+    attempts = f"{event.attempts} attempt(s), " if event.attempts else ""
+    error = f"  [red]{event.error}[/red]" if event.error else ""
+    console.print(
+        f"  {symbol} {event.kind}: {event.name}  [dim]{attempts}{seconds(event.seconds)}[/dim]{error}",
+        highlight=False,
+    )
+
+
+def dumps(model: BaseModel | list[Any]) -> str:
+    """JSON for `--json` output."""
+    if isinstance(model, BaseModel):
+        return model.model_dump_json(indent=2)
+    return json.dumps([m.model_dump(mode="json") if isinstance(m, BaseModel) else m for m in model], indent=2)

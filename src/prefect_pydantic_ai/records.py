@@ -1,0 +1,162 @@
+"""Run records: one small JSON document per agent run, kept in Prefect's result storage beside the journal.
+
+A flow run that holds agent runs is tagged `prefect-pydantic-ai` and `agent:<name>` (and `key:<idempotency key>`).
+Its run record says how to re-create the run (the import path of the agent or of the user's flow, and its inputs
+with secret-looking values removed), which process runs it (so a killed run is recognised as crashed), and per
+finished attempt its output or error and its spent/saved ledger.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import socket
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect.client.schemas.objects import FlowRun
+from prefect.results import get_default_result_storage
+from pydantic import BaseModel, Field
+
+from .errors import RunError
+from .ledger import Ledger
+from .storage import journal_storage
+
+TAG = "prefect-pydantic-ai"
+_RECORD_FORMAT = "prefect-pydantic-ai/run/1"
+HOST = socket.gethostname()
+
+
+def tag_values(flow_run: FlowRun, prefix: str) -> list[str]:
+    """The values of a flow run's `<prefix><value>` tags (`agent:`, `key:`)."""
+    return [tag.removeprefix(prefix) for tag in flow_run.tags if tag.startswith(prefix)]
+
+
+class AttemptRecord(BaseModel):
+    """What one attempt (flow run count) of an agent run ended with."""
+
+    run_count: int
+    state: Literal["completed", "failed"]
+    finished_at: datetime
+    output: Any = None
+    error: str | None = None
+    ledger: Ledger = Field(default_factory=Ledger)
+
+
+class RunRecord(BaseModel):
+    """Everything needed to list, show and re-create one agent run, minus anything that looks like a secret."""
+
+    format: str = _RECORD_FORMAT
+    flow_run_id: str
+    agent: str
+    ordinal: int
+    idempotency_key: str | None = None
+    entrypoint: str | None = None
+    entrypoint_kind: Literal["agent", "flow"] = "agent"
+    prompt: str | None = None
+    deps: Any = None
+    redacted: list[str] = Field(default_factory=list)
+    host: str = HOST
+    pid: int = Field(default_factory=os.getpid)
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+
+
+def record_path(flow_run_id: str, agent: str, ordinal: int) -> str:
+    return f"prefect-pydantic-ai/runs/{flow_run_id}/{agent}.{ordinal}.json"
+
+
+async def write_record(record: RunRecord) -> None:
+    storage = await _storage()
+    data = record.model_dump_json(indent=1).encode()
+    await storage.awrite_path(record_path(record.flow_run_id, record.agent, record.ordinal), data)
+
+
+async def read_record(flow_run_id: str, agent: str, ordinal: int) -> RunRecord | None:
+    storage = await _storage()
+    try:
+        data = await storage.aread_path(record_path(flow_run_id, agent, ordinal))
+    except Exception:
+        return None
+    try:
+        return RunRecord.model_validate_json(data)
+    except ValueError:
+        return None
+
+
+async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecord]:
+    """All agent-run records of a flow run, in agent order then ordinal order."""
+    found: list[RunRecord] = []
+    for agent in agents:
+        ordinal = 0
+        while (record := await read_record(flow_run_id, agent, ordinal)) is not None:
+            found.append(record)
+            ordinal += 1
+    return found
+
+
+async def _storage() -> Any:
+    """Prefect's default result storage (written atomically when it is a local directory)."""
+    storage: Any = get_default_result_storage()
+    storage = await storage if inspect.isawaitable(storage) else storage
+    return await journal_storage(storage) or storage
+
+
+def entrypoint_of(obj: object, module_name: str | None) -> str | None:
+    """`module:attribute` (or `path/to/file.py:attribute` for a script) under which `obj` can be imported."""
+    if module_name is None or (module := sys.modules.get(module_name)) is None:
+        return None
+    for attribute, value in vars(module).items():
+        if value is obj:
+            if module_name != "__main__":
+                return f"{module_name}:{attribute}"
+            spec = getattr(module, "__spec__", None)
+            if spec is not None and spec.name:  # run with `python -m package.module`
+                return f"{spec.name}:{attribute}"
+            file = getattr(module, "__file__", None)
+            return f"{Path(file).resolve()}:{attribute}" if file else None
+    return None
+
+
+def load_entrypoint(entrypoint: str) -> Any:
+    """Import `module:attribute` or `file.py:attribute`; a clear `RunError` when that is not possible."""
+    target, _, attribute = entrypoint.rpartition(":")
+    if not target or not attribute:
+        raise RunError(
+            f"Invalid entrypoint {entrypoint!r}: use module:attribute or path/to/file.py:attribute."
+        )
+    try:
+        if target.endswith(".py"):
+            spec = importlib.util.spec_from_file_location("_prefect_pydantic_ai_resumed", target)
+            if spec is None or spec.loader is None or not Path(target).exists():
+                raise FileNotFoundError(target)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        return getattr(module, attribute)
+    except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as exc:
+        raise RunError(
+            f"Cannot load the recorded entrypoint {entrypoint!r} ({type(exc).__name__}: {exc}). Make it importable "
+            "from here (run from the project directory or fix PYTHONPATH), or pass --entrypoint module:attribute."
+        ) from None
+
+
+def rehydrate_deps(deps_type: Any, stored: Any) -> Any:
+    """Rebuild deps from their journaled JSON (pandas frames from their `split` form)."""
+    if stored is None:
+        return None
+    module = getattr(deps_type, "__module__", "") or ""
+    if module.startswith("pandas") and getattr(deps_type, "__name__", "") == "DataFrame":
+        import pandas as pd
+
+        return pd.DataFrame(stored["data"], index=stored["index"], columns=stored["columns"])
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(deps_type).validate_python(stored)

@@ -1,0 +1,102 @@
+"""One agent run in detail: every attempt's step timeline, its output or error, and what it spent and saved."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.sorting import FlowRunSort
+from pydantic import BaseModel
+
+from .ledger import Ledger
+from .records import TAG, read_records, tag_values
+from .runs import RunState, flow_runs, resolve_run, state_of
+from .timeline import StepView, completed_before_the_kill, not_reached, task_runs, timeline
+
+
+class RunDetail(BaseModel):
+    """A run's full picture (the `show --json` schema)."""
+
+    run_id: str
+    name: str
+    idempotency_key: str | None
+    agent: str | None
+    agents: list[str]
+    state: RunState
+    run_count: int
+    steps: list[StepView]
+    earlier_attempts: list[list[StepView]]
+    output: Any = None
+    error: str | None = None
+    ledger: Ledger | None = None
+
+
+async def show_run(ref: str) -> RunDetail:
+    """The timeline of the latest attempt of a run (and of its earlier attempts), its output and its ledger."""
+    flow_run = await resolve_run(ref)
+    key = next(iter(tag_values(flow_run, "key:")), None)
+    async with get_client() as client:
+        runs = [flow_run]
+        if key is not None:  # earlier processes of the same logical run are earlier attempts
+            runs = await flow_runs(
+                client,
+                FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
+                FlowRunSort.START_TIME_ASC,
+                1000,
+            )
+            runs = [
+                fr
+                for fr in runs
+                if fr.start_time is None
+                or flow_run.start_time is None
+                or fr.start_time <= flow_run.start_time
+            ]
+        steps_by_run = await task_runs(client, [fr.id for fr in runs])
+    agents = tag_values(flow_run, "agent:")
+    records = await read_records(str(flow_run.id), agents)
+    ended = {a.run_count for r in records for a in r.attempts}  # attempts that finished (not killed)
+    attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
+    for fr in runs:
+        for count in range(1, fr.run_count + 1):
+            last = fr.id == flow_run.id and count == fr.run_count
+            died = state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
+            steps = timeline(steps_by_run[fr.id], count, state_of(fr) == "crashed" or not last)
+            if steps or last or died:  # a killed attempt may have lost every task-run event
+                attempts.append((steps, died and not last))
+    latest = attempts[-1][0]
+    earlier = []
+    for (steps, died), (following, _) in itertools.pairwise(attempts):
+        if died:
+            steps = completed_before_the_kill(steps, following)
+        earlier.append(steps + not_reached(steps, latest, crashed=died))
+    output: Any = None
+    error: str | None = None
+    ledger: Ledger | None = None
+    for record in records:
+        finished = [a for a in record.attempts if a.run_count == flow_run.run_count] or record.attempts[-1:]
+        if finished:
+            output = (
+                finished[-1].output
+                if len(records) == 1
+                else {**(output or {}), record.agent: finished[-1].output}
+            )
+            error = finished[-1].error or error
+            ledger = finished[-1].ledger if ledger is None else ledger.merge(finished[-1].ledger)
+    if state_of(flow_run) in ("failed", "crashed") and error is None and flow_run.state is not None:
+        error = flow_run.state.message
+    return RunDetail(
+        run_id=str(flow_run.id),
+        name=flow_run.name,
+        idempotency_key=key,
+        agent=agents[0] if len(agents) == 1 else None,
+        agents=agents,
+        state=state_of(flow_run),
+        run_count=flow_run.run_count,
+        steps=latest,
+        earlier_attempts=earlier,
+        output=output,
+        error=error,
+        ledger=ledger,
+    )
