@@ -111,7 +111,7 @@ def test_killed_script_shows_crashed_and_resume_completes_it_in_place(
     assert detail["model_calls"] == {"executed": 1, "replayed": 2}
     assert detail["tool_calls"] == {"executed": 1, "replayed": 1}
     earlier = detail["earlier_attempts"][0]
-    assert [s["status"] for s in earlier] == ["executed"] * 3 + ["failed", "not_reached"]
+    assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
 
     again = cli("resume", crashed["run_id"], env=env)  # completed: prints the stored output, executes nothing
     assert again.returncode == 0 and "already completed" in again.stdout

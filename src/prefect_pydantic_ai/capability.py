@@ -19,11 +19,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from prefect import Flow, get_client
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow_async
 from pydantic_ai.agent import AbstractAgent
@@ -35,11 +37,21 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext, ToolDefinition
 
 from .config import TaskConfig
+from .crashes import settle_if_dead
 from .errors import DurabilityConfigError, NotJournalableError, RunError
 from .journal import ConversationDigest, RunInputs, to_journal_json
 from .ledger import Ledger
 from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog
-from .records import TAG, AttemptRecord, RunRecord, entrypoint_of, read_record, rehydrate_deps, write_record
+from .records import (
+    RECALL_TAG,
+    TAG,
+    AttemptRecord,
+    RunRecord,
+    entrypoint_of,
+    read_record,
+    rehydrate_deps,
+    write_record,
+)
 from .report import ledger_markdown, remember_ledger
 from .steps import StepTasks
 from .tool_step import ToolSteps, ToolTasks
@@ -163,9 +175,10 @@ class PrefectDurability(AbstractCapability[Any]):
         if FlowRunContext.get() is not None:
             return await self._durable(ctx, inputs, handler)
         key = _run_key.get()
+        recall_of = await _earlier_attempts(key) if key is not None else None
 
         async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
-            return await self._durable(ctx, inputs, handler)
+            return await self._durable(ctx, inputs, handler, recall_of)
 
         flow = self.flow(agent_run, key)
         prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
@@ -184,9 +197,11 @@ class PrefectDurability(AbstractCapability[Any]):
         )
 
     async def _durable(
-        self, ctx: RunContext[Any], inputs: RunInputs, handler: WrapRunHandler
+        self, ctx: RunContext[Any], inputs: RunInputs, handler: WrapRunHandler, recall_of: str | None = None
     ) -> AgentRunResult[Any]:
-        self._run = run = await self._begin(ctx, inputs)
+        """Run `handler` (the agent run) as this flow run's durable agent run; `recall_of` names the flow run
+        that already completed this logical run (this one then only returns its stored result)."""
+        self._run = run = await self._begin(ctx, inputs, recall_of)
         try:
             result = await handler()
         except BaseException as exc:
@@ -195,7 +210,7 @@ class PrefectDurability(AbstractCapability[Any]):
         remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
         return result
 
-    async def _begin(self, ctx: RunContext[Any], inputs: RunInputs) -> _DurableRun:
+    async def _begin(self, ctx: RunContext[Any], inputs: RunInputs, recall_of: str | None) -> _DurableRun:
         flow_ctx = FlowRunContext.get()
         assert flow_ctx is not None and flow_ctx.flow_run is not None
         flow_run = flow_ctx.flow_run
@@ -216,14 +231,25 @@ class PrefectDurability(AbstractCapability[Any]):
         identity = RunIdentity(
             run_key=f"key:{key}" if key is not None else f"flow:{root}", agent=name, ordinal=ordinal
         )
-        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs)
+        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs, recall_of)
+        log = StepLog(recall=recall_of is not None)
+
+        async def spent() -> None:  # what this attempt spent survives its process
+            await _record_attempt(record, log, "running")
+
         model_steps = ModelSteps(
-            identity, self._model_tasks, ConversationDigest(inputs.seed(name)), StepLog()
+            identity, self._model_tasks, ConversationDigest(inputs.seed(name)), log, on_executed=spent
         )
         return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks))
 
     async def _record(
-        self, flow_ctx: FlowRunContext, ordinal: int, user_prompt: Any, key: str | None, inputs: RunInputs
+        self,
+        flow_ctx: FlowRunContext,
+        ordinal: int,
+        user_prompt: Any,
+        key: str | None,
+        inputs: RunInputs,
+        recall_of: str | None,
     ) -> RunRecord:
         """Write (or, on a later attempt, refresh) the run record; tag the flow run as holding this agent."""
         assert flow_ctx.flow_run is not None
@@ -246,11 +272,17 @@ class PrefectDurability(AbstractCapability[Any]):
                 prompt=user_prompt if isinstance(user_prompt, str) else None,
                 deps=inputs.deps,
                 redacted=list(inputs.redacted),
+                recall_of=recall_of,
             )
         else:
             record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
         await write_record(record)
-        wanted = {TAG, f"agent:{name}", *([f"key:{key}"] if key else [])}
+        wanted = {
+            TAG,
+            f"agent:{name}",
+            *([f"key:{key}"] if key else []),
+            *([RECALL_TAG] if recall_of else []),
+        }
         if not wanted <= set(flow_ctx.flow_run.tags):
             tags = sorted(wanted | set(flow_ctx.flow_run.tags))
             async with get_client() as client:
@@ -335,32 +367,63 @@ def durability_of(agent: object) -> PrefectDurability | None:
     return found[0].for_agent(agent) if found else None
 
 
-async def _finish(
-    record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
-) -> Ledger:
-    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+async def _record_attempt(
+    record: RunRecord,
+    log: StepLog,
+    state: Literal["completed", "failed", "running"],
+    *,
+    output: Any = None,
+    error: BaseException | None = None,
+) -> AttemptRecord:
+    """Write this attempt into the run record: while it runs (what it spent so far), and how it ended."""
     flow_ctx = FlowRunContext.get()
     run_count = flow_ctx.flow_run.run_count if flow_ctx and flow_ctx.flow_run else 1
-    ledger = log.ledger()
     try:
         stored_output = to_journal_json(output, what="the run output")
     except NotJournalableError:
         stored_output = repr(output)
     attempt = AttemptRecord(
         run_count=run_count,
-        state="failed" if error is not None else "completed",
+        state=state,
         finished_at=datetime.now(UTC),
         output=stored_output,
         error=None if error is None else f"{type(error).__name__}: {error}",
-        ledger=ledger,
+        ledger=log.spent if state == "running" else log.ledger(),
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
     await write_record(record)
+    return attempt
+
+
+async def _finish(
+    record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
+) -> Ledger:
+    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+    attempt = await _record_attempt(
+        record, log, "failed" if error is not None else "completed", output=output, error=error
+    )
     await acreate_markdown_artifact(
-        markdown=ledger_markdown(record.agent, ledger, attempt),
+        markdown=ledger_markdown(record.agent, attempt.ledger, attempt),
         description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
     )
-    return ledger
+    return attempt.ledger
+
+
+async def _earlier_attempts(key: str) -> str | None:
+    """Settle earlier attempts of logical run `key` whose process died; the flow run that completed it, if any."""
+    async with get_client() as client:
+        earlier = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=50,
+        )
+        completed = None
+        for flow_run in earlier:
+            flow_run = await settle_if_dead(client, flow_run)
+            done = flow_run.state is not None and flow_run.state.type == StateType.COMPLETED
+            if completed is None and done and RECALL_TAG not in flow_run.tags:
+                completed = str(flow_run.id)
+        return completed
 
 
 def _forget_old_scopes() -> None:

@@ -313,6 +313,7 @@ def _seed_table(title: str, steps: list[Any]) -> Table:
         "replayed": "skipped, loaded from the journal",
         "retried": "executed after retries",
         "failed": "failed",
+        "crashed": "interrupted: the process died",
         "not_reached": "not reached",
     }
     for index, step in enumerate(steps):

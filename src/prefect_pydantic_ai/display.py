@@ -13,7 +13,14 @@ from rich.table import Table
 console = Console()
 errors = Console(stderr=True)
 
-SYMBOLS = {"executed": "✓", "replayed": "⚡", "retried": "↻", "failed": "✗", "not_reached": "⊘"}
+SYMBOLS = {
+    "executed": "✓",
+    "replayed": "⚡",
+    "retried": "↻",
+    "failed": "✗",
+    "crashed": "✗",
+    "not_reached": "⊘",
+}
 STATE_STYLE = {
     "completed": "green",
     "failed": "red",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
@@ -36,20 +36,39 @@ class RunIdentity:
     ordinal: int
 
 
-@dataclass
 class StepLog:
-    """What each step of this attempt did, priced only when the attempt ends (pricing is not free)."""
+    """What each step of this attempt did. Executed model steps are priced as they complete, so what an attempt
+    spent is known even if its process dies; replayed ones are priced when the attempt ends.
 
-    models: list[tuple[ModelResponse, bool]] = field(default_factory=list)
-    tools: list[tuple[str, bool]] = field(default_factory=list)
+    A re-call of a completed logical run replays every step but saves nothing a recovery would have lost, so
+    with `recall=True` its replays are not counted as saved.
+    """
+
+    def __init__(self, *, recall: bool = False) -> None:
+        self.recall = recall
+        self.spent = Ledger()
+        self._replayed: list[ModelResponse] = []
+        self._replayed_tools: list[str] = []
+
+    def model(self, response: ModelResponse, replayed: bool) -> None:
+        if not replayed:
+            self.spent.record_model(StepUsage.from_response(response), replayed=False)
+        elif not self.recall:
+            self._replayed.append(response)
+
+    def tool(self, name: str, replayed: bool) -> None:
+        if not replayed:
+            self.spent.record_tool(name, replayed=False)
+        elif not self.recall:
+            self._replayed_tools.append(name)
 
     def ledger(self) -> Ledger:
         """Spent (executed) vs saved (replayed) usage, calls and dollars of this attempt."""
-        ledger = Ledger()
-        for response, replayed in self.models:
-            ledger.record_model(StepUsage.from_response(response), replayed)
-        for name, replayed in self.tools:
-            ledger.record_tool(name, replayed)
+        ledger = self.spent.model_copy(deep=True)
+        for response in self._replayed:
+            ledger.record_model(StepUsage.from_response(response), replayed=True)
+        for name in self._replayed_tools:
+            ledger.record_tool(name, replayed=True)
         return ledger
 
 
@@ -57,12 +76,19 @@ class ModelSteps:
     """Numbers the model requests of one run and derives their keys from the conversation digest."""
 
     def __init__(
-        self, identity: RunIdentity, tasks: StepTasks, digest: ConversationDigest, log: StepLog
+        self,
+        identity: RunIdentity,
+        tasks: StepTasks,
+        digest: ConversationDigest,
+        log: StepLog,
+        on_executed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_executed()` runs after every executed (not replayed) model step: the attempt's spend is recorded."""
         self.identity = identity
         self.tasks = tasks
         self.digest = digest
         self.log = log
+        self.on_executed = on_executed
         self.number = 0
         self._attempt = 0
         self._step_digest = ""
@@ -113,7 +139,9 @@ class ModelSteps:
 
         result: StepResult = await self.tasks.run(model.model_name, self.next_key(), execute)
         response = load_response(result.data)
-        self.log.models.append((response, result.replayed))
+        self.log.model(response, result.replayed)
+        if not result.replayed and self.on_executed is not None:
+            await self.on_executed()
         return response
 
 

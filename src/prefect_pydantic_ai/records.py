@@ -28,6 +28,8 @@ from .ledger import Ledger
 from .storage import journal_storage
 
 TAG = "prefect-pydantic-ai"
+RECALL_TAG = "prefect-pydantic-ai:recall"
+"""Tags a flow run that re-called a completed logical run: it returned the stored output and executed nothing."""
 _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
 HOST = socket.gethostname()
 
@@ -41,7 +43,8 @@ class AttemptRecord(BaseModel):
     """What one attempt (flow run count) of an agent run ended with."""
 
     run_count: int
-    state: Literal["completed", "failed"]
+    state: Literal["completed", "failed", "running"]
+    """`running` until the attempt ends: an attempt whose process died stays `running` in its record."""
     finished_at: datetime
     output: Any = None
     error: str | None = None
@@ -65,6 +68,8 @@ class RunRecord(BaseModel):
     pid: int = Field(default_factory=os.getpid)
     started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     attempts: list[AttemptRecord] = Field(default_factory=list)
+    recall_of: str | None = None
+    """For a re-call of a completed idempotency key: the flow run that did the work."""
 
 
 def record_path(flow_run_id: str, agent: str, ordinal: int) -> str:

@@ -12,6 +12,7 @@ from prefect.flow_engine import run_flow_async, run_flow_sync
 from prefect.states import AwaitingRetry
 
 from .capability import durability_of
+from .crashes import crash_unfinished_task_runs
 from .errors import RunError
 from .records import load_entrypoint, read_records, tag_values
 from .runs import resolve_run, state_of
@@ -70,7 +71,9 @@ async def _resume(ref: str, entrypoint: str | None) -> Any:
 
 
 async def _awaiting_retry(flow_run_id: UUID) -> FlowRun:
-    """Put the flow run back in line for another attempt, as Prefect's own retries do."""
+    """Put the flow run back in line for another attempt, as Prefect's own retries do; the steps its last attempt
+    left unfinished are settled as Crashed first, so none of them stays Running."""
     async with get_client() as client:
+        await crash_unfinished_task_runs(client, flow_run_id, "Its attempt ended before this step finished.")
         await client.set_flow_run_state(flow_run_id, AwaitingRetry(), force=True)
         return await client.read_flow_run(flow_run_id)

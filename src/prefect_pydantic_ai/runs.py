@@ -1,7 +1,7 @@
 """Agent runs as Prefect knows them: listing and finding flow runs that hold agent runs, and settling crashes.
 
 Prefect is the system of record: a flow run tagged `prefect-pydantic-ai` holds agent runs, its state is the
-run's state, and a running flow run whose recorded process is gone is marked Crashed here, in one place.
+run's state; a running flow run whose recorded process is gone is settled as Crashed (see `crashes`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from uuid import UUID
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.states import Crashed
 from pydantic import BaseModel
 
+from .crashes import settle_if_dead
 from .errors import RunError
-from .locks import process_alive
-from .records import HOST, TAG, read_records, tag_values
+from .records import RECALL_TAG, TAG, tag_values
 from .timeline import task_runs, timeline
 
 RunState = Literal["completed", "failed", "crashed", "running", "paused", "cancelled", "pending"]
@@ -71,24 +70,6 @@ async def flow_runs(
     return found
 
 
-async def mark_crashed_if_dead(client: PrefectClient, flow_run: FlowRun) -> FlowRun:
-    """A running flow run whose recorded process on this host is gone is crashed: say so to Prefect."""
-    if state_of(flow_run) != "running":
-        return flow_run
-    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
-    if not records:
-        return flow_run
-    latest = max(records, key=lambda r: r.started_at)
-    if latest.host != HOST or process_alive(latest.pid):
-        return flow_run
-    await client.set_flow_run_state(
-        flow_run.id,
-        Crashed(message=f"The process running it (pid {latest.pid} on {latest.host}) is gone."),
-        force=True,
-    )
-    return await client.read_flow_run(flow_run.id)
-
-
 async def list_runs(
     *, state: str | None = None, agent: str | None = None, limit: int = 20, since: datetime | None = None
 ) -> list[RunSummary]:
@@ -104,7 +85,7 @@ async def list_runs(
             FlowRunSort.START_TIME_DESC,
             limit if state is None else max(limit * 5, 1000),
         )
-        found = [await mark_crashed_if_dead(client, fr) for fr in found]
+        found = [await settle_if_dead(client, fr) for fr in found]
         if state is not None:
             found = [fr for fr in found if state_of(fr) == state][:limit]
         steps_by_run = await task_runs(client, [fr.id for fr in found])
@@ -121,18 +102,32 @@ async def list_runs(
                 steps_completed=sum(s.status in ("executed", "retried", "replayed") for s in steps),
                 steps_replayed=sum(s.status == "replayed" for s in steps),
                 started=fr.start_time,
-                duration_s=fr.total_run_time.total_seconds() if fr.total_run_time else None,
+                duration_s=_duration(fr, steps_by_run[fr.id]),
                 run_count=fr.run_count,
             )
         )
     return summaries
 
 
+def _duration(flow_run: FlowRun, steps: list[TaskRun]) -> float | None:
+    """How long the flow run ran. A crashed run is only settled when someone notices, so Prefect's own figure
+    would include the time nobody was looking: it lasted until its last step's last recorded moment."""
+    if state_of(flow_run) != "crashed":
+        return flow_run.total_run_time.total_seconds() if flow_run.total_run_time else None
+    moments = [s.start_time for s in steps if s.start_time is not None]
+    moments += [  # a step settled as Crashed ended when it was settled, not when it died
+        s.end_time for s in steps if s.end_time is not None and s.state_type != StateType.CRASHED
+    ]
+    if flow_run.start_time is None or not moments:
+        return None
+    return float(max(0.0, (max(moments) - flow_run.start_time).total_seconds()))
+
+
 async def resolve_run(ref: str) -> FlowRun:
     """A flow run by id, unique id prefix, or idempotency key (the newest run with that key)."""
     async with get_client() as client:
         try:
-            return await mark_crashed_if_dead(client, await client.read_flow_run(UUID(ref)))
+            return await settle_if_dead(client, await client.read_flow_run(UUID(ref)))
         except ValueError:
             pass
         except Exception as exc:
@@ -140,10 +135,11 @@ async def resolve_run(ref: str) -> FlowRun:
         by_key = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{ref}"])),
             sort=FlowRunSort.START_TIME_DESC,
-            limit=1,
+            limit=200,
         )
-        if by_key:
-            return await mark_crashed_if_dead(client, by_key[0])
+        if by_key:  # the newest run that did the work, not a re-call that returned its stored output
+            worker = next((fr for fr in by_key if RECALL_TAG not in fr.tags), by_key[0])
+            return await settle_if_dead(client, worker)
         if not re.fullmatch(r"[0-9a-fA-F-]{1,36}", ref):
             raise RunError(f"No agent run with idempotency key {ref!r}; see `prefect-pydantic-ai runs`.")
         tagged = await flow_runs(
@@ -157,4 +153,4 @@ async def resolve_run(ref: str) -> FlowRun:
             raise RunError(
                 f"Run id prefix {ref!r} is ambiguous: it matches {len(candidates)} runs ({shown}...)."
             )
-        return await mark_crashed_if_dead(client, candidates[0])
+        return await settle_if_dead(client, candidates[0])

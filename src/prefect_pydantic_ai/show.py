@@ -11,7 +11,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
 from .ledger import Ledger
-from .records import TAG, read_records, tag_values
+from .records import RECALL_TAG, TAG, read_records, tag_values
 from .runs import RunState, flow_runs, resolve_run, state_of
 from .timeline import StepView, completed_before_the_kill, not_reached, task_runs, timeline
 
@@ -49,14 +49,17 @@ async def show_run(ref: str) -> RunDetail:
             runs = [
                 fr
                 for fr in runs
-                if fr.start_time is None
-                or flow_run.start_time is None
-                or fr.start_time <= flow_run.start_time
+                if RECALL_TAG not in fr.tags
+                and (
+                    fr.start_time is None
+                    or flow_run.start_time is None
+                    or fr.start_time <= flow_run.start_time
+                )
             ]
         steps_by_run = await task_runs(client, [fr.id for fr in runs])
     agents = tag_values(flow_run, "agent:")
     records = await read_records(str(flow_run.id), agents)
-    ended = {a.run_count for r in records for a in r.attempts}  # attempts that finished (not killed)
+    ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
     attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
     for fr in runs:
         for count in range(1, fr.run_count + 1):
@@ -74,16 +77,13 @@ async def show_run(ref: str) -> RunDetail:
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None
-    for record in records:
-        finished = [a for a in record.attempts if a.run_count == flow_run.run_count] or record.attempts[-1:]
-        if finished:
-            output = (
-                finished[-1].output
-                if len(records) == 1
-                else {**(output or {}), record.agent: finished[-1].output}
-            )
-            error = finished[-1].error or error
-            ledger = finished[-1].ledger if ledger is None else ledger.merge(finished[-1].ledger)
+    for record in records:  # the latest attempt only: an earlier attempt's error is not this one's
+        latest_attempt = [a for a in record.attempts if a.run_count == flow_run.run_count]
+        if latest_attempt:
+            attempt = latest_attempt[-1]
+            output = attempt.output if len(records) == 1 else {**(output or {}), record.agent: attempt.output}
+            error = attempt.error or error
+            ledger = attempt.ledger if ledger is None else ledger.merge(attempt.ledger)
     if state_of(flow_run) in ("failed", "crashed") and error is None and flow_run.state is not None:
         error = flow_run.state.message
     return RunDetail(

@@ -15,7 +15,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType, TaskRun
 from pydantic import BaseModel
 
-StepStatus = Literal["executed", "replayed", "retried", "failed", "not_reached"]
+StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "not_reached"]
+"""`crashed`: the step was running when its process died (interrupted, not failed)."""
 
 
 class StepView(BaseModel):
@@ -47,13 +48,15 @@ def _step_name_and_agent(task_run: TaskRun) -> tuple[str, str | None]:
 def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
     state = task_run.state
     if state is None:
-        return "failed"
+        return "crashed" if attempt_crashed else "failed"
     if state.name == "Cached":
         return "replayed"
     if state.type == StateType.COMPLETED:
         return "retried" if task_run.run_count > 1 else "executed"
-    if state.type in (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED) and not attempt_crashed:
-        return "executed"
+    if state.type == StateType.CRASHED:
+        return "crashed"
+    if state.type in (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED):
+        return "crashed" if attempt_crashed else "executed"
     return "failed"
 
 
@@ -71,7 +74,7 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
                 name=name,
                 agent=agent,
                 status=_step_status(task_run, attempt_crashed),
-                attempts=max(task_run.run_count, 1) if task_run.state_name != "Cached" else 0,
+                attempts=task_run.run_count if task_run.state_name != "Cached" else 0,
                 duration_s=task_run.total_run_time.total_seconds() if task_run.total_run_time else None,
             )
         )
@@ -88,7 +91,9 @@ def completed_before_the_kill(steps: list[StepView], following: list[StepView]) 
     """
     shown = [
         step.model_copy(update={"status": "executed"})
-        if step.status == "failed" and index < len(following) and following[index].status == "replayed"
+        if step.status in ("failed", "crashed")
+        and index < len(following)
+        and following[index].status == "replayed"
         else step
         for index, step in enumerate(steps)
     ]
@@ -107,7 +112,7 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
     """Steps a later attempt ran beyond where an earlier attempt stopped: `⊘` in the earlier timeline.
 
     A process killed inside a step may die before Prefect records that step's task run; when the earlier
-    attempt crashed, the first step it did not record is the one it was in: `✗`.
+    attempt crashed, the first step it did not record is the one it was in: `crashed`.
     """
     missing = later[len(earlier) :]
     return [
@@ -116,8 +121,8 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
             kind=s.kind,
             name=s.name,
             agent=s.agent,
-            status="failed"
-            if crashed and offset == 1 and not any(e.status == "failed" for e in earlier)
+            status="crashed"
+            if crashed and offset == 1 and not any(e.status in ("failed", "crashed") for e in earlier)
             else "not_reached",
             attempts=int(crashed and offset == 1),
             duration_s=None,

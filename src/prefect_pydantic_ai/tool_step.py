@@ -136,7 +136,7 @@ class ToolSteps:
             return RUN_AGAIN  # through the step's own timeout, like any attempt
 
         step = await tasks.run(call.tool_name, key, work, unverified=None if policy is None else unverified)
-        self._model_steps.log.tools.append((call.tool_name, step.replayed))
+        self._model_steps.log.tool(call.tool_name, step.replayed)
         if live:
             raise live[0]
         if live_result:
