@@ -67,7 +67,10 @@ def test_demo_fails_at_detect_anomalies_then_replays_steps_1_to_3(
     first, latest = run["earlier_attempts"][0], run["steps"]
     assert [s["kind"] for s in latest] == SEED_SHAPE
     # A timeout beyond the retries failed the step; a SIGKILL interrupted it: its process died in it.
-    assert [s["status"] for s in first] == ["executed"] * 3 + ["crashed" if variant else "failed", "not_reached"]
+    assert [s["status"] for s in first] == ["executed"] * 3 + [
+        "crashed" if variant else "failed",
+        "not_reached",
+    ]
     assert [s["status"] for s in latest] == ["replayed"] * 3 + ["executed"] * 2
     if not variant:
         assert first[3]["attempts"] == 3  # the timeout outlasted the step's 2 retries

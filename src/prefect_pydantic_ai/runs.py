@@ -39,6 +39,8 @@ class RunSummary(BaseModel):
     started: datetime | None
     duration_s: float | None
     run_count: int
+    recall: bool = False
+    """A re-call of a completed idempotency key: it returned the stored output and executed nothing."""
 
 
 def state_of(flow_run: FlowRun) -> RunState:
@@ -104,6 +106,7 @@ async def list_runs(
                 started=fr.start_time,
                 duration_s=_duration(fr, steps_by_run[fr.id]),
                 run_count=fr.run_count,
+                recall=RECALL_TAG in fr.tags,
             )
         )
     return summaries

@@ -114,20 +114,18 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
     A process killed inside a step may die before Prefect records that step's task run; when the earlier
     attempt crashed, the first step it did not record is the one it was in: `crashed`.
     """
-    missing = later[len(earlier) :]
+    died_in_one = crashed and not any(e.status in ("failed", "crashed") for e in earlier)
     return [
         StepView(
             index=len(earlier) + offset,
             kind=s.kind,
             name=s.name,
             agent=s.agent,
-            status="crashed"
-            if crashed and offset == 1 and not any(e.status in ("failed", "crashed") for e in earlier)
-            else "not_reached",
-            attempts=int(crashed and offset == 1),
+            status="crashed" if died_in_one and offset == 1 else "not_reached",
+            attempts=int(died_in_one and offset == 1),
             duration_s=None,
         )
-        for offset, s in enumerate(missing, start=1)
+        for offset, s in enumerate(later[len(earlier) :], start=1)
     ]
 
 

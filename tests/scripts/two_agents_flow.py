@@ -1,7 +1,8 @@
 """The seed's research → summaries pattern as a user @flow with two agents, for kill-and-resume tests.
 
 Calls are logged to $TWO_AGENTS_LOG; $TWO_AGENTS_KILL_AT=<call name> SIGKILLs the process when that call starts
-for the first time (the summary agent's `draft` tool, say). Run as a script: `two_agents_flow.py TOPIC`.
+for the first time (the summary agent's `draft` tool, say); $TWO_AGENTS_SYNC=1 runs the synchronous flow.
+Run as a script: `two_agents_flow.py TOPIC`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,18 @@ async def research_and_summarize(topic: str) -> dict[str, str]:
     return dict(summaries.output.model_dump())
 
 
+@flow(name="research-and-summarize-sync")
+def research_and_summarize_sync(topic: str) -> dict[str, str]:
+    """The same flow written the way most Prefect flows are: a plain `def` with `run_sync`."""
+    findings = research_agent.run_sync(f"Research {topic}")
+    summaries = summary_agent.run_sync("Summarize for each audience", deps=findings.output)
+    return dict(summaries.output.model_dump())
+
+
 if __name__ == "__main__":
     import asyncio
 
-    print("OUTPUT " + json.dumps(asyncio.run(research_and_summarize(sys.argv[1]))))
+    if os.environ.get("TWO_AGENTS_SYNC"):
+        print("OUTPUT " + json.dumps(research_and_summarize_sync(sys.argv[1])))
+    else:
+        print("OUTPUT " + json.dumps(asyncio.run(research_and_summarize(sys.argv[1]))))

@@ -1,0 +1,98 @@
+"""After a crash, every record tells the truth: costs count what killed attempts spent, a re-call of a completed key
+is not a recovery, and Prefect keeps no Running task run for a run that is over.
+
+The script (tests/scripts/five_step.py) logs every model and tool call before making it, so the log is what the
+"provider" really served, across every process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .test_cli import FIVE, calls, cli, script, show, task_run_states
+
+pytestmark = pytest.mark.slow
+
+
+def costs() -> dict[str, Any]:
+    shown = cli("costs", "--agent", "five_step", "--json")
+    assert shown.returncode == 0, shown.stderr
+    return dict(json.loads(shown.stdout)["total"])
+
+
+def test_costs_count_the_model_calls_of_killed_attempts(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    env = {"FIVE_STEP_LOG": str(log)}
+    before = costs()
+    for n in range(3):
+        key = f"costs-{n}-{uuid.uuid4().hex[:6]}"
+        kill_at = str(len(calls(log)) + 4)  # inside detect_anomalies: two model calls already served
+        assert script(FIVE, key, {**env, "FIVE_STEP_KILL_BEFORE": kill_at}).returncode == -signal.SIGKILL
+        assert script(FIVE, key, env).returncode == 0
+    after = costs()
+    served = calls(log).count("model")
+    assert served == 9  # 2 in each killed attempt, 1 in each resumed one
+    assert after["model_calls"]["executed"] - before["model_calls"]["executed"] == served
+    assert (
+        after["model_calls"]["replayed"] - before["model_calls"]["replayed"] == 6
+    )  # the killed attempts' calls
+
+
+def test_a_recall_of_a_completed_key_executes_nothing_counts_no_savings_and_show_keeps_the_working_run(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "calls.log"
+    env = {"FIVE_STEP_LOG": str(log)}
+    key = f"recall-{uuid.uuid4().hex[:8]}"
+    first = script(FIVE, key, env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    worker = show(key)
+    before = costs()
+
+    again = script(FIVE, key, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == first.stdout  # the same stored output, usage included
+    assert calls(log).count("model") == 3  # nothing executed by the re-call
+
+    assert show(key)["run_id"] == worker["run_id"]  # not the no-op run
+    after = costs()
+    assert after["model_calls"] == before["model_calls"]  # neither spent nor "saved" by a re-call
+    listed = json.loads(cli("runs", "--agent", "five_step", "--limit", "200", "--json").stdout)
+    recalls = [r for r in listed if r["idempotency_key"] == key]
+    assert len(recalls) == 2 and sum(r["recall"] for r in recalls) == 1
+
+
+def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spent(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    key = f"killed-{uuid.uuid4().hex[:8]}"
+    started = time.monotonic()
+    killed = script(FIVE, key, {"FIVE_STEP_LOG": str(log), "FIVE_STEP_KILL_IN_TOOL": "4"})
+    lived = time.monotonic() - started
+    assert killed.returncode == -signal.SIGKILL
+
+    detail = show(key)
+    assert detail["state"] == "crashed"
+    assert [s["status"] for s in detail["steps"]] == ["executed"] * 3 + ["crashed"]
+    assert detail["model_calls"] == {"executed": 2, "replayed": 0}  # recorded as each call completed
+    assert detail["error"] and "is gone" in detail["error"]
+    states = task_run_states(detail["run_id"])
+    assert sorted(states.values()) == ["COMPLETED"] * 3 + ["CRASHED"]  # settled: nothing left Running
+
+    listed = json.loads(cli("runs", "--agent", "five_step", "--limit", "50", "--json").stdout)
+    run = next(r for r in listed if r["idempotency_key"] == key)
+    assert run["duration_s"] is not None and run["duration_s"] <= lived  # not until someone noticed
+
+    resumed = script(FIVE, key, {"FIVE_STEP_LOG": str(log)})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    detail = show(key)
+    earlier = detail["earlier_attempts"][0]
+    assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
+    assert earlier[-1]["attempts"] == 0
+    assert calls(log).count("tool:detect_anomalies") == 2  # interrupted, then run again: nothing else twice
