@@ -1,4 +1,9 @@
-"""Behaviour of the durable core, counted: which model and tool calls actually execute, and what replays."""
+"""Behaviour of the durable core, counted: which model and tool calls actually execute, and what replays.
+
+Each core test runs under both durable forms (the `form` fixture): `PrefectAgent(agent, ...)` called with
+`idempotency_key=`, and an agent built with `capabilities=[PrefectDurability(...)]` called inside
+`with idempotency_key(...)`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import NoneType
 from typing import Any
 
 import pytest
@@ -17,9 +25,18 @@ from prefect import flow
 from pydantic_ai import Agent
 from pydantic_ai.exceptions import UserError
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models import Model
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from prefect_pydantic_ai import DurabilityConfigError, NotJournalableError, PrefectAgent, TaskConfig
+from prefect_pydantic_ai import (
+    DurabilityConfigError,
+    NotJournalableError,
+    PrefectAgent,
+    PrefectDurability,
+    TaskConfig,
+    idempotency_key,
+    ledger_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -46,10 +63,74 @@ def _returns(messages: list[ModelMessage]) -> list[ToolReturnPart]:
     return [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
 
 
+within_key = idempotency_key  # the keyword argument of `Keyed.run` has the same name
+
+
+class Keyed:
+    """A capability-form agent called as a `PrefectAgent` is: `idempotency_key=` becomes `with idempotency_key()`."""
+
+    def __init__(self, agent: Agent[Any, str]) -> None:
+        self.agent = agent
+
+    async def run(self, user_prompt: str, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
+        with within_key(idempotency_key):
+            return await self.agent.run(user_prompt, **kwargs)
+
+    def run_sync(self, user_prompt: str, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
+        with within_key(idempotency_key):
+            return self.agent.run_sync(user_prompt, **kwargs)
+
+    @asynccontextmanager
+    async def iter(self, user_prompt: str, *, idempotency_key: str | None = None) -> AsyncIterator[Any]:
+        with within_key(idempotency_key):
+            async with self.agent.iter(user_prompt) as run:
+                yield run
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way to make an agent durable: `form(model, name=..., **config)` is `(agent, durable)`.
+
+    Tools are registered on `agent`; `durable` is what the test runs. `plain` makes no durable agent at all.
+    """
+
+    kind: str
+
+    def __call__(
+        self, model: Model | None, *, name: str | None, deps_type: type = NoneType, **config: Any
+    ) -> tuple[Agent[Any, str], Any]:
+        if self.kind == "capability":
+            capable: Agent[Any, str] = Agent(
+                model, name=name, deps_type=deps_type, capabilities=[PrefectDurability(**config)]
+            )
+            return capable, Keyed(capable)
+        agent: Agent[Any, str] = Agent(model, name=name, deps_type=deps_type)
+        if self.kind == "plain":
+            assert not config
+            return agent, agent
+        return agent, PrefectAgent(agent, **config)
+
+
+PLAIN = Form("plain")
+
+
+@pytest.fixture(params=["PrefectAgent", "capability"])
+def form(request: pytest.FixtureRequest) -> Form:
+    return Form(request.param)
+
+
 def two_tool_agent(
-    calls: Calls, name: str = "analyst", *, fail_second_tool: list[int] | None = None
-) -> Agent[Any, str]:
-    """model → stats → model → anomalies → model; `fail_second_tool` counts down failures of `anomalies`."""
+    calls: Calls,
+    name: str = "analyst",
+    *,
+    fail_second_tool: list[int] | None = None,
+    form: Form = PLAIN,
+    **config: Any,
+) -> Any:
+    """model → stats → model → anomalies → model, made durable by `form` with `config`.
+
+    `fail_second_tool` counts down failures of `anomalies`.
+    """
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         calls("model")
@@ -60,7 +141,7 @@ def two_tool_agent(
             return ModelResponse(parts=[ToolCallPart("anomalies", {"column": "sales"})])
         return ModelResponse(parts=[TextPart(f"stats={done[0].content} anomalies={done[1].content}")])
 
-    agent: Agent[Any, str] = Agent(FunctionModel(model), name=name)
+    agent, durable = form(FunctionModel(model), name=name, **config)
 
     @agent.tool_plain
     def stats(column: str) -> dict[str, float]:
@@ -75,29 +156,28 @@ def two_tool_agent(
             raise ConnectionError("anomaly service unreachable")
         return [1000, 2000]
 
-    return agent
+    return durable
 
 
 EXPECTED = "stats={'mean': 101.5} anomalies=[1000, 2000]"
 
 
-async def test_plain_run_executes_each_step_once_and_matches_the_plain_agent() -> None:
+async def test_plain_run_executes_each_step_once_and_matches_the_plain_agent(form: Form) -> None:
     calls = Calls()
-    agent = two_tool_agent(calls)
-    plain = await agent.run("go")
+    plain = await two_tool_agent(calls).run("go")
     plain_counts = calls.counts
     calls.log.clear()
-    result = await PrefectAgent(agent).run("go")
+    result = await two_tool_agent(calls, form=form).run("go")
     assert result.output == plain.output == EXPECTED
     assert calls.counts == plain_counts == Counter(model=3, stats=1, anomalies=1)
     assert result.usage == plain.usage
 
 
-async def test_failed_run_resumes_with_the_same_key_executing_only_the_failed_step_and_after() -> None:
+async def test_failed_run_resumes_with_the_same_key_executing_only_the_failed_step_and_after(
+    form: Form,
+) -> None:
     calls = Calls()
-    durable = PrefectAgent(
-        two_tool_agent(calls, fail_second_tool=[3]), tool_task_config=TaskConfig(retries=2)
-    )
+    durable = two_tool_agent(calls, fail_second_tool=[3], form=form, tool_task_config=TaskConfig(retries=2))
     key = _key()
     with pytest.raises(ConnectionError, match="unreachable") as failure:
         await durable.run("go", idempotency_key=key)
@@ -116,11 +196,9 @@ async def test_failed_run_resumes_with_the_same_key_executing_only_the_failed_st
     assert again.usage == result.usage
 
 
-async def test_agent_in_a_user_flow_replays_on_the_flow_retry() -> None:
+async def test_agent_in_a_user_flow_replays_on_the_flow_retry(form: Form) -> None:
     calls = Calls()
-    durable = PrefectAgent(
-        two_tool_agent(calls, fail_second_tool=[1]), tool_task_config=TaskConfig(retries=0)
-    )
+    durable = two_tool_agent(calls, fail_second_tool=[1], form=form, tool_task_config=TaskConfig(retries=0))
     attempts: list[int] = []
 
     @flow(retries=1, retry_delay_seconds=0)
@@ -135,7 +213,7 @@ async def test_agent_in_a_user_flow_replays_on_the_flow_retry() -> None:
     assert calls.log == ["model", "stats", "model", "anomalies", "anomalies", "model"]
 
 
-async def test_retries_follow_the_backoff_list() -> None:
+async def test_retries_follow_the_backoff_list(form: Form) -> None:
     stamps: list[float] = []
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -143,7 +221,11 @@ async def test_retries_follow_the_backoff_list() -> None:
             return ModelResponse(parts=[ToolCallPart("flaky", {})])
         return ModelResponse(parts=[TextPart("ok")])
 
-    agent = Agent(FunctionModel(model), name="backoff")
+    agent, durable = form(
+        FunctionModel(model),
+        name="backoff",
+        tool_task_config=TaskConfig(retries=2, retry_delay_seconds=[0.4, 1.2]),
+    )
 
     @agent.tool_plain
     def flaky() -> str:
@@ -152,14 +234,13 @@ async def test_retries_follow_the_backoff_list() -> None:
             raise TimeoutError("transient")
         return "fine"
 
-    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=2, retry_delay_seconds=[0.4, 1.2]))
     assert (await durable.run("go")).output == "ok"
     assert len(stamps) == 3
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert gaps[0] >= 0.4 and gaps[1] >= 1.2
 
 
-async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call() -> None:
+async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call(form: Form) -> None:
     tool_attempts: list[int] = []
     model_attempts: list[int] = []
 
@@ -171,7 +252,12 @@ async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call() -> No
             return ModelResponse(parts=[ToolCallPart("slow", {})])
         return ModelResponse(parts=[TextPart("ok")])
 
-    agent = Agent(FunctionModel(model), name="timeouts")
+    agent, durable = form(
+        FunctionModel(model),
+        name="timeouts",
+        model_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
+        tool_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
+    )
 
     @agent.tool_plain
     async def slow() -> str:
@@ -180,55 +266,52 @@ async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call() -> No
             await asyncio.sleep(10)
         return "done"
 
-    durable = PrefectAgent(
-        agent,
-        model_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
-        tool_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
-    )
     started = time.monotonic()
     assert (await durable.run("go")).output == "ok"
     assert len(tool_attempts) == 2 and len(model_attempts) == 3
     assert time.monotonic() - started < 9  # neither hang was waited out
 
 
-async def test_timeout_beyond_retries_fails_the_run_naming_the_step() -> None:
+async def test_timeout_beyond_retries_fails_the_run_naming_the_step(form: Form) -> None:
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[ToolCallPart("hang", {})])
 
-    agent = Agent(FunctionModel(model), name="hang_forever")
+    agent, durable = form(
+        FunctionModel(model), name="hang_forever", tool_task_config=TaskConfig(retries=1, timeout_seconds=0.3)
+    )
 
     @agent.tool_plain
     async def hang() -> str:
         await asyncio.sleep(10)
         return "never"
 
-    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=1, timeout_seconds=0.3))
     with pytest.raises(TimeoutError) as failure:
         await durable.run("go")
     assert "in tool step 'hang', after 2 attempt(s)" in str(failure.value.__notes__)
 
 
-async def test_errors_retrying_cannot_fix_are_not_retried() -> None:
+async def test_errors_retrying_cannot_fix_are_not_retried(form: Form) -> None:
     attempts: list[int] = []
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[ToolCallPart("misconfigured", {})])
 
-    agent = Agent(FunctionModel(model), name="user_error")
+    agent, durable = form(
+        FunctionModel(model), name="user_error", tool_task_config=TaskConfig(retries=3, retry_delay_seconds=0)
+    )
 
     @agent.tool_plain
     def misconfigured() -> str:
         attempts.append(1)
         raise UserError("the tool is not configured: set FOO")
 
-    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=3, retry_delay_seconds=0))
     with pytest.raises(UserError, match="set FOO") as failure:
         await durable.run("go")
     assert len(attempts) == 1
     assert "in tool step 'misconfigured', not retried: retrying cannot fix it" in str(failure.value.__notes__)
 
 
-async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_execute() -> None:
+async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_execute(form: Form) -> None:
     calls = Calls()
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -240,14 +323,13 @@ async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_ex
             return ModelResponse(parts=[ToolCallPart("ping", {"x": 1})])
         return ModelResponse(parts=[TextPart(f"{len(done)} pings")])
 
-    agent = Agent(FunctionModel(model), name="pinger")
+    agent, durable = form(FunctionModel(model), name="pinger")
 
     @agent.tool_plain
     def ping(x: int) -> int:
         calls("ping")
         return x
 
-    durable = PrefectAgent(agent)
     key = _key()
     assert (await durable.run("go", idempotency_key=key)).output == "3 pings"
     assert calls.counts == Counter(model=3, ping=3)
@@ -256,10 +338,10 @@ async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_ex
     assert calls.log == []
 
 
-async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps() -> None:
+async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps(form: Form) -> None:
     calls_a, calls_b = Calls(), Calls()
-    a = PrefectAgent(two_tool_agent(calls_a, name="agent_a"))
-    b = PrefectAgent(two_tool_agent(calls_b, name="agent_b"))
+    a = two_tool_agent(calls_a, name="agent_a", form=form)
+    b = two_tool_agent(calls_b, name="agent_b", form=form)
 
     @flow
     async def both() -> None:
@@ -277,8 +359,7 @@ async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps() -
         seen.append(1)
         return ModelResponse(parts=[TextPart(str(messages[0].parts[0].content))])
 
-    deps_agent: Agent[dict[str, int], str] = Agent(FunctionModel(echo), name="echo", deps_type=dict)
-    durable = PrefectAgent(deps_agent)
+    _, durable = form(FunctionModel(echo), name="echo", deps_type=dict)
     key = _key()
     assert (await durable.run("one", deps={"n": 1}, idempotency_key=key)).output == "one"
     assert (await durable.run("two", deps={"n": 1}, idempotency_key=key)).output == "two"
@@ -287,10 +368,10 @@ async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps() -
 
 
 async def test_a_corrupt_journal_entry_is_re_executed_with_a_warning(
-    storage_dir: Path, caplog: pytest.LogCaptureFixture
+    form: Form, storage_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls = Calls()
-    durable = PrefectAgent(two_tool_agent(calls, name="corruptible"))
+    durable = two_tool_agent(calls, name="corruptible", form=form)
     key = _key()
     storage_dir.mkdir(parents=True, exist_ok=True)
     before = {p: p.stat().st_mtime_ns for p in storage_dir.iterdir()}
@@ -312,9 +393,9 @@ async def test_a_corrupt_journal_entry_is_re_executed_with_a_warning(
     assert sum("corrupt" in r.getMessage() for r in caplog.records) == 2
 
 
-async def test_iter_and_run_sync_are_durable_too() -> None:
+async def test_iter_and_run_sync_are_durable_too(form: Form) -> None:
     calls = Calls()
-    durable = PrefectAgent(two_tool_agent(calls, name="iterated"))
+    durable = two_tool_agent(calls, name="iterated", form=form)
     key = _key()
     nodes = []
     async with durable.iter("go", idempotency_key=key) as run:
@@ -327,9 +408,9 @@ async def test_iter_and_run_sync_are_durable_too() -> None:
     assert result.output == EXPECTED and calls.log == []
 
 
-async def test_tools_configured_inline_run_outside_the_journal() -> None:
+async def test_tools_configured_inline_run_outside_the_journal(form: Form) -> None:
     calls = Calls()
-    durable = PrefectAgent(two_tool_agent(calls, name="inline"), tool_task_config_by_name={"stats": None})
+    durable = two_tool_agent(calls, name="inline", form=form, tool_task_config_by_name={"stats": None})
     key = _key()
     await durable.run("go", idempotency_key=key)
     calls.log.clear()
@@ -347,9 +428,9 @@ async def test_agent_without_model_is_a_clear_error() -> None:
         await PrefectAgent(Agent(name="modelless")).run("go")
 
 
-async def test_two_different_agents_with_one_name_in_one_flow_is_a_clear_error() -> None:
-    first = PrefectAgent(two_tool_agent(Calls(), name="twin"))
-    second = PrefectAgent(two_tool_agent(Calls(), name="twin"))
+async def test_two_different_agents_with_one_name_in_one_flow_is_a_clear_error(form: Form) -> None:
+    first = two_tool_agent(Calls(), name="twin", form=form)
+    second = two_tool_agent(Calls(), name="twin", form=form)
 
     @flow
     async def twins() -> None:
@@ -366,31 +447,31 @@ class Deps:
     client: object
 
 
-async def test_deps_that_cannot_be_journaled_name_the_field_and_the_fix() -> None:
-    agent: Agent[Deps, str] = Agent(
-        FunctionModel(lambda m, i: ModelResponse(parts=[TextPart("x")])), name="deps_check"
+async def test_deps_that_cannot_be_journaled_name_the_field_and_the_fix(form: Form) -> None:
+    _, durable = form(
+        FunctionModel(lambda m, i: ModelResponse(parts=[TextPart("x")])), name="deps_check", deps_type=Deps
     )
     with pytest.raises(
         NotJournalableError, match=r"deps\.client \(object\) cannot be journaled.*Field\(exclude=True\)"
     ):
-        await PrefectAgent(agent).run("go", deps=Deps(region="eu", client=object()))
+        await durable.run("go", deps=Deps(region="eu", client=object()))
 
 
-async def test_tool_result_that_cannot_be_journaled_says_how_to_run_it_inline() -> None:
+async def test_tool_result_that_cannot_be_journaled_says_how_to_run_it_inline(form: Form) -> None:
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[ToolCallPart("handle", {})])
 
-    agent = Agent(FunctionModel(model), name="handle_tool")
+    agent, durable = form(FunctionModel(model), name="handle_tool", tool_task_config=TaskConfig(retries=2))
 
     @agent.tool_plain
     def handle() -> object:
         return object()
 
     with pytest.raises(NotJournalableError, match=r"tool_task_config_by_name=\{'handle': None\}"):
-        await PrefectAgent(agent, tool_task_config=TaskConfig(retries=2)).run("go")
+        await durable.run("go")
 
 
-async def test_model_retry_from_a_tool_is_journaled_and_replayed() -> None:
+async def test_model_retry_from_a_tool_is_journaled_and_replayed(form: Form) -> None:
     calls = Calls()
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -403,7 +484,9 @@ async def test_model_retry_from_a_tool_is_journaled_and_replayed() -> None:
             return ModelResponse(parts=[ToolCallPart("lookup", {"column": "sales"})])
         return ModelResponse(parts=[TextPart(f"found {done[-1].content}")])
 
-    agent = Agent(FunctionModel(model), name="self_correcting")
+    agent, durable = form(
+        FunctionModel(model), name="self_correcting", tool_task_config=TaskConfig(retries=3)
+    )
 
     @agent.tool_plain
     def lookup(column: str) -> str:
@@ -414,7 +497,6 @@ async def test_model_retry_from_a_tool_is_journaled_and_replayed() -> None:
             raise ModelRetry(f"unknown column {column!r}; valid: sales")
         return "sales"
 
-    durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=3))
     key = _key()
     first = await durable.run("go", idempotency_key=key)
     assert first.output == "found sales"
@@ -425,7 +507,7 @@ async def test_model_retry_from_a_tool_is_journaled_and_replayed() -> None:
     assert [m.kind for m in again.all_messages()] == [m.kind for m in first.all_messages()]
 
 
-async def test_deps_dataframe_is_journaled_by_content() -> None:
+async def test_deps_dataframe_is_journaled_by_content(form: Form) -> None:
     import pandas as pd
 
     seen: list[int] = []
@@ -434,8 +516,7 @@ async def test_deps_dataframe_is_journaled_by_content() -> None:
         seen.append(1)
         return ModelResponse(parts=[TextPart("ok")])
 
-    agent: Agent[pd.DataFrame, str] = Agent(FunctionModel(model), name="frames", deps_type=pd.DataFrame)
-    durable = PrefectAgent(agent)
+    _, durable = form(FunctionModel(model), name="frames", deps_type=pd.DataFrame)
     key = _key()
     await durable.run("go", deps=pd.DataFrame({"a": [1, 2]}), idempotency_key=key)
     await durable.run("go", deps=pd.DataFrame({"a": [1, 2]}), idempotency_key=key)
@@ -443,7 +524,7 @@ async def test_deps_dataframe_is_journaled_by_content() -> None:
     assert len(seen) == 2
 
 
-async def test_per_tool_config_overrides_the_tool_default_field_by_field() -> None:
+async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: Form) -> None:
     attempts: Counter[str] = Counter()
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -452,7 +533,15 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field() -> No
             return ModelResponse(parts=[ToolCallPart(["slow_sync", "vetoed"][done], {})])
         return ModelResponse(parts=[TextPart("ok")])
 
-    agent = Agent(FunctionModel(model), name="per_tool")
+    agent, durable = form(
+        FunctionModel(model),
+        name="per_tool",
+        tool_task_config=TaskConfig(retries=2, retry_delay_seconds=0),
+        tool_task_config_by_name={
+            "slow_sync": TaskConfig(timeout_seconds=0.5),  # keeps retries=2 from the default
+            "vetoed": TaskConfig(retry_condition_fn=lambda task, run, state: False),
+        },
+    )
 
     @agent.tool_plain
     def slow_sync() -> str:  # a sync tool: its first attempt outlasts the per-tool timeout
@@ -468,14 +557,6 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field() -> No
             raise ConnectionError("flaky")
         return "done"
 
-    durable = PrefectAgent(
-        agent,
-        tool_task_config=TaskConfig(retries=2, retry_delay_seconds=0),
-        tool_task_config_by_name={
-            "slow_sync": TaskConfig(timeout_seconds=0.5),  # keeps retries=2 from the default
-            "vetoed": TaskConfig(retry_condition_fn=lambda task, run, state: False),
-        },
-    )
     with pytest.raises(ConnectionError, match="flaky"):
         await durable.run("go")
     assert attempts == Counter(slow_sync=2, vetoed=1)  # timed out once then retried; vetoed: no retry
@@ -487,6 +568,49 @@ def test_a_module_level_agent_pickles_by_reference_for_served_flows() -> None:
     from tests.scripts import five_step
 
     assert cloudpickle.loads(cloudpickle.dumps(five_step.durable)) is five_step.durable
-    local = PrefectAgent(two_tool_agent(Calls(), name="local_only"))
+    local = two_tool_agent(Calls(), name="local_only", form=Form("PrefectAgent"))
     with pytest.raises(TypeError, match="define it at module level"):
         cloudpickle.dumps(local)
+
+
+def test_an_unnamed_agent_with_the_capability_fails_at_construction() -> None:
+    with pytest.raises(DurabilityConfigError) as failure:
+        Agent("test", capabilities=[PrefectDurability()])
+    assert str(failure.value) == (
+        "A durable agent needs a name: create it with Agent(..., name='my_agent'). The name identifies its steps "
+        "in the journal and names its Prefect flow, so it must not change between runs."
+    )
+
+
+def test_prefect_agent_refuses_an_agent_that_already_has_the_capability() -> None:
+    agent = Agent("test", name="doubled", capabilities=[PrefectDurability()])
+    with pytest.raises(DurabilityConfigError) as failure:
+        PrefectAgent(agent)
+    assert str(failure.value) == (
+        "Agent 'doubled' already has PrefectDurability: use it directly, or drop the capability and wrap it in "
+        "PrefectAgent, not both."
+    )
+
+
+async def test_ledger_of_a_result_counts_what_executed_and_what_replayed(form: Form) -> None:
+    calls = Calls()
+    durable = two_tool_agent(
+        calls, name="ledgered", fail_second_tool=[1], form=form, tool_task_config=TaskConfig(retries=0)
+    )
+    key = _key()
+    with pytest.raises(ConnectionError):
+        await durable.run("go", idempotency_key=key)
+    resumed = ledger_of(await durable.run("go", idempotency_key=key))
+    assert calls.log == ["model", "stats", "model", "anomalies", "anomalies", "model"]
+    assert resumed is not None
+    assert (resumed.spent.model_calls, resumed.spent.tool_calls) == (
+        1,
+        1,
+    )  # anomalies, then the last model call
+    assert (resumed.saved.model_calls, resumed.saved.tool_calls) == (2, 1)  # replayed from the journal
+    assert resumed.saved.input_tokens > 0
+
+    recall = ledger_of(await durable.run("go", idempotency_key=key))  # the run completed: nothing executes
+    assert recall is not None and len(calls.log) == 6
+    assert (recall.spent.model_calls, recall.spent.tool_calls) == (0, 0)
+    assert (recall.saved.model_calls, recall.saved.tool_calls) == (0, 0)  # a re-call recovers nothing

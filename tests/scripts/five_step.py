@@ -4,9 +4,11 @@ Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
 makes call N sleep for a minute. Each model response reports usage (1000·step input and 100 output tokens) under
-the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. `durable` is
-module-level so `prefect-pydantic-ai resume` can re-create it.
-Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key).
+the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. The same agent
+comes in both durable forms, module-level so `prefect-pydantic-ai resume` can re-create either: `durable` wraps
+`agent` in `PrefectAgent`; `capable` is built with `capabilities=[PrefectDurability(...)]`.
+Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key); $FIVE_STEP_FORM=capability
+runs `capable` under `with idempotency_key(KEY)` instead of `durable.run_sync(..., idempotency_key=KEY)`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic_ai import Agent, RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from prefect_pydantic_ai import PrefectAgent, TaskConfig
+from prefect_pydantic_ai import PrefectAgent, PrefectDurability, TaskConfig, idempotency_key
 
 
 def _call(name: str) -> None:
@@ -54,27 +56,36 @@ def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     )
 
 
-agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list[float])
-
-
-@agent.tool
 async def calculate_statistics(ctx: RunContext[list[float]], column: str) -> dict[str, float]:
     _call("tool:calculate_statistics")
     await asyncio.sleep(0.05)
     return {"mean": sum(ctx.deps) / len(ctx.deps)}
 
 
-@agent.tool
 def detect_anomalies(ctx: RunContext[list[float]], column: str) -> list[float]:
     _call("tool:detect_anomalies")
     return [x for x in ctx.deps if x > 500]
 
 
+TOOLS = [calculate_statistics, detect_anomalies]
+agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list[float], tools=TOOLS)
 durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=0))
+capable = Agent(
+    FunctionModel(analyst),
+    name="five_step_capability",
+    deps_type=list[float],
+    tools=TOOLS,
+    capabilities=[PrefectDurability(tool_task_config=TaskConfig(retries=0))],
+)
 DEPS = [100.0, 110.0, 1000.0, 95.0]
 
 if __name__ == "__main__":
-    result = durable.run_sync("Analyze the sales data", deps=DEPS, idempotency_key=sys.argv[1] or None)
+    key = sys.argv[1] or None
+    if os.environ.get("FIVE_STEP_FORM") == "capability":
+        with idempotency_key(key):
+            result = capable.run_sync("Analyze the sales data", deps=DEPS)
+    else:
+        result = durable.run_sync("Analyze the sales data", deps=DEPS, idempotency_key=key)
     usage = result.usage
     print(
         "OUTPUT "
