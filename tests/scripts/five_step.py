@@ -3,8 +3,7 @@
 Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
-makes call N sleep for a minute. Each model response reports usage (1000·step input and 100 output tokens) under
-the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. The same agent
+makes call N sleep for a minute. Usage is FunctionModel's own estimate. The same agent
 comes in both durable forms, module-level so `prefect-pydantic-ai resume` can re-create either: `durable` wraps
 `agent` in `PrefectAgent`; `capable` is built with `capabilities=[PrefectDurability(...)]`.
 Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key); $FIVE_STEP_FORM=capability
