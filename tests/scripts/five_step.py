@@ -3,7 +3,8 @@
 Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
-makes call N sleep for a minute. Each model response reports usage (1000·step input and 100 output tokens) under
+makes call N sleep for a minute; $FIVE_STEP_FAIL=NAME (`model`, `tool:detect_anomalies`) makes every call of that
+name fail with `ConnectionError` while it is set. Each model response reports usage (1000·step input and 100 output tokens) under
 the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. `durable` is
 module-level so `prefect-pydantic-ai resume` can re-create it.
 Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key).
@@ -40,6 +41,8 @@ def _call(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if number == int(os.environ.get("FIVE_STEP_HANG_IN_TOOL", "0")):
         time.sleep(60)
+    if os.environ.get("FIVE_STEP_FAIL") == name:
+        raise ConnectionError(f"{name} is down")
 
 
 def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
