@@ -4,7 +4,8 @@ Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
 makes call N sleep for a minute; $FIVE_STEP_FAIL=NAME (`model`, `tool:detect_anomalies`) makes every call of that
-name fail with `ConnectionError` while it is set. Each model response reports usage (1000·step input and 100 output tokens) under
+name fail with `ConnectionError` while it is set. $FIVE_STEP_AGENT names the agent (default "five_step"), so a
+test that lists runs by agent sees only its own. Each model response reports usage (1000·step input and 100 output tokens) under
 the model name $FIVE_STEP_MODEL_NAME (default "five-step-scripted"), so costs can be priced. `durable` is
 module-level so `prefect-pydantic-ai resume` can re-create it.
 Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key).
@@ -57,7 +58,9 @@ def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     )
 
 
-agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list[float])
+agent = Agent(
+    FunctionModel(analyst), name=os.environ.get("FIVE_STEP_AGENT", "five_step"), deps_type=list[float]
+)
 
 
 @agent.tool
