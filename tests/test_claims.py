@@ -91,14 +91,11 @@ async def test_exhausted_tool_retries_are_not_multiplied_by_the_steps_prefect_re
 # -- the digest: what the model is offered keys its steps -------------------------------------------------------
 
 
-async def test_a_changed_tool_schema_or_description_runs_every_step_live_again_and_an_unchanged_agent_replays() -> (
-    None
-):
+async def test_a_changed_tool_description_runs_the_steps_live_and_an_unchanged_agent_replays() -> None:
     key = _key()
     first = Counter[str]()
-    assert (
-        await PrefectAgent(lookup_agent(first, "claims_schema")).run("go", idempotency_key=key)
-    ).output == ("found Paris: sunny")
+    result = await PrefectAgent(lookup_agent(first, "claims_schema")).run("go", idempotency_key=key)
+    assert result.output == "found Paris: sunny"
     assert first == Counter(model=2, lookup=1)
 
     unchanged = Counter[str]()  # a new agent object, as a new process builds it: the same steps
@@ -293,9 +290,7 @@ def deferring_agent(calls: Counter[str], name: str) -> Agent[None, str | Deferre
     return agent
 
 
-async def test_deferred_and_approval_outcomes_replay_as_the_same_deferred_requests_without_the_tools() -> (
-    None
-):
+async def test_deferred_and_approval_outcomes_replay_as_the_same_requests_without_the_tools() -> None:
     calls = Counter[str]()
     durable = PrefectAgent(deferring_agent(calls, "claims_deferred"))
     key = _key()
