@@ -98,16 +98,19 @@ def test_killed_script_shows_crashed_and_resume_completes_it_in_place(
     tmp_path: Path, uninterrupted_output: str
 ) -> None:
     log = tmp_path / "calls.log"
-    env = {"FIVE_STEP_LOG": str(log)}
+    agent = f"five_step_{uuid.uuid4().hex[:6]}"  # this test's runs only
+    env = {"FIVE_STEP_LOG": str(log), "FIVE_STEP_AGENT": agent}
     killed = script(
         FIVE, "", {**env, "FIVE_STEP_KILL_BEFORE": "4"}
     )  # no idempotency key: keyed by the flow run
     assert killed.returncode == -signal.SIGKILL
     assert calls(log) == SHAPE[:3]
 
-    crashed = newest_run("five_step")
+    crashed = newest_run(agent)
     assert crashed["state"] == "crashed"  # not "running": the recorded process is gone
-    assert crashed["steps_completed"] == 3
+    # The kill can beat the completion event of step 3 to the server, so `runs` counts 2 or 3 steps; the journal
+    # holds all 3, as the resume below proves by replaying them.
+    assert crashed["steps_completed"] in (2, 3)
 
     resumed = cli("resume", crashed["run_id"], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -137,14 +140,16 @@ def test_user_flow_with_two_agents_killed_in_the_second_resumes_without_the_firs
     tmp_path: Path, flow_kind: str
 ) -> None:
     log = tmp_path / "calls.log"
-    env = {"TWO_AGENTS_LOG": str(log), **({"TWO_AGENTS_SYNC": "1"} if flow_kind == "sync" else {})}
+    suffix = f"_{uuid.uuid4().hex[:6]}"  # this test's runs only
+    env = {"TWO_AGENTS_LOG": str(log), "TWO_AGENTS_SUFFIX": suffix}
+    env.update({"TWO_AGENTS_SYNC": "1"} if flow_kind == "sync" else {})
     killed = script(TWO_AGENTS, "durability", {**env, "TWO_AGENTS_KILL_AT": "summary:draft"})
     assert killed.returncode == -signal.SIGKILL
     before = calls(log)
     assert before == ["research:model", "research:search", "research:model", "summary:model", "summary:draft"]
 
-    run = newest_run("summarizer")
-    assert run["state"] == "crashed" and set(run["agents"]) == {"researcher", "summarizer"}
+    run = newest_run(f"summarizer{suffix}")
+    assert run["state"] == "crashed" and set(run["agents"]) == {f"researcher{suffix}", f"summarizer{suffix}"}
     resumed = cli("resume", run["run_id"], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = calls(log)[len(before) :]
@@ -153,7 +158,7 @@ def test_user_flow_with_two_agents_killed_in_the_second_resumes_without_the_firs
     detail = show(run["run_id"])
     assert detail["state"] == "completed"
     assert [s["status"] for s in detail["steps"]] == ["replayed"] * 4 + ["executed"] * 2
-    assert "never pay twice" in detail["output"]["summarizer"]["technical"]
+    assert "never pay twice" in detail["output"][f"summarizer{suffix}"]["technical"]
     # Prefect holds no Running task run for a run that is over: the step killed in attempt 1 is Crashed.
     states = task_run_states(run["run_id"])
     assert "RUNNING" not in states.values() and "PENDING" not in states.values()
@@ -162,19 +167,20 @@ def test_user_flow_with_two_agents_killed_in_the_second_resumes_without_the_firs
 
 def test_resume_all_crashed_resumes_each_crashed_run(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
-    env = {"FIVE_STEP_LOG": str(log)}
+    agent = f"five_step_{uuid.uuid4().hex[:6]}"  # --all-crashed --agent sweeps this test's runs only
+    env = {"FIVE_STEP_LOG": str(log), "FIVE_STEP_AGENT": agent}
     keys = [f"all-crashed-{n}-{uuid.uuid4().hex[:6]}" for n in range(2)]
     for key in keys:
         assert script(FIVE, key, {**env, "FIVE_STEP_KILL_BEFORE": str(len(calls(log)) + 3)}).returncode == -9
     assert calls(log) == SHAPE[:2] * 2
 
-    resumed = cli("resume", "--all-crashed", "--agent", "five_step", env=env)
+    resumed = cli("resume", "--all-crashed", "--agent", agent, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for key in keys:
         assert show(key)["state"] == "completed"
     assert calls(log)[4:].count("model") == 4 and calls(log)[4:].count("tool:detect_anomalies") == 2
     assert "tool:calculate_statistics" not in calls(log)[4:]
-    assert cli("runs", "--state", "crashed", "--agent", "five_step", "--json").stdout.count(keys[0]) == 0
+    assert json.loads(cli("runs", "--state", "crashed", "--agent", agent, "--json").stdout) == []
 
 
 def test_unknown_run_unknown_key_and_ambiguous_prefix_are_one_line_errors() -> None:

@@ -21,22 +21,27 @@ from .test_cli import FIVE, calls, cli, script, show, task_run_states
 pytestmark = pytest.mark.slow
 
 
-def costs() -> dict[str, Any]:
-    shown = cli("costs", "--agent", "five_step", "--json")
+def own_agent() -> dict[str, str]:
+    """This test's own agent name, so listings and totals hold its runs only."""
+    return {"FIVE_STEP_AGENT": f"five_step_{uuid.uuid4().hex[:6]}"}
+
+
+def costs(env: dict[str, str]) -> dict[str, Any]:
+    shown = cli("costs", "--agent", env["FIVE_STEP_AGENT"], "--json")
     assert shown.returncode == 0, shown.stderr
     return dict(json.loads(shown.stdout)["total"])
 
 
 def test_costs_count_the_model_calls_of_killed_attempts(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
-    env = {"FIVE_STEP_LOG": str(log)}
-    before = costs()
+    env = {"FIVE_STEP_LOG": str(log), **own_agent()}
+    before = costs(env)
     for n in range(3):
         key = f"costs-{n}-{uuid.uuid4().hex[:6]}"
         kill_at = str(len(calls(log)) + 4)  # inside detect_anomalies: two model calls already served
         assert script(FIVE, key, {**env, "FIVE_STEP_KILL_BEFORE": kill_at}).returncode == -signal.SIGKILL
         assert script(FIVE, key, env).returncode == 0
-    after = costs()
+    after = costs(env)
     served = calls(log).count("model")
     assert served == 9  # 2 in each killed attempt, 1 in each resumed one
     assert after["model_calls"]["executed"] - before["model_calls"]["executed"] == served
@@ -49,12 +54,12 @@ def test_a_recall_of_a_completed_key_executes_nothing_counts_no_savings_and_show
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "calls.log"
-    env = {"FIVE_STEP_LOG": str(log)}
+    env = {"FIVE_STEP_LOG": str(log), **own_agent()}
     key = f"recall-{uuid.uuid4().hex[:8]}"
     first = script(FIVE, key, env)
     assert first.returncode == 0, first.stderr[-2000:]
     worker = show(key)
-    before = costs()
+    before = costs(env)
 
     again = script(FIVE, key, env)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -62,9 +67,9 @@ def test_a_recall_of_a_completed_key_executes_nothing_counts_no_savings_and_show
     assert calls(log).count("model") == 3  # nothing executed by the re-call
 
     assert show(key)["run_id"] == worker["run_id"]  # not the no-op run
-    after = costs()
+    after = costs(env)
     assert after["model_calls"] == before["model_calls"]  # neither spent nor "saved" by a re-call
-    listed = json.loads(cli("runs", "--agent", "five_step", "--limit", "200", "--json").stdout)
+    listed = json.loads(cli("runs", "--agent", env["FIVE_STEP_AGENT"], "--json").stdout)
     recalls = [r for r in listed if r["idempotency_key"] == key]
     assert len(recalls) == 2 and sum(r["recall"] for r in recalls) == 1
 
@@ -72,8 +77,9 @@ def test_a_recall_of_a_completed_key_executes_nothing_counts_no_savings_and_show
 def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spent(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     key = f"killed-{uuid.uuid4().hex[:8]}"
+    env = {"FIVE_STEP_LOG": str(log), **own_agent()}
     started = time.monotonic()
-    killed = script(FIVE, key, {"FIVE_STEP_LOG": str(log), "FIVE_STEP_KILL_IN_TOOL": "4"})
+    killed = script(FIVE, key, {**env, "FIVE_STEP_KILL_IN_TOOL": "4"})
     lived = time.monotonic() - started
     assert killed.returncode == -signal.SIGKILL
 
@@ -85,11 +91,11 @@ def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spen
     states = task_run_states(detail["run_id"])
     assert sorted(states.values()) == ["COMPLETED"] * 3 + ["CRASHED"]  # settled: nothing left Running
 
-    listed = json.loads(cli("runs", "--agent", "five_step", "--limit", "50", "--json").stdout)
+    listed = json.loads(cli("runs", "--agent", env["FIVE_STEP_AGENT"], "--json").stdout)
     run = next(r for r in listed if r["idempotency_key"] == key)
     assert run["duration_s"] is not None and run["duration_s"] <= lived  # not until someone noticed
 
-    resumed = script(FIVE, key, {"FIVE_STEP_LOG": str(log)})
+    resumed = script(FIVE, key, env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     detail = show(key)
     earlier = detail["earlier_attempts"][0]

@@ -111,12 +111,12 @@ FAULTS = [
         "429", lambda s: s.fault_status(429, retry_after=RETRY_AFTER), ModelHTTPError, "status_code: 429"
     ),
     HttpFault("500", lambda s: s.fault_status(500), ModelHTTPError, "status_code: 500"),
-    HttpFault(
+    HttpFault(  # the timeout applies to every model step: generous, so only the hung request reaches it
         "timeout",
-        lambda s: s.fault_delay(3.0, then=TextReply("too late")),
+        lambda s: s.fault_delay(60.0, then=TextReply("too late")),
         TimeoutError,
-        "timed out after 0.5",
-        timeout_seconds=0.5,
+        "timed out after 5s",
+        timeout_seconds=5.0,
     ),
     HttpFault("reset", lambda s: s.fault_reset(), ModelConnectionError, "Connection error"),
     HttpFault("malformed-json", lambda s: s.fault_malformed_json(), ModelAPIError, "decode"),
@@ -355,17 +355,13 @@ async def test_fifty_concurrent_runs_each_get_their_own_output() -> None:
         async with gate:
             return await durable.run(prompt, idempotency_key=key)
 
-    started = time.monotonic()
     results = await asyncio.gather(*(run(p, k) for p, k in zip(prompts, keys, strict=True)))
-    elapsed = time.monotonic() - started
 
     assert [r.output for r in results] == [f"{p} -> {_fingerprint(p)}" for p in prompts]
     # Every run executed its own tool call: none was replayed from another run's journal entry.
     assert sorted(tool_calls) == sorted(prompts)
     assert sorted(model_calls) == sorted(prompts * 2)
     assert overlapped == [True], "the runs did not overlap: a second run never reached its tool call"
-    # ~70 s on 2 cores at load average 5: this bound only catches runs that serialize or hang.
-    assert elapsed < 180, f"{CONCURRENT_RUNS} runs took {elapsed:.1f}s"
 
 
 # -- the fault-injection capability users get -------------------------------------------------------------------
@@ -504,18 +500,25 @@ def test_a_lock_held_by_a_killed_process_does_not_block_the_resume(tmp_path: Pat
     _wait_for(calls, "tool:save", holder)
 
     resumer = _start(key, calls, plan)
-    _wait_for(calls, "boundary", resumer, args=2)  # replayed model 1 and fetch; model 2, then `save`
-    time.sleep(3)  # ... where it waits: the step is still running in a live process
+    _wait_for(calls, "reach:save", resumer)  # replayed model 1, fetch and model 2: at the `save` step now
+    time.sleep(3)  # ... where it waits, the step being locked by a live process (it would run `save` here)
     assert _executions(calls)["tool:save"] == 1
     holder.send_signal(signal.SIGKILL)
     assert holder.wait(timeout=10) == -signal.SIGKILL
-    killed = time.monotonic()
     CallLog(calls).record("holder killed")
 
     output = _finish(resumer, timeout=90)
 
-    assert time.monotonic() - killed < 60
     assert output == f'"{FULL_OUTPUT}"'
     assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
-    order = [(e.name, e.pid) for e in CallLog(calls).entries() if e.name in ("tool:save", "holder killed")]
-    assert order == [("tool:save", holder.pid), ("holder killed", os.getpid()), ("tool:save", resumer.pid)]
+    order = [
+        (e.name, e.pid)
+        for e in CallLog(calls).entries()
+        if e.name in ("tool:save", "holder killed") or (e.name == "reach:save" and e.pid == resumer.pid)
+    ]
+    assert order == [  # the resumer reached `save` while the holder lived, and ran it only once it was killed
+        ("tool:save", holder.pid),
+        ("reach:save", resumer.pid),
+        ("holder killed", os.getpid()),
+        ("tool:save", resumer.pid),
+    ]

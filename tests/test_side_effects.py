@@ -80,10 +80,11 @@ async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency
     async def charge(cents: int) -> str:
         calls.append(step_idempotency_key())
         if len(calls) == 1:
-            await asyncio.sleep(30)  # the first attempt hangs past its timeout and is abandoned
+            await asyncio.sleep(60)  # the first attempt hangs past its timeout and is abandoned
         return f"charged {cents}"
 
-    config = TaskConfig(retries=1, retry_delay_seconds=0, timeout_seconds=0.5, on_unverified="rerun")
+    # Every call of `charge` has this timeout: generous, so that only the hung attempt reaches it.
+    config = TaskConfig(retries=1, retry_delay_seconds=0, timeout_seconds=5.0, on_unverified="rerun")
     durable = PrefectAgent(agent, tool_task_config_by_name={"charge": config})
     result = await durable.run("Charge twice", idempotency_key=f"charge-{uuid.uuid4().hex[:8]}")
 

@@ -141,8 +141,8 @@ class ToolSteps:
             raise live[0]
         if live_result:
             return live_result[0]
-        if step.replayed and step.data["outcome"] != "unverified":
-            ctx.usage.tool_calls += 1  # the tool call the replayed step stands for
+        if step.replayed and step.data["outcome"] in ("return", "tool_return"):
+            ctx.usage.tool_calls += 1  # pydantic-ai counts a call that returned (a skip it counts itself)
         return _replay(step.data)
 
 

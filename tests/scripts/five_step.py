@@ -3,9 +3,11 @@
 Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
 $FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
-makes call N sleep for a minute. Usage is FunctionModel's own estimate. The same agent
-comes in both durable forms, module-level so `prefect-pydantic-ai resume` can re-create either: `durable` wraps
-`agent` in `PrefectAgent`; `capable` is built with `capabilities=[PrefectDurability(...)]`.
+makes call N sleep for a minute; $FIVE_STEP_FAIL=NAME (`model`, `tool:detect_anomalies`) makes every call of that
+name fail with `ConnectionError` while it is set. $FIVE_STEP_AGENT names the agent (default "five_step"), so a
+test that lists runs by agent sees only its own. Usage is FunctionModel's own estimate. The same agent comes in
+both durable forms, module-level so `prefect-pydantic-ai resume` can re-create either: `durable` wraps `agent` in
+`PrefectAgent`; `capable` is built with `capabilities=[PrefectDurability(...)]`.
 Run as a script: `five_step.py KEY` (an empty KEY runs without an idempotency key); $FIVE_STEP_FORM=capability
 runs `capable` under `with idempotency_key(KEY)` instead of `durable.run_sync(..., idempotency_key=KEY)`.
 """
@@ -41,6 +43,8 @@ def _call(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if number == int(os.environ.get("FIVE_STEP_HANG_IN_TOOL", "0")):
         time.sleep(60)
+    if os.environ.get("FIVE_STEP_FAIL") == name:
+        raise ConnectionError(f"{name} is down")
 
 
 def analyst(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -67,7 +71,12 @@ def detect_anomalies(ctx: RunContext[list[float]], column: str) -> list[float]:
 
 
 TOOLS = [calculate_statistics, detect_anomalies]
-agent = Agent(FunctionModel(analyst), name="five_step", deps_type=list[float], tools=TOOLS)
+agent = Agent(
+    FunctionModel(analyst),
+    name=os.environ.get("FIVE_STEP_AGENT", "five_step"),
+    deps_type=list[float],
+    tools=TOOLS,
+)
 durable = PrefectAgent(agent, tool_task_config=TaskConfig(retries=0))
 capable = Agent(
     FunctionModel(analyst),

@@ -4,7 +4,8 @@ Shape: model → fetch → model → save → model. Every model and tool call i
 when it starts (with this process's pid), so tests count executions across processes; each step then takes
 `--step-seconds`. Faults come from the `FaultPlan` in the environment: `boundary` is hit (and logged) before
 each model request, outside every step (a SIGKILL there lands between two steps); `tool:fetch` and
-`tool:save` are hit inside those tools. With `--barrier DIR`, the process waits before its `--barrier-at`th model request (also
+`tool:save` are hit inside those tools; `reach:save` is logged when `save`'s arguments are validated, just
+before its step. With `--barrier DIR`, the process waits before its `--barrier-at`th model request (also
 outside every step) until `--parties` processes have arrived in DIR, so concurrent resumers reach the same
 unfinished step at the same moment.
 """
@@ -17,7 +18,9 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator
 from pydantic_ai import Agent
 from pydantic_ai.messages import (
     ModelMessage,
@@ -46,12 +49,15 @@ calls = CallLog(opts.calls)
 boundaries = 0
 
 
-def barrier(directory: Path, parties: int, timeout: float = 60.0) -> None:
-    """Wait until `parties` processes have arrived in `directory` (give up after `timeout` seconds)."""
+def barrier(directory: Path, parties: int, timeout: float = 120.0) -> None:
+    """Wait until `parties` processes have arrived in `directory`; fail the run if they have not within `timeout`
+    seconds (the processes would not reach the step together, and the test would prove nothing)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / str(os.getpid())).touch()
     deadline = time.monotonic() + timeout
-    while len(list(directory.iterdir())) < parties and time.monotonic() < deadline:
+    while (arrived := len(list(directory.iterdir()))) < parties:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier: {arrived} of {parties} processes arrived within {timeout:g}s")
         time.sleep(0.002)
 
 
@@ -90,8 +96,14 @@ async def fetch(item: str) -> str:
     return f"{item}-fetched"
 
 
+def reach_save(value: str) -> str:
+    """Validates `save`'s argument, outside (just before) its step: the process has reached that step."""
+    calls.record("reach:save")
+    return value
+
+
 @agent.tool_plain
-async def save(value: str) -> str:
+async def save(value: Annotated[str, AfterValidator(reach_save)]) -> str:
     calls.record("tool:save", value)
     await plan.hit("tool:save")
     await asyncio.sleep(opts.step_seconds)

@@ -1,8 +1,9 @@
 """The seed's research → summaries pattern as a user @flow with two agents, for kill-and-resume tests.
 
 Calls are logged to $TWO_AGENTS_LOG; $TWO_AGENTS_KILL_AT=<call name> SIGKILLs the process when that call starts
-for the first time (the summary agent's `draft` tool, say); $TWO_AGENTS_SYNC=1 runs the synchronous flow.
-Run as a script: `two_agents_flow.py TOPIC`.
+for the first time (the summary agent's `draft` tool, say); $TWO_AGENTS_SUFFIX is appended to both agents' names
+(`researcher`, `summarizer`), so a test that lists runs by agent sees only its own; $TWO_AGENTS_SYNC=1 runs the
+synchronous flow. Run as a script: `two_agents_flow.py TOPIC`.
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ def summary_model(messages: list[ModelMessage], info: AgentInfo) -> ModelRespons
     return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, out)])
 
 
-research = Agent(FunctionModel(research_model), name="researcher", output_type=ResearchFindings)
+SUFFIX = os.environ.get("TWO_AGENTS_SUFFIX", "")
+research = Agent(FunctionModel(research_model), name=f"researcher{SUFFIX}", output_type=ResearchFindings)
 summarizer = Agent(
-    FunctionModel(summary_model), name="summarizer", output_type=AudienceSummaries, deps_type=ResearchFindings
+    FunctionModel(summary_model),
+    name=f"summarizer{SUFFIX}",
+    output_type=AudienceSummaries,
+    deps_type=ResearchFindings,
 )
 
 
