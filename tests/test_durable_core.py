@@ -247,7 +247,7 @@ async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call(form: F
     async def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         model_attempts.append(1)
         if len(model_attempts) == 1:
-            await asyncio.sleep(10)  # first model attempt hangs past its timeout
+            await asyncio.sleep(60)  # first model attempt hangs past its timeout
         if not _returns(messages):
             return ModelResponse(parts=[ToolCallPart("slow", {})])
         return ModelResponse(parts=[TextPart("ok")])
@@ -255,21 +255,19 @@ async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call(form: F
     agent, durable = form(
         FunctionModel(model),
         name="timeouts",
-        model_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
-        tool_task_config=TaskConfig(retries=1, timeout_seconds=0.5),
+        model_task_config=TaskConfig(retries=1, timeout_seconds=5.0),
+        tool_task_config=TaskConfig(retries=1, timeout_seconds=5.0),
     )
 
     @agent.tool_plain
     async def slow() -> str:
         tool_attempts.append(1)
         if len(tool_attempts) == 1:
-            await asyncio.sleep(10)
+            await asyncio.sleep(60)
         return "done"
 
-    started = time.monotonic()
     assert (await durable.run("go")).output == "ok"
-    assert len(tool_attempts) == 2 and len(model_attempts) == 3
-    assert time.monotonic() - started < 9  # neither hang was waited out
+    assert len(tool_attempts) == 2 and len(model_attempts) == 3  # each hang abandoned at its timeout, retried
 
 
 async def test_timeout_beyond_retries_fails_the_run_naming_the_step(form: Form) -> None:
@@ -538,7 +536,7 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: F
         name="per_tool",
         tool_task_config=TaskConfig(retries=2, retry_delay_seconds=0),
         tool_task_config_by_name={
-            "slow_sync": TaskConfig(timeout_seconds=0.5),  # keeps retries=2 from the default
+            "slow_sync": TaskConfig(timeout_seconds=5.0),  # keeps retries=2 from the default
             "vetoed": TaskConfig(retry_condition_fn=lambda task, run, state: False),
         },
     )
@@ -547,7 +545,7 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: F
     def slow_sync() -> str:  # a sync tool: its first attempt outlasts the per-tool timeout
         attempts["slow_sync"] += 1
         if attempts["slow_sync"] == 1:
-            time.sleep(2)
+            time.sleep(8)
         return "done"
 
     @agent.tool_plain
