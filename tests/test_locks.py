@@ -3,7 +3,8 @@
 The unit test races real processes on real lock files: every contender waits at one barrier, then all of them try
 to take a lock whose holder is dead. Each holder creates an "inside" marker with O_EXCL while it holds the lock,
 so two holders at once fail the test deterministically (the second marker cannot be created). The end-to-end test
-resumes a killed run from two processes at once and counts the executions of the step that was in flight.
+resumes a run killed in a tool from two processes that wait at a gate in front of the dead lock, and counts the
+executions of that tool. Against the old check-then-unlink reclaim both tests failed on every run.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+# Light imports only (no Prefect, no pydantic-ai): every contender process imports this module again.
 from prefect_pydantic_ai.locks import ReclaimingLockManager, process_alive
-from prefect_pydantic_ai.steps import step_lock_manager
-from prefect_pydantic_ai.testing import CallLog, FaultPlan
+
+if TYPE_CHECKING:
+    from prefect_pydantic_ai.testing import FaultPlan
 
 CONTENDERS = 6
 # Each round is one dead lock raced by every contender: the old check-then-unlink let two in on most runs.
 ROUNDS = 8
 HOLD_SECONDS = 0.05
+SLOW_LOG_SECONDS = 0.05
 
 # A fresh interpreter per process: no Prefect threads inherited through fork.
 _spawn = multiprocessing.get_context("spawn")
@@ -46,7 +51,11 @@ def _take_and_die(directory: str, keys: list[str]) -> None:
 
 
 class _ReclaimsTo(logging.Handler):
-    """Appends one `reclaim <key>` line to the shared log per reclaim warning of the lock manager."""
+    """Appends one `reclaim <key>` line to the shared log per reclaim warning of the lock manager, slowly.
+
+    A slow handler (Prefect's console handler on a loaded machine is one) keeps a reclaimer between judging the
+    lock dead and removing it for a while: with the old check-then-unlink, a second reclaimer always got in.
+    """
 
     def __init__(self, log: Path) -> None:
         super().__init__(logging.WARNING)
@@ -55,6 +64,7 @@ class _ReclaimsTo(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("Reclaiming the lock"):
             _append(self.log, f"reclaim {record.args[0] if record.args else '?'}")
+            time.sleep(SLOW_LOG_SECONDS)
 
 
 def _append(log: Path, line: str) -> None:
@@ -166,20 +176,29 @@ def scripts() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def _start(
-    scripts: list[subprocess.Popen[str]], key: str, calls: Path, plan: FaultPlan, *extra: str
+    scripts: list[subprocess.Popen[str]],
+    key: str,
+    calls: Path,
+    plan: FaultPlan,
+    gated: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
+    """Run matrix_resume.py (behind the lock gate when `gated` gives its environment)."""
+    command = [sys.executable, *(("-c", GATED) if gated else ()), str(SCRIPT)]
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--key", key, "--calls", str(calls), *extra],
+        [*command, "--key", key, "--calls", str(calls)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, **plan.to_env()},
+        env={**os.environ, **plan.to_env(), **(gated or {})},
     )
     scripts.append(proc)
     return proc
 
 
 def _locks_of(pid: int) -> list[Path]:
+    """The step locks recorded for process `pid` in this session's lock directory."""
+    from prefect_pydantic_ai.steps import step_lock_manager
+
     found = []
     for path in step_lock_manager().directory.glob("*.lock"):
         try:
@@ -190,10 +209,56 @@ def _locks_of(pid: int) -> list[Path]:
     return found
 
 
+GATED = """
+import os, runpy, sys
+from prefect_pydantic_ai.locks import ReclaimingLockManager
+
+gate, gated_key, waited = os.environ["LOCK_GATE"], os.environ["LOCK_GATE_KEY"], []
+
+
+def wait_at_gate(key):
+    # Before taking the dead lock, block on the gate FIFO until the test closes its end: all resumers wake at once.
+    if key == gated_key and not waited:
+        waited.append(key)
+        fd = os.open(os.path.join(gate, "fifo"), os.O_RDONLY)
+        open(os.path.join(gate, str(os.getpid())), "w").close()
+        os.read(fd, 1)
+        os.close(fd)
+
+
+def gated(acquire):
+    def acquire_after_the_gate(self, key, *args, **kwargs):
+        wait_at_gate(key)
+        return acquire(self, key, *args, **kwargs)
+    return acquire_after_the_gate
+
+
+ReclaimingLockManager.acquire_lock = gated(ReclaimingLockManager.acquire_lock)
+ReclaimingLockManager.aacquire_lock = gated(ReclaimingLockManager.aacquire_lock)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+"""Runs matrix_resume.py with a gate in front of one lock: resumers that reach it wait until the test opens it."""
+
+
+def _open_gate_when(gate: Path, arrived: int, procs: list[subprocess.Popen[str]], hold: int) -> None:
+    deadline = time.monotonic() + 120
+    while len([p for p in gate.iterdir() if p.name != "fifo"]) < arrived:
+        for proc in procs:
+            assert proc.poll() is None, (
+                f"pid {proc.pid} exited with {proc.returncode}: {proc.communicate()[1][-3000:]}"
+            )
+        assert time.monotonic() < deadline, "the resumers never reached the dead lock"
+        time.sleep(0.01)
+    os.close(hold)  # end of file for every waiting reader at once
+
+
 @pytest.mark.slow
 def test_two_resumers_of_a_run_killed_in_a_tool_run_that_tool_once_more_in_total(
     tmp_path: Path, scripts: list[subprocess.Popen[str]]
 ) -> None:
+    from prefect_pydantic_ai.testing import CallLog, FaultPlan
+
     key, calls = f"locks-{uuid.uuid4().hex[:10]}", tmp_path / "calls.jsonl"
     plan = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1)
     killed = _start(scripts, key, calls, plan)
@@ -201,11 +266,22 @@ def test_two_resumers_of_a_run_killed_in_a_tool_run_that_tool_once_more_in_total
     assert killed.returncode == -signal.SIGKILL, stderr[-3000:]
     tools = [e.name for e in CallLog(calls).entries() if e.name.startswith("tool:")]
     assert tools == ["tool:fetch", "tool:save"]
-    assert len(_locks_of(killed.pid)) == 1  # the lock of `save`, held by a process that is gone
+    [dead_lock] = _locks_of(killed.pid)  # the lock of `save`, held by a process that is gone
 
-    # Both replay model 1, fetch and model 2 after meeting at a barrier, so they reach the dead lock together.
-    extra = ("--barrier", str(tmp_path / "barrier"), "--barrier-at", "2")
-    resumers = [_start(scripts, key, calls, FaultPlan(), *extra) for _ in range(2)]
+    # Both resumers replay model 1, fetch and model 2, then wait in front of the dead lock until both are there.
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    os.mkfifo(gate / "fifo")
+    hold = os.open(
+        gate / "fifo", os.O_RDWR
+    )  # a writer, so the resumers' opens do not block; closed to open the gate
+    env = {"LOCK_GATE": str(gate), "LOCK_GATE_KEY": dead_lock.stem}
+    resumers = [_start(scripts, key, calls, FaultPlan(), gated=env) for _ in range(2)]
+    try:
+        _open_gate_when(gate, 2, resumers, hold)
+    except BaseException:
+        os.close(hold)
+        raise
     for proc in resumers:
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr[-3000:]
