@@ -42,6 +42,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
+from prefect_pydantic_ai.steps import _retry_after
 from prefect_pydantic_ai.testing import (
     CallLog,
     FaultInjection,
@@ -143,7 +144,6 @@ async def test_a_transient_fault_is_retried_once_and_the_resume_sends_nothing(
     server.reply_text(FINAL)
     key = _key()
 
-    started = time.monotonic()
     result = await durable.run(PROMPT, idempotency_key=key)
 
     assert result.output == FINAL
@@ -151,7 +151,7 @@ async def test_a_transient_fault_is_retried_once_and_the_resume_sends_nothing(
     assert server.requests[2]["messages"] == server.requests[1]["messages"]  # the retry repeats the request
     assert weather.calls == ["Paris"]
     if fault.name == "429":  # the retry waits as long as the server's Retry-After asked
-        assert time.monotonic() - started >= RETRY_AFTER
+        assert _gap_before_retry(server, 1) >= RETRY_AFTER
 
     resumed = await durable.run(PROMPT, idempotency_key=key)
 
@@ -207,6 +207,59 @@ async def test_a_rejected_request_is_not_retried_and_the_resume_completes(server
     server.reply_text(FINAL)
     assert (await durable.run(PROMPT, idempotency_key=key)).output == FINAL
     assert server.request_count == 3 and weather.calls == ["Paris"]
+
+
+# -- Retry-After: the retry waits as the provider asked, instead of the step's shorter delay, capped -----------
+
+
+def _gap_before_retry(server: LoopbackOpenAI, failed: int) -> float:
+    """Seconds from the answer to request `failed` (0-based) until the next request arrived."""
+    fault, retry = server.exchanges[failed], server.exchanges[failed + 1]
+    assert fault.answered_at is not None
+    return retry.received_at - fault.answered_at
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_delay"),
+    [(2.0, 0.0), (4.0, 3.0)],
+    ids=["no-retry-delay", "retry-delay-shorter"],
+)
+async def test_a_retry_waits_out_retry_after_in_place_of_a_shorter_retry_delay(
+    server: LoopbackOpenAI, retry_after: float, retry_delay: float
+) -> None:
+    config = TaskConfig(retries=1, retry_delay_seconds=retry_delay)
+    durable = PrefectAgent(Agent(server.openai_model(), name="matrix_retry_after"), model_task_config=config)
+    server.fault_status(429, retry_after=retry_after)
+    server.reply_text(FINAL)
+
+    result = await durable.run(PROMPT)
+
+    assert result.output == FINAL
+    assert [(e.path, e.status) for e in server.exchanges] == [
+        ("/v1/chat/completions", 429),
+        ("/v1/chat/completions", 200),
+    ]
+    gap = _gap_before_retry(server, 0)
+    assert gap >= retry_after
+    if retry_delay:  # the two waits overlap and the longer one wins: they are not added (3 s margin for load)
+        assert gap < retry_after + retry_delay
+
+
+async def test_retry_after_from_the_real_openai_client_is_read_and_capped_at_two_minutes(
+    server: LoopbackOpenAI,
+) -> None:
+    server.fault_status(429, retry_after=500)
+
+    with pytest.raises(ModelHTTPError) as failure:
+        await Agent(server.openai_model(), name="matrix_retry_cap").run(PROMPT)
+
+    assert failure.value.status_code == 429
+    assert failure.value.retry_after == 500.0  # pydantic-ai read the 429's retry-after headers
+    assert (
+        _retry_after(failure.value) == 120.0
+    )  # so a durable step's next attempt waits two minutes, not 500 s
+    assert _retry_after(ModelHTTPError(429, "gpt-4o", retry_after=0.25)) == 0.25
+    assert _retry_after(ModelHTTPError(500, "gpt-4o")) == 0.0  # no header: only the step's own retry delay
 
 
 # -- pydantic-ai's own retries (the model is asked to correct itself) are journaled like any exchange --------

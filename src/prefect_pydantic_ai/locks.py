@@ -5,11 +5,26 @@ step twice: the second waits for the first's lock, then finds the committed entr
 file lock has no owner check, so a lock left by a SIGKILLed process would block every resume forever. This lock
 manager (Prefect's `LockManager` protocol) records the holder's host and pid and reclaims a lock whose holder
 process on this host is gone. Locks held on other hosts are honoured until `stale_after` seconds, if set.
+
+Taking a lock is an exclusive create (`O_CREAT | O_EXCL`): of several processes, exactly one succeeds. Taking
+over a dead holder's lock cannot be one system call, because "the holder is dead" is a judgement on what a read
+returned: between that read and the removal, a faster reclaimer may already have replaced the file with its own
+live lock, and removing the path would then delete *that* lock, letting two processes run the step. Renaming the
+dead file aside instead does not close the gap either (the rename can move the faster reclaimer's fresh lock, and
+putting it back races new creators). So every takeover in a directory runs under one `flock` on a guard file
+there: while it is held, the lock file is read, judged and removed by this process alone. Nothing else can
+change that file meanwhile: creators only create a file that does not exist, a dead holder releases nothing, and
+every other reclaimer waits for the guard, then reads our new lock, which is alive. `flock` is the right
+primitive here because the kernel drops it when its process dies (a reclaimer killed mid-takeover blocks no one)
+and because it excludes separate opens within one process too (threads), unlike POSIX record locks. The guard
+file is never deleted, so no process can hold a guard that another replaced. (A lock reclaimed because of
+`stale_after` is different: it is a lease without renewal, whose holder on another host may still be alive.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -100,11 +115,34 @@ class ReclaimingLockManager:
         record = json.dumps(
             {"holder": holder, "pid": os.getpid(), "host": _HOST, "since": time.time()}
         ).encode()
-        # `is_locked` reclaims a dead holder's lock, after which it can be created again
-        if self._create(key, record) or (not self.is_locked(key) and self._create(key, record)):
+        if self._create(key, record) or self._take_over(key, record):
             self._ours[key] = holder
             return True
         return self.is_lock_holder(key, holder)
+
+    _GUARD = ".reclaim.guard"
+
+    def _take_over(self, key: str, record: bytes) -> bool:
+        """Replace a dead holder's lock with ours, judging and removing it under the directory's guard `flock`."""
+        info = self._read(key)
+        if info is None:
+            return self._create(key, record)  # released meanwhile
+        if not self._held_by_the_dead(info):
+            return False
+        with open(self.directory / self._GUARD, "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when the file is closed, or when this process dies
+            info = self._read(key)  # again: a reclaimer that held the guard before us may have replaced it
+            if info is not None:
+                if not self._held_by_the_dead(info):
+                    return False
+                logger.warning(
+                    "Reclaiming the lock of step %s left by process %s on %s, which is gone.",
+                    key[:12],
+                    info.get("pid"),
+                    info.get("host") or "?",
+                )
+                self._path(key).unlink(missing_ok=True)
+            return self._create(key, record)
 
     def _create(self, key: str, record: bytes) -> bool:
         try:
@@ -128,21 +166,11 @@ class ReclaimingLockManager:
         return self._ours.get(key) if self.stale_after is None else None
 
     def is_locked(self, key: str) -> bool:
+        """Whether a live holder has the lock; a dead holder's lock is not locked (the next acquirer takes it over)."""
         if self._known_ours(key) is not None:
             return True
         info = self._read(key)
-        if info is None:
-            return False
-        if self._held_by_the_dead(info):
-            logger.warning(
-                "Reclaiming the lock of step %s left by process %s on %s, which is gone.",
-                key[:12],
-                info.get("pid"),
-                info.get("host") or "?",
-            )
-            self._path(key).unlink(missing_ok=True)
-            return False
-        return True
+        return info is not None and not self._held_by_the_dead(info)
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         if (ours := self._known_ours(key)) is not None:

@@ -36,6 +36,7 @@ from .faults import (
 from .injection import FaultInjection
 from .openai_server import (
     DelayFault,
+    Exchange,
     JsonReply,
     LoopbackOpenAI,
     MalformedJsonFault,
@@ -55,6 +56,7 @@ __all__ = [
     "CallLog",
     "CallLogEntry",
     "DelayFault",
+    "Exchange",
     "Fault",
     "FaultInjection",
     "FaultPlan",

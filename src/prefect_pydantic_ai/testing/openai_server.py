@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeAlias
@@ -114,13 +114,29 @@ class RecordedRequest:
     body: Any
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """When one request arrived and how it was answered, for tests of timing (a retry after a `Retry-After`).
+
+    Times are `time.monotonic()` seconds of this process, so they compare with the client's when it runs in the
+    same process. `status` and `answered_at` are `None` while the request is unanswered, and stay `None` for a
+    connection closed without a status (`DelayFault(then=None)`); a reset mid-body reports the 200 it sent.
+    """
+
+    path: str
+    received_at: float
+    status: int | None = None
+    answered_at: float | None = None
+
+
 class LoopbackOpenAI:
     """An OpenAI-compatible `POST /v1/chat/completions` server on 127.0.0.1, run in a background thread.
 
     Each request takes the next item of a FIFO script (`reply_*` / `fault_*` / `enqueue`), else asks `responder`,
     else is answered with HTTP 500 "script exhausted" (with `x-should-retry: false`), so a test missing a reply
     fails with a clear error instead of hanging. `"stream": true` requests get proper SSE chunks with usage.
-    Every request is recorded (`requests`, `received`, `request_count`); all state is guarded by a lock.
+    Every request is recorded (`requests`, `received`, `request_count`, and its timing and status in `exchanges`);
+    all state is guarded by a lock.
     """
 
     def __init__(self, *, responder: Responder | None = None) -> None:
@@ -128,6 +144,7 @@ class LoopbackOpenAI:
         self._lock = threading.Lock()
         self._script: deque[Scripted] = deque()
         self._received: list[RecordedRequest] = []
+        self._exchanges: list[Exchange] = []
         self._exhausted = 0
         self._tool_call_ids = 0
         self._stopping = threading.Event()
@@ -268,6 +285,12 @@ class LoopbackOpenAI:
             return list(self._received)
 
     @property
+    def exchanges(self) -> list[Exchange]:
+        """Arrival time, status and answer time of every request received so far, oldest first."""
+        with self._lock:
+            return list(self._exchanges)
+
+    @property
     def requests(self) -> list[Any]:
         """The parsed JSON bodies of every request received so far, oldest first."""
         return [request.body for request in self.received]
@@ -286,10 +309,16 @@ class LoopbackOpenAI:
 
     # -- used by the request handler -------------------------------------------------------------------------
 
-    def _record(self, request: RecordedRequest) -> int:
+    def _record(self, request: RecordedRequest, received_at: float) -> int:
         with self._lock:
             self._received.append(request)
+            self._exchanges.append(Exchange(request.path.split("?", 1)[0], received_at))
             return len(self._received)
+
+    def _answered(self, number: int, status: int) -> None:
+        with self._lock:
+            answered = replace(self._exchanges[number - 1], status=status, answered_at=time.monotonic())
+            self._exchanges[number - 1] = answered
 
     def _next_scripted(self, body: dict[str, Any]) -> Scripted | None:
         with self._lock:
@@ -320,21 +349,23 @@ class _HTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HTTPServer
+    _number = 0  # this request's 1-based number on the server, once recorded
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output clean: requests are recorded on the server object instead."""
 
     def do_GET(self) -> None:
-        self._record(None)
+        self._record(None, time.monotonic())
         self._send_error(404, f"no route for GET {self.path}", "not_found")
 
     def do_POST(self) -> None:
+        received_at = time.monotonic()
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
             body: Any = json.loads(raw)
         except ValueError:
             body = None
-        number = self._record(body)
+        number = self._record(body, received_at)
         path = self.path.split("?", 1)[0]
         if path not in CHAT_COMPLETIONS_PATHS:
             self._send_error(404, f"no route for POST {path}", "not_found")
@@ -359,10 +390,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- answers ---------------------------------------------------------------------------------------------
 
-    def _record(self, body: Any) -> int:
-        return self.server.loopback._record(
-            RecordedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+    def _record(self, body: Any, received_at: float) -> int:
+        self._number = self.server.loopback._record(
+            RecordedRequest(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body),
+            received_at,
         )
+        return self._number
 
     def _answer(self, item: Scripted, request: dict[str, Any]) -> None:
         match item:
@@ -441,6 +474,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+        self.server.loopback._answered(self._number, status)
 
     def _reset_mid_body(self, body: bytes, content_type: str) -> None:
         self.send_response(200)
@@ -449,6 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
+        self.server.loopback._answered(self._number, 200)
         # Linger with a zero timeout turns close() into a TCP RST instead of an orderly FIN.
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
