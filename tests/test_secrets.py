@@ -37,7 +37,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import prefect_pydantic_ai
 from prefect_pydantic_ai import PrefectAgent, RunError, TaskConfig
-from prefect_pydantic_ai.runs import read_record
+from prefect_pydantic_ai.records import read_record
 
 pytestmark = pytest.mark.anyio
 
@@ -234,11 +234,6 @@ async def test_a_resume_rebuilds_redacted_deps_with_deps_for_resume() -> None:
     assert len(model_calls) == 2  # the first model step replayed: the rebuilt deps key the same steps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug for the lead: resume_flow_run does not pass the run's metadata, which seeds the step keys, so a "
-    "resumed run that had metadata re-executes every step (the record does not store the metadata)",
-)
 async def test_a_resume_with_metadata_rebuilds_redacted_deps_and_replays() -> None:
     deps, meta_secret = _secrets()
     flow_run_id = await _fail_after_the_first_model_step(
@@ -266,11 +261,6 @@ async def test_a_resume_of_redacted_deps_without_deps_for_resume_fails_in_one_li
     assert (len(model_calls), tool_saw) == (1, [deps.api_key])  # nothing ran
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug for the lead: runs._resume sets the flow run to AwaitingRetry before resume_flow_run refuses "
-    "redacted deps, so a refused resume leaves the run Scheduled instead of Failed",
-)
 async def test_a_refused_resume_leaves_the_run_failed() -> None:
     deps, _ = _secrets()
     flow_run_id = await _fail_after_the_first_model_step(durable_without_rebuild, deps)

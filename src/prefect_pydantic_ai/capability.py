@@ -271,6 +271,7 @@ class PrefectDurability(AbstractCapability[Any]):
                 entrypoint_kind="agent" if bare else "flow",
                 prompt=user_prompt if isinstance(user_prompt, str) else None,
                 deps=inputs.deps,
+                metadata=inputs.metadata,
                 redacted=list(inputs.redacted),
                 recall_of=recall_of,
             )
@@ -325,25 +326,33 @@ class PrefectDurability(AbstractCapability[Any]):
 
     # -- resume ------------------------------------------------------------------------------------------------
 
-    async def resume_flow_run(
-        self, agent: AbstractAgent[Any, Any], flow_run: FlowRun, record: RunRecord
-    ) -> Any:
-        """Run an earlier flow run of `agent` (its own flow, a bare run) again in place, from its record."""
+    def resume_inputs(self, flow_run_id: str, record: RunRecord) -> dict[str, Any]:
+        """The `run()` arguments that re-create a recorded run: its deps (rebuilt by `deps_for_resume` when they
+        held secrets) and its metadata, which seeds the step keys. Raises `RunError` before anything changes."""
         assert self._agent is not None
         deps = rehydrate_deps(self._agent.deps_type, record.deps)
-        if record.redacted:
+        if any(path.startswith("deps") for path in record.redacted):
             if self.deps_for_resume is None:
                 raise RunError(
-                    f"The deps of run {flow_run.id} held secret-looking values that were not stored "
-                    f"({', '.join(record.redacted)}); pass deps_for_resume= to PrefectAgent({self.agent_name!r}) "
-                    "to rebuild them on resume."
+                    f"The deps of run {flow_run_id} held secret-looking values that were not stored "
+                    f"({', '.join(p for p in record.redacted if p.startswith('deps'))}); pass deps_for_resume= to "
+                    f"PrefectAgent({self.agent_name!r}) to rebuild them on resume."
                 )
             deps = self.deps_for_resume(record.deps)
-        kwargs: dict[str, Any] = {} if deps is None else {"deps": deps}
+        inputs: dict[str, Any] = {} if deps is None else {"deps": deps}
+        if record.metadata is not None:
+            inputs["metadata"] = record.metadata
+        return inputs
+
+    async def resume_flow_run(
+        self, agent: AbstractAgent[Any, Any], flow_run: FlowRun, record: RunRecord, inputs: dict[str, Any]
+    ) -> Any:
+        """Run an earlier flow run of `agent` (its own flow, a bare run) again in place, with `inputs` from
+        `resume_inputs`."""
 
         async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
             with _within_key(idempotency_key):
-                return await agent.run(record.prompt, **kwargs)
+                return await agent.run(record.prompt, **inputs)
 
         return await run_flow_async(
             self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters

@@ -63,6 +63,8 @@ class RunRecord(BaseModel):
     entrypoint_kind: Literal["agent", "flow"] = "agent"
     prompt: str | None = None
     deps: Any = None
+    metadata: Any = None
+    """The run's metadata as journaled (secret-looking values redacted): it seeds the step keys."""
     redacted: list[str] = Field(default_factory=list)
     host: str = HOST
     pid: int = Field(default_factory=os.getpid)

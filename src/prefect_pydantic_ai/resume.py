@@ -67,7 +67,8 @@ async def _resume(ref: str, entrypoint: str | None) -> Any:
             f"{target} is not a PrefectAgent or an agent with PrefectDurability; pass --entrypoint of the "
             "agent that ran."
         )
-    return await durability.resume_flow_run(obj, await _awaiting_retry(flow_run.id), first)
+    inputs = durability.resume_inputs(str(flow_run.id), first)  # may refuse: before the run's state changes
+    return await durability.resume_flow_run(obj, await _awaiting_retry(flow_run.id), first, inputs)
 
 
 async def _awaiting_retry(flow_run_id: UUID) -> FlowRun:
