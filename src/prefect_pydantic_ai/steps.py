@@ -23,6 +23,7 @@ from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
+from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from pydantic_ai.exceptions import (
@@ -38,6 +39,7 @@ from .config import TaskConfig
 from .errors import UnverifiedEffectError
 from .journal import JournalCorruptError, StepKind, unseal
 from .locks import ReclaimingLockManager
+from .settings import Settings
 from .storage import JournalFileSystem, journal_storage
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -61,9 +63,21 @@ def step_idempotency_key() -> str:
 
 
 @functools.cache
-def step_lock_manager() -> ReclaimingLockManager:
-    """One lock directory per Prefect home: every process on this machine resuming a run shares it."""
-    return ReclaimingLockManager(Path(PREFECT_HOME.value()) / "prefect-pydantic-ai" / "locks")
+def step_lock_manager() -> LockManager:
+    """Where step locks live, chosen by `PREFECT_PYDANTIC_AI_LOCKS`: by default one lock directory per Prefect
+    home, which every process on this machine shares; with a Redis URL, Redis, which every machine shares (each
+    lock leased, so a dead machine's lock expires)."""
+    settings = Settings()
+    if settings.locks == "file":
+        manager: LockManager = ReclaimingLockManager(
+            Path(PREFECT_HOME.value()) / "prefect-pydantic-ai" / "locks"
+        )
+    else:
+        from .leases import LeasedRedisLockManager
+
+        manager = LeasedRedisLockManager(settings.locks, lease_seconds=settings.lock_lease_seconds)
+    logger.debug("Step locks: %s", settings.describe_locks())
+    return manager
 
 
 async def run_step(step: str) -> Any:

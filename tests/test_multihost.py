@@ -1,0 +1,200 @@
+"""Several machines, one Prefect server and one result storage: every guarantee still holds.
+
+A "machine" is a process with its own hostname (`unshare --uts`, as root) and its own PREFECT_HOME, so nothing
+host-local (file locks, pids) is shared; they share only the test session's Prefect server, the result storage
+(a directory, or a bucket on a real S3-compatible server) and, where a test says so, a real `redis-server`.
+Every server and process a test starts is stopped by it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefect_pydantic_ai.demo import free_port
+from prefect_pydantic_ai.testing import CallLog, FaultPlan
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).parent / "scripts"
+MATRIX = SCRIPTS / "matrix_resume.py"
+FULL_OUTPUT = '"done: order-42-fetched-saved"'
+LEASE = 3.0
+_UTS = sys.platform == "linux" and os.geteuid() == 0
+_CLONE_NEWUTS = 0x04000000
+
+
+def _own_hostname(name: str) -> None:
+    """In the child before exec: a UTS namespace of its own (what `unshare --uts` does), named `name`."""
+    import ctypes
+    import socket
+
+    if ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWUTS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUTS)")
+    socket.sethostname(name)
+
+
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """A failed test must not leave its machines running (each is killed with its whole process group)."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _wait_until(ready: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"{what} not ready after {timeout:g}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, in a temporary directory, for this module."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    import redis
+
+    port, directory = free_port(), tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def pong() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        _wait_until(pong, "redis-server")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def machine(
+    name: str, root: Path, args: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Start `python args...` as machine `name`: its own hostname (as root) and PREFECT_HOME, in its own process
+    group. (The process itself enters the new namespace, so its pid is the one a SIGKILL test sees.)"""
+    home = root / name / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        preexec_fn=(lambda: _own_hostname(name)) if _UTS else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PREFECT_HOME": str(home), **(env or {})},
+        start_new_session=True,
+    )
+    _started.append(proc)
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
+    """The run's output line, once the machine's process exits successfully."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        stderr = f"still running after {timeout}s, killed\n{stderr}"
+    assert proc.returncode == 0, f"pid {proc.pid} exited with {proc.returncode}: {stderr[-3000:]}"
+    return next(line for line in stdout.splitlines() if line.startswith("OUTPUT ")).removeprefix("OUTPUT ")
+
+
+def _executions(calls: Path) -> dict[str, int]:
+    """How many times each step started, over all machines (`model#2` is the second model request)."""
+    counts: dict[str, int] = {}
+    for entry in CallLog(calls).entries():
+        if entry.name in ("model", "tool:fetch", "tool:save"):
+            step = f"model#{entry.args}" if entry.name == "model" else entry.name
+            counts[step] = counts.get(step, 0) + 1
+    return counts
+
+
+def _matrix(key: str, calls: Path, *extra: str) -> list[str]:
+    return [str(MATRIX), "--key", key, "--calls", str(calls), *extra]
+
+
+def _two_resumers_after_a_kill_in_a_tool(tmp_path: Path, env: dict[str, str]) -> None:
+    """Machine A is killed inside `save`; B and C resume the same key at the same moment: `save` runs once more
+    (its first execution never finished), on one of them only, and both return the full output."""
+    key, calls = f"mh-{uuid.uuid4().hex[:8]}", tmp_path / "calls.jsonl"
+    plan = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1)
+    killed = machine("host-a", tmp_path, _matrix(key, calls), {**env, **plan.to_env()})
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 1}
+
+    extra = ("--step-seconds", "1", "--barrier", str(tmp_path / "barrier"), "--barrier-at", "2")
+    resumers = [machine(name, tmp_path, _matrix(key, calls, *extra), env) for name in ("host-b", "host-c")]
+    outputs = [_finish(proc) for proc in resumers]
+
+    assert outputs == [FULL_OUTPUT] * 2
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
+    saves = [e.pid for e in CallLog(calls).entries() if e.name == "tool:save"]
+    assert saves[0] == killed.pid and saves[1] in {p.pid for p in resumers}
+
+
+def _redis_locks(redis_url: str) -> dict[str, str]:
+    return {"PREFECT_PYDANTIC_AI_LOCKS": redis_url, "PREFECT_PYDANTIC_AI_LOCK_LEASE_SECONDS": str(LEASE)}
+
+
+def test_two_machines_resuming_one_killed_run_execute_each_step_once(tmp_path: Path, redis_url: str) -> None:
+    _two_resumers_after_a_kill_in_a_tool(tmp_path, _redis_locks(redis_url))
+
+
+HOLD = """
+import sys, time
+from prefect_pydantic_ai.leases import LeasedRedisLockManager
+manager = LeasedRedisLockManager(sys.argv[1], lease_seconds=float(sys.argv[2]))
+assert manager.acquire_lock("step-key", holder="machine-a")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_whose_holder_machine_died_is_taken_over_after_its_lease(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from prefect_pydantic_ai.leases import LeasedRedisLockManager
+
+    holder = machine("host-a", tmp_path, ["-c", HOLD, redis_url, str(LEASE)])
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    manager = LeasedRedisLockManager(redis_url, lease_seconds=LEASE)
+
+    # Alive, the holder renews its lease: two leases later the lock is still its own.
+    assert not manager.acquire_lock("step-key", holder="machine-b", acquire_timeout=2 * LEASE)
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.communicate()
+
+    # Dead, it renews nothing: the lock expires within one lease and the next machine takes it.
+    assert manager.acquire_lock("step-key", holder="machine-b", acquire_timeout=2 * LEASE)
+    assert manager.is_lock_holder("step-key", "machine-b")
+    manager.release_lock("step-key", "machine-b")
+    assert not manager.is_locked("step-key")
