@@ -95,6 +95,52 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.wait(timeout=10)
 
 
+@pytest.fixture(scope="module")
+def s3_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real S3-compatible server (moto's, in its own process) on a free loopback port, with a bucket saved as
+    the `S3Bucket` block `s3-bucket/<name>` on the shared Prefect server; yields the environment that points a
+    machine's default result storage (records and journal) at it."""
+    import boto3
+    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path_factory.mktemp("moto"),
+    )
+    endpoint, bucket = f"http://127.0.0.1:{port}", f"journal-{uuid.uuid4().hex[:8]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
+
+    def bucket_created() -> bool:
+        try:
+            client.create_bucket(Bucket=bucket)
+            return True
+        except Exception:
+            return False
+
+    try:
+        _wait_until(bucket_created, "moto_server")
+        credentials = AwsCredentials(
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
+        )
+        S3Bucket(bucket_name=bucket, credentials=credentials).save(bucket)
+        yield {"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{bucket}"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def machine(
     name: str, root: Path, args: list[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -167,6 +213,45 @@ def _redis_locks(redis_url: str) -> dict[str, str]:
 
 def test_two_machines_resuming_one_killed_run_execute_each_step_once(tmp_path: Path, redis_url: str) -> None:
     _two_resumers_after_a_kill_in_a_tool(tmp_path, _redis_locks(redis_url))
+
+
+def test_two_machines_resuming_one_killed_run_with_the_journal_in_s3_execute_each_step_once(
+    tmp_path: Path, redis_url: str, s3_journal: dict[str, str]
+) -> None:
+    _two_resumers_after_a_kill_in_a_tool(tmp_path, {**_redis_locks(redis_url), **s3_journal})
+
+
+def test_resuming_on_a_machine_that_cannot_see_the_journal_fails_with_one_clear_line(
+    tmp_path: Path, s3_journal: dict[str, str]
+) -> None:
+    key, calls = f"mh-{uuid.uuid4().hex[:8]}", tmp_path / "calls.jsonl"
+    plan = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1)
+    killed = machine("host-a", tmp_path, _matrix(key, calls), {**s3_journal, **plan.to_env()})
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+
+    # Machine B kept the default local result storage: the run's records are in the bucket, not there.
+    local = tmp_path / "host-b" / "storage"
+    resume = machine(
+        "host-b",
+        tmp_path,
+        ["-m", "prefect_pydantic_ai", "resume", key],
+        {"PREFECT_LOCAL_STORAGE_PATH": str(local), "COLUMNS": "400"},
+    )
+    stdout, stderr = resume.communicate(timeout=120)
+    assert resume.returncode == 2, stdout + stderr
+    [line] = stderr.strip().splitlines()
+    assert line.startswith("error: Run ") and line.endswith(
+        f"has no run record in this machine's result storage (local directory {local.resolve()}), so its "
+        "journal is not visible here: point this machine at the storage its runs share "
+        "(PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=<block type>/<name>, see docs/scale-out.md) and resume again."
+    )
+    assert _executions(calls) == {
+        "model#1": 1,
+        "tool:fetch": 1,
+        "model#2": 1,
+        "tool:save": 1,
+    }  # nothing re-ran
 
 
 HOLD = """

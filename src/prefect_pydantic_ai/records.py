@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect.client.schemas.objects import FlowRun
+from prefect.filesystems import LocalFileSystem
 from prefect.results import get_default_result_storage
 from pydantic import BaseModel, Field
 
@@ -108,10 +109,23 @@ async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecor
 
 
 async def _storage() -> Any:
-    """Prefect's default result storage (written atomically when it is a local directory)."""
+    """Prefect's default result storage (written atomically when it is a local directory): every machine that
+    runs or resumes a run must see the same one (`PREFECT_DEFAULT_RESULT_STORAGE_BLOCK`, docs/scale-out.md)."""
     storage: Any = get_default_result_storage()
     storage = await storage if inspect.isawaitable(storage) else storage
     return await journal_storage(storage) or storage
+
+
+async def record_storage_name() -> str:
+    """Where this machine looks for run records, as a user would name it: a saved block's slug, a bucket, a path."""
+    storage = await _storage()
+    block = getattr(storage, "_block_document_name", None)
+    if block:
+        return f"block {storage.get_block_type_slug()}/{block}"
+    if isinstance(storage, LocalFileSystem):
+        return f"local directory {Path(storage.basepath or '.').expanduser().resolve()}"
+    bucket = getattr(storage, "bucket_name", None)
+    return f"{type(storage).__name__} {bucket}" if bucket else type(storage).__name__
 
 
 def entrypoint_of(obj: object, module_name: str | None) -> str | None:

@@ -14,7 +14,7 @@ from prefect.states import AwaitingRetry
 from .capability import durability_of
 from .crashes import crash_unfinished_task_runs
 from .errors import RunError
-from .records import load_entrypoint, read_records, tag_values
+from .records import load_entrypoint, read_records, record_storage_name, tag_values
 from .runs import resolve_run, state_of
 from .tool_step import unverified_override
 
@@ -36,13 +36,17 @@ async def resume_run(
 
 async def _resume(ref: str, entrypoint: str | None) -> Any:
     flow_run = await resolve_run(ref)
+    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
+    if not records:
+        raise RunError(
+            f"Run {flow_run.id} has no run record in this machine's result storage ({await record_storage_name()}), "
+            "so its journal is not visible here: point this machine at the storage its runs share "
+            "(PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=<block type>/<name>, see docs/scale-out.md) and resume again."
+        )
     if state_of(flow_run) == "running":
         raise RunError(
             f"Run {flow_run.id} is still running (its process is alive); wait for it or stop it before resuming."
         )
-    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
-    if not records:
-        raise RunError(f"Run {flow_run.id} has no prefect-pydantic-ai run record; it cannot be re-created.")
     first = records[0]
     target = entrypoint or first.entrypoint
     if target is None:

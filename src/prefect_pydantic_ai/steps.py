@@ -222,7 +222,7 @@ class StepTasks:
         if self._storage is None or self._storage[0] is not store:
             configured = self.config.result_storage
             journal = await journal_storage(configured if configured is not None else store.result_storage)
-            self._storage = (store, journal if journal is not None else configured)
+            self._storage = (store, journal if journal is not None else configured or store.result_storage)
         return self._storage[1]
 
     def task(self, name: str, storage: Any = None, *, overwrite: bool = False) -> Task[Any, Any]:
