@@ -283,3 +283,20 @@ def test_a_lock_whose_holder_machine_died_is_taken_over_after_its_lease(
     assert manager.is_lock_holder("step-key", "machine-b")
     manager.release_lock("step-key", "machine-b")
     assert not manager.is_locked("step-key")
+
+
+@pytest.mark.anyio
+async def test_installing_the_crash_automation_twice_leaves_one() -> None:
+    from prefect import get_client
+
+    from prefect_pydantic_ai.automations import CRASH_AUTOMATION, install_crash_automation
+
+    first, created = await install_crash_automation(within=600)
+    again, created_again = await install_crash_automation(within=900)
+    async with get_client() as client:
+        [automation] = await client.read_automations_by_name(CRASH_AUTOMATION)
+        await client.delete_automation(automation.id)
+    assert (created, created_again) == (True, False)
+    assert automation.id == first == again
+    assert automation.trigger.within.total_seconds() == 900  # type: ignore[union-attr]
+    assert [a.type for a in automation.actions] == ["change-flow-run-state"]

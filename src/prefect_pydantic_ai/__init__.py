@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .report import ledger_of as ledger_of
+    from .resume import Rescheduled as Rescheduled
     from .resume import resume_run as resume_run
     from .runs import list_runs as list_runs
     from .show import show_run as show_run
@@ -40,6 +41,7 @@ _EXPORTS = {
     "ledger_of": "report",
     "RunError": "errors",
     "list_runs": "runs",
+    "Rescheduled": "resume",
     "resume_run": "resume",
     "show_run": "show",
     "step_idempotency_key": "steps",

@@ -145,7 +145,7 @@ def resume_command(
 
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
     from .errors import RunError
-    from .resume import resume_run
+    from .resume import Rescheduled, resume_run
     from .show import show_run
     from .steps import observe_steps
 
@@ -160,7 +160,12 @@ def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None)
     stop = observe_steps(print_step)
     failed = 0
     try:
-        _run(resume_run(ref, entrypoint=entrypoint, unverified=unverified))  # type: ignore[arg-type]
+        resumed = _run(resume_run(ref, entrypoint=entrypoint, unverified=unverified))  # type: ignore[arg-type]
+        if isinstance(resumed, Rescheduled):
+            console.print(
+                f"Scheduled it again on its deployment; a worker of pool {resumed.work_pool or '?'} resumes it."
+            )
+            return 0
     except RunError:
         raise
     except Exception as exc:
@@ -304,3 +309,26 @@ def _profile_has_api_url() -> bool:
 
 def main() -> None:
     app()
+
+
+@app.command("install-automations")
+@_user_errors
+def install_automations_command(
+    within: Annotated[
+        float | None,
+        typer.Option(
+            min=10,
+            help="Seconds without a heartbeat after which a run is crashed "
+            "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
+        ),
+    ] = None,
+) -> None:
+    """Install the Prefect automation that marks a run Crashed when its heartbeats stop (docs/scale-out.md)."""
+    from .automations import CRASH_AUTOMATION, default_within, install_crash_automation
+
+    automation_id, created = _run(install_crash_automation(within))
+    seconds_ = default_within() if within is None else within
+    console.print(
+        f"{'Created' if created else 'Updated'} automation [bold]{CRASH_AUTOMATION}[/bold] ({automation_id}): "
+        f"a flow run with no heartbeat for {seconds_:g}s is marked Crashed."
+    )

@@ -1,15 +1,20 @@
-"""Resuming a run: the same flow run executed again in place (run count + 1), replaying what completed."""
+"""Resuming a run: the same flow run executed again (run count + 1), replaying what completed.
+
+A run of a deployment goes back to its work pool (Scheduled, as `prefect flow-run retry` does), so whichever
+worker is alive executes it; any other run executes again here, in place.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
 
 from prefect import Flow, get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.flow_engine import run_flow_async, run_flow_sync
-from prefect.states import AwaitingRetry
+from prefect.states import AwaitingRetry, Scheduled
 
 from .capability import durability_of
 from .crashes import crash_unfinished_task_runs
@@ -19,6 +24,15 @@ from .runs import resolve_run, state_of
 from .tool_step import unverified_override
 
 
+@dataclass(frozen=True)
+class Rescheduled:
+    """What `resume_run` returns for a run of a deployment: it is Scheduled again, for a worker of its pool."""
+
+    flow_run_id: UUID
+    deployment_id: UUID
+    work_pool: str | None
+
+
 async def resume_run(
     ref: str, *, entrypoint: str | None = None, unverified: Literal["rerun", "tell_model"] | None = None
 ) -> Any:
@@ -26,15 +40,16 @@ async def resume_run(
 
     `unverified` decides, for this attempt, what happens to calls of non-idempotent tools that an earlier
     attempt started and never finished (see `TaskConfig.on_unverified`): call them again, or tell the model.
+    A run of a deployment is not executed here: it is scheduled again and `Rescheduled` is returned.
     """
     token = unverified_override.set(unverified)
     try:
-        return await _resume(ref, entrypoint)
+        return await _resume(ref, entrypoint, unverified)
     finally:
         unverified_override.reset(token)
 
 
-async def _resume(ref: str, entrypoint: str | None) -> Any:
+async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> Any:
     flow_run = await resolve_run(ref)
     records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
     if not records:
@@ -44,9 +59,20 @@ async def _resume(ref: str, entrypoint: str | None) -> Any:
             "(PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=<block type>/<name>, see docs/scale-out.md) and resume again."
         )
     if state_of(flow_run) == "running":
+        latest = max(records, key=lambda r: r.started_at)
         raise RunError(
-            f"Run {flow_run.id} is still running (its process is alive); wait for it or stop it before resuming."
+            f"Run {flow_run.id} is still running (pid {latest.pid} on {latest.host}); wait for it or stop it "
+            "before resuming. A run whose machine died shows as crashed once its heartbeats stop (see "
+            "`prefect-pydantic-ai install-automations`)."
         )
+    if flow_run.deployment_id is not None:
+        if unverified is not None or entrypoint is not None:
+            raise RunError(
+                f"Run {flow_run.id} belongs to a deployment: a worker of its pool resumes it with the deployment's "
+                "code and settings, so --unverified and --entrypoint do not apply (set on_unverified in the code)."
+            )
+        await _back_in_line(flow_run.id, Scheduled(message="Resumed by prefect-pydantic-ai"))
+        return Rescheduled(flow_run.id, flow_run.deployment_id, flow_run.work_pool_name)
     first = records[0]
     target = entrypoint or first.entrypoint
     if target is None:
@@ -60,7 +86,7 @@ async def _resume(ref: str, entrypoint: str | None) -> Any:
             raise RunError(
                 f"{target} is not a Prefect flow; pass --entrypoint of the @flow that ran the agents."
             )
-        flow_run = await _awaiting_retry(flow_run.id)
+        flow_run = await _back_in_line(flow_run.id, AwaitingRetry())
         if obj.isasync:
             return await run_flow_async(obj, flow_run=flow_run, parameters=flow_run.parameters)
         # A synchronous flow runs its own event loops (`run_sync`), so it cannot run on this one.
@@ -72,13 +98,16 @@ async def _resume(ref: str, entrypoint: str | None) -> Any:
             "agent that ran."
         )
     inputs = durability.resume_inputs(str(flow_run.id), first)  # may refuse: before the run's state changes
-    return await durability.resume_flow_run(obj, await _awaiting_retry(flow_run.id), first, inputs)
+    return await durability.resume_flow_run(
+        obj, await _back_in_line(flow_run.id, AwaitingRetry()), first, inputs
+    )
 
 
-async def _awaiting_retry(flow_run_id: UUID) -> FlowRun:
-    """Put the flow run back in line for another attempt, as Prefect's own retries do; the steps its last attempt
-    left unfinished are settled as Crashed first, so none of them stays Running."""
+async def _back_in_line(flow_run_id: UUID, state: State[Any]) -> FlowRun:
+    """Put the flow run back in line for another attempt, as Prefect's own retries do (`AwaitingRetry` to run it
+    here, `Scheduled` for a worker); the steps its last attempt left unfinished are settled as Crashed first, so
+    none of them stays Running."""
     async with get_client() as client:
         await crash_unfinished_task_runs(client, flow_run_id, "Its attempt ended before this step finished.")
-        await client.set_flow_run_state(flow_run_id, AwaitingRetry(), force=True)
+        await client.set_flow_run_state(flow_run_id, state, force=True)
         return await client.read_flow_run(flow_run_id)
