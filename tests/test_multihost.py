@@ -8,6 +8,7 @@ Every server and process a test starts is stopped by it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -300,3 +301,117 @@ async def test_installing_the_crash_automation_twice_leaves_one() -> None:
     assert automation.id == first == again
     assert automation.trigger.within.total_seconds() == 900  # type: ignore[union-attr]
     assert [a.type for a in automation.actions] == ["change-flow-run-state"]
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (read from /proc: a worker starts each flow run in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(current := todo.pop())
+        todo += children.get(current, [])
+    return tree
+
+
+def _kill_machine(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a machine's whole process tree at once, as a machine dying would stop it."""
+    for pid in _process_tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def _worker(name: str, root: Path, pool: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return machine(
+        name,
+        root,
+        ["-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+        {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5", **env},
+    )
+
+
+async def _state_of(flow_run_id: Any, wanted: str, timeout: float) -> Any:
+    """The flow run once its state type is `wanted` (polled for up to `timeout` seconds)."""
+    import anyio
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while (flow_run := await client.read_flow_run(flow_run_id)).state_type.value != wanted:
+            assert time.monotonic() < deadline, f"flow run still {flow_run.state_type} after {timeout:g}s"
+            await anyio.sleep(0.5)
+    return flow_run
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finished_by_another_worker(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.deployments import run_deployment
+
+    from prefect_pydantic_ai import list_runs, show_run
+    from prefect_pydantic_ai.automations import CRASH_AUTOMATION, install_crash_automation
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from worker_flow import analyst_flow  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    pool, calls = f"mh-pool-{uuid.uuid4().hex[:6]}", tmp_path / "calls.jsonl"
+    shared = {**_redis_locks(redis_url), "MH_CALLS": str(calls), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    deployment_id = await (
+        await analyst_flow.from_source(source=str(SCRIPTS), entrypoint="worker_flow.py:analyst_flow")
+    ).deploy(name="multihost", work_pool_name=pool, print_next_steps=False, ignore_warnings=True)
+    await install_crash_automation(within=35)  # before the run: it must see the run's first heartbeat
+    try:
+        # Worker A hangs inside `save` (the plan would kill it after a minute); the test kills the machine first.
+        hang = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1, delay=120)
+        worker_a = _worker("host-a", tmp_path, pool, {**shared, **hang.to_env()})
+        flow_run = await run_deployment(deployment_id, timeout=0)
+        _wait_until(lambda: "tool:save" in CallLog(calls).counts(), "worker A in save", timeout=120)
+        killed_at = time.monotonic()
+        _kill_machine(worker_a)
+
+        crashed = await _state_of(flow_run.id, "CRASHED", timeout=150)
+        detected_after = time.monotonic() - killed_at
+        assert crashed.state.message == "No heartbeat for 35s: the machine running it stopped."
+        [listed] = [r for r in await list_runs(agent="worker_flow", limit=5) if r.run_id == str(flow_run.id)]
+        assert listed.state == "crashed"  # on this machine, which never ran it: Prefect's state, not a pid
+
+        worker_b = _worker("host-b", tmp_path, pool, shared)
+        resume = machine(
+            "host-c",
+            tmp_path,
+            ["-m", "prefect_pydantic_ai", "resume", str(flow_run.id)],
+            {**shared, "COLUMNS": "400"},
+        )
+        stdout, stderr = resume.communicate(timeout=120)
+        assert resume.returncode == 0, stdout + stderr
+        assert f"Scheduled it again on its deployment; a worker of pool {pool} resumes it." in stdout
+        resumed_at = time.monotonic()
+        await _state_of(flow_run.id, "COMPLETED", timeout=150)
+        finished_after = time.monotonic() - resumed_at
+        _kill_machine(worker_b)
+    finally:
+        async with get_client() as client:
+            for automation in await client.read_automations_by_name(CRASH_AUTOMATION):
+                await client.delete_automation(automation.id)
+
+    detail = await show_run(str(flow_run.id))
+    assert (detail.state, detail.run_count, detail.output) == ("completed", 2, FULL_OUTPUT.strip('"'))
+    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
+    hosts = {e.pid for e in CallLog(calls).entries() if e.name == "model"}
+    assert len(hosts) == 2  # model 1 and 2 ran in worker A's flow process, model 3 in worker B's
+    print(
+        f"crash detected {detected_after:.1f}s after the kill; resumed run finished in {finished_after:.1f}s"
+    )
