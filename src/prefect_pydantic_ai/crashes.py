@@ -3,7 +3,9 @@ it left running.
 
 A SIGKILLed process cannot report its own end, so Prefect keeps showing its flow run, and the step it was in,
 as Running. Whoever finds such a run first (listing, `show`, `resume`, or a new attempt of the same idempotency
-key) settles it here, so Prefect's records are true for everyone who reads them afterwards.
+key) settles it here, so Prefect's records are true for everyone who reads them afterwards. Only a run of this
+host can be judged by its pid; a run whose machine died is set Crashed by the Prefect server itself, through the
+heartbeat automation (`automations`, `prefect-pydantic-ai install-automations`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ _UNFINISHED = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
 
 
 async def settle_if_dead(client: PrefectClient, flow_run: FlowRun) -> FlowRun:
-    """`flow_run`, marked Crashed (with its unfinished task runs) if it is running but its process is gone."""
+    """`flow_run`, marked Crashed (with its unfinished task runs) if it is running but its process on this host is
+    gone; a run last recorded on another host is left to the heartbeat automation."""
     if flow_run.state is None or flow_run.state.type != StateType.RUNNING:
         return flow_run
     records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
