@@ -255,6 +255,27 @@ def test_resuming_on_a_machine_that_cannot_see_the_journal_fails_with_one_clear_
     }  # nothing re-ran
 
 
+def test_an_unverified_call_started_on_a_dead_machine_is_not_repeated_with_the_journal_in_s3(
+    tmp_path: Path, s3_journal: dict[str, str]
+) -> None:
+    """The "started" marker of a non-idempotent tool lives in the bucket beside its journal entry, so machine B
+    sees that machine A's call may have had its effect, and stops instead of sending the email again."""
+    key, sent = f"mh-email-{uuid.uuid4().hex[:8]}", tmp_path / "sent.log"
+    env = {**s3_journal, "SEND_EMAIL_LOG": str(sent)}
+    killed = machine(
+        "host-a", tmp_path, [str(SCRIPTS / "send_email.py"), key], {**env, "SEND_EMAIL_KILL": "1"}
+    )
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(sent.read_text().splitlines()) == 1
+
+    again = machine("host-b", tmp_path, [str(SCRIPTS / "send_email.py"), key], env)
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 1, stdout + stderr[-2000:]
+    assert "ERROR UnverifiedEffectError: Tool 'send_email' was called in an earlier attempt" in stdout
+    assert len(sent.read_text().splitlines()) == 1  # not sent twice
+
+
 HOLD = """
 import sys, time
 from prefect_pydantic_ai.leases import LeasedRedisLockManager
@@ -350,12 +371,14 @@ async def _state_of(flow_run_id: Any, wanted: str, timeout: float) -> Any:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("journal", ["shared directory", "s3"])
 async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finished_by_another_worker(
-    tmp_path: Path, redis_url: str
+    tmp_path: Path, redis_url: str, journal: str, request: pytest.FixtureRequest
 ) -> None:
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 
     from prefect_pydantic_ai import list_runs, show_run
     from prefect_pydantic_ai.automations import CRASH_AUTOMATION, install_crash_automation
@@ -366,7 +389,13 @@ async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finis
     finally:
         sys.path.remove(str(SCRIPTS))
     pool, calls = f"mh-pool-{uuid.uuid4().hex[:6]}", tmp_path / "calls.jsonl"
-    shared = {**_redis_locks(redis_url), "MH_CALLS": str(calls), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    storage = request.getfixturevalue("s3_journal") if journal == "s3" else {}
+    shared = {
+        **_redis_locks(redis_url),
+        **storage,
+        "MH_CALLS": str(calls),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+    }
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     deployment_id = await (
@@ -407,7 +436,10 @@ async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finis
             for automation in await client.read_automations_by_name(CRASH_AUTOMATION):
                 await client.delete_automation(automation.id)
 
-    detail = await show_run(str(flow_run.id))
+    with temporary_settings(
+        updates={PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: storage.get("PREFECT_DEFAULT_RESULT_STORAGE_BLOCK")}
+    ):  # this machine reads the run's records where the workers wrote them
+        detail = await show_run(str(flow_run.id))
     assert (detail.state, detail.run_count, detail.output) == ("completed", 2, FULL_OUTPUT.strip('"'))
     assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
     hosts = {e.pid for e in CallLog(calls).entries() if e.name == "model"}
