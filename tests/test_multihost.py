@@ -50,13 +50,13 @@ _started: list[subprocess.Popen[str]] = []
 
 @pytest.fixture(autouse=True)
 def _no_leftover_processes() -> Iterator[None]:
-    """A failed test must not leave its machines running (each is killed with its whole process group)."""
+    """A failed test must not leave its machines running (each is killed with its whole process tree)."""
     yield
     while _started:
         proc = _started.pop()
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+            _kill_machine(proc)
+        proc.communicate()
 
 
 def _wait_until(ready: Any, what: str, timeout: float = 30.0) -> None:
@@ -145,8 +145,8 @@ def s3_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
 def machine(
     name: str, root: Path, args: list[str], env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    """Start `python args...` as machine `name`: its own hostname (as root) and PREFECT_HOME, in its own process
-    group. (The process itself enters the new namespace, so its pid is the one a SIGKILL test sees.)"""
+    """Start `python args...` as machine `name`: its own hostname (as root) and PREFECT_HOME, in a session of its
+    own. (The process itself enters the new namespace, so its pid is the one a SIGKILL test sees.)"""
     home = root / name / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
@@ -167,7 +167,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_machine(proc)
         stdout, stderr = proc.communicate()
         stderr = f"still running after {timeout}s, killed\n{stderr}"
     assert proc.returncode == 0, f"pid {proc.pid} exited with {proc.returncode}: {stderr[-3000:]}"
@@ -297,8 +297,7 @@ def test_a_lock_whose_holder_machine_died_is_taken_over_after_its_lease(
 
     # Alive, the holder renews its lease: two leases later the lock is still its own.
     assert not manager.acquire_lock("step-key", holder="machine-b", acquire_timeout=2 * LEASE)
-    os.killpg(holder.pid, signal.SIGKILL)
-    holder.communicate()
+    _kill_machine(holder)
 
     # Dead, it renews nothing: the lock expires within one lease and the next machine takes it.
     assert manager.acquire_lock("step-key", holder="machine-b", acquire_timeout=2 * LEASE)
@@ -345,7 +344,7 @@ def _kill_machine(proc: subprocess.Popen[str]) -> None:
     for pid in _process_tree(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    proc.communicate()
+    proc.wait()
 
 
 def _worker(name: str, root: Path, pool: str, env: dict[str, str]) -> subprocess.Popen[str]:
