@@ -48,5 +48,7 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name == "PrefectAgent":  # a user's own @flow around the agent then runs on the persistent local server
+        importlib.import_module(".server", __name__).adopt_running_server()
     globals()[name] = value
     return value

@@ -243,6 +243,9 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         self, fn: Callable[..., Awaitable[Any]], user_prompt: Any, idempotency_key: str | None
     ) -> Awaitable[Any]:
         """Call `fn` as a new flow run named after the agent (and the idempotency key, when given)."""
+        from .server import ensure_api
+
+        ensure_api()  # no server configured: the persistent local one, not a temporary server per process
         run_flow: Any = self._flow(fn, idempotency_key)
         prompt = user_prompt if isinstance(user_prompt, str) else None
         return cast(Awaitable[Any], run_flow(prompt=prompt, idempotency_key=idempotency_key))
