@@ -184,9 +184,13 @@ def test_stale_address_of_a_killed_server_is_detected_and_the_server_restarted(h
     status = json.loads(home.cli("server", "status", "--json").stdout)
     assert status["running"] is False
 
-    url = _api(home.run("-c", ENSURE_API))
+    listed = home.cli("runs", "--json")  # a CLI command needs the API: it replaces the dead server
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert listed.stderr.count(STARTED_LINE) == 1
     restarted = home.recorded()
-    assert restarted is not None and restarted["pid"] != killed["pid"] and restarted["url"] == url
+    assert restarted is not None and restarted["pid"] != killed["pid"]
+    assert _api(home.run("-c", ENSURE_API)) == restarted["url"]
     assert home.processes() == [restarted["pid"]]
     _stop(home)
 
@@ -206,6 +210,8 @@ def test_a_configured_api_url_is_used_and_nothing_is_started(home: Home, prefect
 
 
 def test_opting_out_keeps_prefects_temporary_server_behaviour(home: Home) -> None:
+    assert home.cli("runs", "--help").returncode == 0  # help needs no server
+    assert home.recorded() is None
     opted_out = home.run("-c", ENSURE_API, extra={"PREFECT_PYDANTIC_AI_LOCAL_SERVER": "false"})
     assert _api(opted_out) == "None"
     assert home.recorded() is None
