@@ -64,6 +64,8 @@ def worker(variant: str) -> None:
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
+    """This environment without any PREFECT_ setting, with a private PREFECT_HOME under `home`."""
+    (home / "prefect-home").mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         PREFECT_HOME=str(home / "prefect-home"),
