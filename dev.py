@@ -207,10 +207,9 @@ def main(argv: list[str]) -> int:
         _ensure_env(dev=command in NEEDS_DEV)
     except subprocess.CalledProcessError:
         return 1
-    env = {
-        **os.environ,
-        "PREFECT_PYDANTIC_AI_CLI": "python3 dev.py cli",
-    }  # hints name a command that works here
+    env = dict(os.environ)
+    if command in {"demo", "cli"}:  # their hints then name a command that works from the clone
+        env["PREFECT_PYDANTIC_AI_CLI"] = "python3 dev.py cli"
     return subprocess.call(commands[command], cwd=ROOT, env=env)
 
 
