@@ -53,6 +53,7 @@ from .records import (
     write_record,
 )
 from .report import ledger_markdown, remember_ledger
+from .server import ensure_api
 from .steps import StepTasks
 from .tool_step import ToolSteps, ToolTasks
 
@@ -174,6 +175,7 @@ class PrefectDurability(AbstractCapability[Any]):
         inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
         if FlowRunContext.get() is not None:
             return await self._durable(ctx, inputs, handler)
+        ensure_api()  # no server configured: the persistent local one, started once per PREFECT_HOME
         key = _run_key.get()
         recall_of = await _earlier_attempts(key) if key is not None else None
 
