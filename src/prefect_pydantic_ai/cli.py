@@ -32,12 +32,11 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
     def wrapper(*args: Any, **kwargs: Any) -> _T:
         from pydantic_ai.exceptions import UserError
 
-        from .analyst import DatasetError
         from .errors import RunError
 
         try:
             return fn(*args, **kwargs)
-        except (RunError, UserError, DatasetError, ValueError) as exc:
+        except (RunError, UserError, ValueError) as exc:  # a bad CSV (DatasetError) is a ValueError too
             errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
