@@ -60,6 +60,8 @@ class RunningStep:
     """
 
     key: str
+    name: str
+    """The step's task run name, `<kind>: <name> @ <agent>`."""
     _runs: Counter[str] = field(default_factory=Counter)
 
     def next_run(self, agent: str) -> int:
@@ -89,6 +91,17 @@ def step_idempotency_key() -> str:
             "step_idempotency_key() works only inside a model or tool step of a PrefectAgent run."
         )
     return step.key
+
+
+@contextmanager
+def within_step(key: str, name: str) -> Iterator[RunningStep]:
+    """Run the block as (one attempt of) the step `key` named `name`: agent runs started in it are its sub-runs."""
+    step = RunningStep(key, name)
+    token = _current_step.set(step)
+    try:
+        yield step
+    finally:
+        _current_step.reset(token)
 
 
 @contextmanager
@@ -323,22 +336,20 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
-            token = _current_step.set(RunningStep(key))
-            try:
-                if guarded:
-                    assert unverified is not None
-                    if await _marker(storage, key) != _STARTED:
-                        await _set_marker(storage, key, _STARTED)
-                    elif (decided := await unverified()) is not RUN_AGAIN:
-                        return decided
-                return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
-            except Exception as exc:
-                wait_until = time.monotonic() + _retry_after(exc)
-                if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
-                    await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
-                raise
-            finally:
-                _current_step.reset(token)
+            with within_step(key, f"{self.kind}: {name} @ {self.agent}"):
+                try:
+                    if guarded:
+                        assert unverified is not None
+                        if await _marker(storage, key) != _STARTED:
+                            await _set_marker(storage, key, _STARTED)
+                        elif (decided := await unverified()) is not RUN_AGAIN:
+                            return decided
+                    return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
+                except Exception as exc:
+                    wait_until = time.monotonic() + _retry_after(exc)
+                    if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
+                        await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
+                    raise
 
         overwrite = False
         for _ in range(2):
