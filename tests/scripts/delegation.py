@@ -2,7 +2,8 @@
 
 `delegation.py KEY SHAPE` runs the coordinator under idempotency key KEY, where SHAPE is
 - `one`: one delegation (the researcher: model → lookup → model);
-- `parallel`: two delegations in one coordinator response (topics "a" and "b");
+- `parallel`: two delegations in one coordinator response (topics "a" and "b"; the researcher's calls are
+  counted as `researcher:model:a`, `researcher:lookup:b`...);
 - `twice`: one delegation that runs the researcher twice, one run after the other, with the same prompt;
 - `iter`: one delegation that drives the researcher through `iter()`;
 - `output`: the coordinator's output function `deliver` delegates (instead of the `delegate` tool);
@@ -62,8 +63,13 @@ def _topic(messages: list[ModelMessage]) -> str:
     return str(getattr(prompt, "content", "")).rsplit(" ", 1)[-1]
 
 
-def _reply(agent: str, parts: list[Any]) -> ModelResponse:
-    number = PLAN.hit_sync(f"{agent}:model")
+def _named(name: str, topic: str) -> str:
+    """A call's name in the plan; in the `parallel` shape the researcher's calls also name their topic."""
+    return f"{name}:{topic}" if SHAPE == "parallel" and name.startswith("researcher:") else name
+
+
+def _reply(agent: str, parts: list[Any], topic: str = "") -> ModelResponse:
+    number = PLAN.hit_sync(_named(f"{agent}:model", topic))
     return ModelResponse(
         parts=parts, usage=RequestUsage(input_tokens=10 * number + _TOKENS[agent], output_tokens=1)
     )
@@ -84,8 +90,8 @@ def researcher_policy(messages: list[ModelMessage], info: AgentInfo) -> ModelRes
     topic = _topic(messages)
     if not returns:
         tool = "verify" if SHAPE == "nested" else "lookup"
-        return _reply("researcher", [ToolCallPart(tool, {"topic": topic})])
-    return _reply("researcher", [TextPart(f"findings on {topic}: {returns[0].content}")])
+        return _reply("researcher", [ToolCallPart(tool, {"topic": topic})], topic)
+    return _reply("researcher", [TextPart(f"findings on {topic}: {returns[0].content}")], topic)
 
 
 def fact_checker_policy(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -115,7 +121,7 @@ researcher_agent = Agent(
 
 @researcher_agent.tool_plain
 async def lookup(topic: str) -> str:
-    await PLAN.hit("researcher:lookup")
+    await PLAN.hit(_named("researcher:lookup", topic))
     return f"fact {topic}"
 
 
