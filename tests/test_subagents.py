@@ -118,6 +118,7 @@ def _assert_ledger_counts(out: dict[str, Any], executed: list[str], uninterrupte
     )
 
 
+@pytest.mark.slow
 def test_killed_inside_the_sub_agents_tool_replays_the_sub_agents_completed_model_call(
     tmp_path: Path,
 ) -> None:
@@ -129,6 +130,7 @@ def test_killed_inside_the_sub_agents_tool_replays_the_sub_agents_completed_mode
     _assert_ledger_counts(out, second, ONE)
 
 
+@pytest.mark.slow
 def test_killed_between_the_sub_agents_model_call_and_its_tool_runs_only_the_tool_onwards(
     tmp_path: Path,
 ) -> None:
@@ -139,6 +141,7 @@ def test_killed_between_the_sub_agents_model_call_and_its_tool_runs_only_the_too
     _assert_ledger_counts(out, second, ONE)
 
 
+@pytest.mark.slow
 def test_killed_after_the_sub_agent_returned_replays_the_whole_sub_run(tmp_path: Path) -> None:
     first, second, out = _kill_then_rerun(tmp_path, "one", "coordinator:returned", 1)
     assert first == ONE[:6]
@@ -148,6 +151,7 @@ def test_killed_after_the_sub_agent_returned_replays_the_whole_sub_run(tmp_path:
     assert out["ledger"]["sub_agents"]["researcher"]["saved"]["model_calls"] == 2
 
 
+@pytest.mark.slow
 def test_two_parallel_delegations_with_one_killed_keep_separate_journals(tmp_path: Path) -> None:
     first, second, out = _kill_then_rerun(tmp_path, "parallel", "researcher:lookup:b", 1)
     assert out["output"] == "findings on a: fact a | findings on b: fact b"
@@ -169,6 +173,7 @@ def test_two_parallel_delegations_with_one_killed_keep_separate_journals(tmp_pat
     _assert_ledger_counts(out, second, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_sub_agent_driven_through_iter_replays_like_run(tmp_path: Path) -> None:
     first, second, out = _kill_then_rerun(tmp_path, "iter", "researcher:lookup", 1)
     assert first == ONE[:4]
@@ -177,6 +182,7 @@ def test_a_sub_agent_driven_through_iter_replays_like_run(tmp_path: Path) -> Non
     _assert_ledger_counts(out, second, ONE)
 
 
+@pytest.mark.slow
 def test_two_levels_of_delegation_replay_every_completed_step_at_every_level(tmp_path: Path) -> None:
     first, second, out = _kill_then_rerun(tmp_path, "nested", "fact_checker:source", 1)
     assert first == NESTED[:6]
@@ -196,6 +202,7 @@ def test_two_levels_of_delegation_replay_every_completed_step_at_every_level(tmp
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_show_nests_the_sub_agents_steps_under_the_delegating_tool(tmp_path: Path) -> None:
     _, _, out = _kill_then_rerun(tmp_path, "one", "researcher:lookup", 1)
     detail = await show_run(out["key"])
@@ -308,6 +315,7 @@ async def test_a_failed_delegation_is_retried_and_the_sub_agent_replays_what_it_
     assert [attempt.state for attempt in record.attempts] == ["completed"]
 
 
+@pytest.mark.slow
 def test_a_sub_agent_run_from_an_output_function_replays_what_it_completed(tmp_path: Path) -> None:
     uninterrupted = [
         "coordinator:model",
@@ -327,6 +335,7 @@ def test_a_sub_agent_run_from_an_output_function_replays_what_it_completed(tmp_p
     assert (out["ledger"]["spent"]["model_calls"], out["ledger"]["saved"]["model_calls"]) == (1, 2)
 
 
+@pytest.mark.slow
 def test_two_identical_delegations_in_one_step_stay_apart(tmp_path: Path) -> None:
     first, second, out = _kill_then_rerun(tmp_path, "twice", "researcher:lookup", 2)
     assert first == [*ONE[:5], "researcher:model", "researcher:lookup"]
@@ -371,6 +380,7 @@ def test_the_show_table_prints_a_sub_agents_steps_indented_under_the_delegating_
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_what_a_killed_sub_agent_spent_is_in_its_parents_record_and_counted_once(
     tmp_path: Path,
 ) -> None:
