@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
 """One entry point for a fresh clone: `python3 dev.py demo` runs the demo, `python3 dev.py test` the tests.
 
-It needs only Python >= 3.11. On first use it creates `.venv/` beside this file and installs the project into it
-(editable, with its test dependencies); later runs reuse it and reinstall only when `pyproject.toml` changes.
-Any other arguments are passed on: `python3 dev.py demo --kill`, `python3 dev.py test -k resume`,
-`python3 dev.py cli runs --json`, `python3 dev.py bench`.
+It needs only Python >= 3.11. On first use it creates `.venv/` beside this file and installs the project into it,
+editable: `demo` and `cli` need only the project itself, `test`, `check` and `bench` also its `dev` extra. Later
+runs reuse it and reinstall only when `pyproject.toml` changes or a command needs the extra. Installs go through
+`uv` (seconds instead of a minute or more), reading the package indexes from this machine's pip configuration;
+when uv cannot be used, pip does the install. Any other arguments are passed on: `python3 dev.py demo --kill`,
+`python3 dev.py test -k resume`, `python3 dev.py cli runs --json`, `python3 dev.py bench`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 import venv
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -21,21 +27,165 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed-from"
+LOG = VENV / "install.log"
+NEEDS_DEV = {"test", "check", "bench"}
+
+# pip settings uv has an equivalent for; any other setting in the pip configuration makes us install with pip.
+_PIP_TO_UV = {
+    "index-url": "--index-url",
+    "extra-index-url": "--extra-index-url",
+    "find-links": "--find-links",
+}
+_PIP_HARMLESS = {
+    "cert",
+    "constraint",
+    "default-timeout",
+    "timeout",
+    "disable-pip-version-check",
+    "no-cache-dir",
+}
+_PIP_HARMLESS |= {"progress-bar", "quiet", "verbose", "retries", "trusted-host", "no-input", "no-index"}
 
 
-def _ensure_env() -> None:
-    if sys.version_info < (3, 11):
+def _ensure_env(dev: bool) -> None:
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs on whatever python3 the user has)
         sys.exit(f"prefect-pydantic-ai needs Python >= 3.11 (this is {sys.version.split()[0]}).")
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == wanted:
+    installed = _read_stamp()
+    if PYTHON.exists() and installed.get("pyproject") == wanted and (installed.get("dev") or not dev):
         return
+    dev = dev or installed.get("dev") is True  # a reinstall keeps the extra once it was there
+    started = time.monotonic()
     if not PYTHON.exists():
-        print(f"dev.py: creating {VENV} ...", file=sys.stderr)
-        venv.EnvBuilder(with_pip=True).create(VENV)
-    print("dev.py: installing prefect-pydantic-ai and its test dependencies ...", file=sys.stderr)
-    pip = [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
-    STAMP.write_text(wanted)
+        _with_progress(
+            f"creating {VENV.relative_to(ROOT)}/", lambda: venv.EnvBuilder(with_pip=True).create(VENV)
+        )
+    target = f"{ROOT}[dev]" if dev else str(ROOT)
+    what = "the project and its test dependencies" if dev else "the project (what the demo needs)"
+    if not _install_with_uv(target, what):
+        _run_step(f"installing {what} with pip", [str(PYTHON), "-m", "pip", "install", "-q", "-e", target])
+    STAMP.write_text(json.dumps({"pyproject": wanted, "dev": dev}))
+    _say(f"ready in {time.monotonic() - started:.0f}s")
+
+
+def _install_with_uv(target: str, what: str) -> bool:
+    """Install `target` with uv, given the same indexes pip would use; False when uv cannot do it."""
+    options = _uv_options()
+    if options is None:
+        return False
+    uv = BIN / ("uv.exe" if os.name == "nt" else "uv")
+    try:
+        if not uv.exists():
+            _run_step("installing uv", [str(PYTHON), "-m", "pip", "install", "-q", "uv"])
+        env = dict(os.environ)
+        if isinstance(cert := options.get("cert"), str):
+            env.setdefault("SSL_CERT_FILE", cert)
+        command = [str(uv), "pip", "install", "--python", str(PYTHON), "-e", target, *options["args"]]
+        _run_step(f"installing {what} with uv", command, env=env)
+    except subprocess.CalledProcessError:
+        _say("uv could not install it; trying pip")
+        return False
+    return True
+
+
+def _uv_options() -> dict[str, list[str] | str] | None:
+    """uv's options for the indexes, find-links and constraints of `pip config list` (None: settings uv lacks).
+
+    Like pip, uv is told to pick the best version across all indexes (`--index-strategy unsafe-best-match`).
+    """
+    try:
+        listing = subprocess.run(
+            [str(PYTHON), "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    args = ["--index-strategy", "unsafe-best-match"]
+    options: dict[str, list[str] | str] = {"args": args}
+    seen: set[tuple[str, str]] = set()
+    for line in listing.splitlines():
+        name, _, raw = line.partition("=")
+        section, _, key = name.rpartition(".")
+        if section not in {"global", "install", ":env:"} or not raw:
+            continue
+        value = raw.strip().strip("'\"")
+        if key in _PIP_TO_UV:
+            for item in value.split():
+                if (key, item) not in seen:  # the environment and the files may repeat a value
+                    seen.add((key, item))
+                    args += [_PIP_TO_UV[key], item]
+        elif key == "constraint":
+            args += ["--constraint", value]
+        elif key == "no-index" and value.lower() in {"1", "true", "yes", "on"}:
+            args.append("--no-index")
+        elif key == "trusted-host":
+            args += [f"--allow-insecure-host={host}" for host in value.split()]
+        elif key == "cert":
+            options["cert"] = value
+        elif key not in _PIP_HARMLESS:
+            return None
+    for variable, key in (("PIP_INDEX_URL", "index-url"), ("PIP_EXTRA_INDEX_URL", "extra-index-url")):
+        for item in os.environ.get(
+            variable, ""
+        ).split():  # `pip config list` shows these only when set in files
+            if (key, item) not in seen:
+                seen.add((key, item))
+                args += [_PIP_TO_UV[key], item]
+    return options
+
+
+def _run_step(what: str, command: list[str], env: dict[str, str] | None = None) -> None:
+    """Run an install step, its output to .venv/install.log, showing elapsed seconds; its log tail on failure."""
+    with LOG.open("a") as log:
+        log.write(f"\n$ {shlex.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _with_progress(what, process.wait)
+    if process.returncode != 0:
+        tail = LOG.read_text().splitlines()[-15:]
+        _say(f"{what} failed (exit {process.returncode}); the end of {LOG}:\n  " + "\n  ".join(tail))
+        raise subprocess.CalledProcessError(process.returncode, command)
+
+
+def _with_progress(what: str, work: Callable[[], object]) -> None:
+    """Call `work` in a thread and redraw "what ... Ns" on a terminal (a start line otherwise)."""
+    import threading
+
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    started = time.monotonic()
+    threading.Thread(target=target, daemon=True).start()
+    live = sys.stderr.isatty()
+    if not live:
+        _say(f"{what} ...")
+    while not done.wait(0.5 if live else 5):
+        if live:
+            sys.stderr.write(f"\rdev.py: {what} ... {time.monotonic() - started:.0f}s")
+            sys.stderr.flush()
+    if live:
+        sys.stderr.write(f"\rdev.py: {what} ... {time.monotonic() - started:.0f}s\n")
+    if failure:
+        raise failure[0]
+
+
+def _read_stamp() -> dict[str, object]:
+    try:
+        stamp = json.loads(STAMP.read_text())
+        return stamp if isinstance(stamp, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _say(message: str) -> None:
+    print(f"dev.py: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -53,8 +203,14 @@ def main(argv: list[str]) -> int:
     if command not in commands:
         print(f"dev.py: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
-    _ensure_env()
-    return subprocess.call(commands[command], cwd=ROOT)
+    try:
+        _ensure_env(dev=command in NEEDS_DEV)
+    except subprocess.CalledProcessError:
+        return 1
+    env = dict(os.environ)
+    if command in {"demo", "cli"}:  # their hints then name a command that works from the clone
+        env["PREFECT_PYDANTIC_AI_CLI"] = "python3 dev.py cli"
+    return subprocess.call(commands[command], cwd=ROOT, env=env)
 
 
 if __name__ == "__main__":

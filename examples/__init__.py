@@ -7,6 +7,7 @@ Run each one from the repository root, offline by default (``--model`` takes a p
 - ``python -m examples.research_and_summarize``: two agents in sequence, with typed deps.
 - ``python -m examples.triage_ticket``: a conditional workflow routed by the agent's typed output.
 - ``python -m examples.serve_analyst``: the analyze-and-report flow served as a deployment.
+- ``python -m examples.delegate_research_and_writing``: a coordinator agent delegating to durable sub-agents.
 
 Every example flow passes its agents' steps through `fault_injection(agent_name)`: when the environment
 variable ``PPAI_FAULT_PLAN`` holds a `prefect_pydantic_ai.testing.FaultPlan`, each model request and tool call

@@ -53,6 +53,8 @@ __all__ = [
     "research_and_summarize",
     "researcher",
     "summarizer",
+    "tool_results",
+    "user_prompt",
 ]
 
 DEFAULT_TOPIC = "durable execution for AI agents"
@@ -251,7 +253,8 @@ def build_summary_agent(model: Model | str | None = None) -> Agent[ResearchFindi
 _T = TypeVar("_T")
 
 
-def _prompt(messages: list[ModelMessage]) -> str:
+def user_prompt(messages: list[ModelMessage]) -> str:
+    """The text of the run's first user prompt."""
     return next(
         part.content
         for message in messages
@@ -261,7 +264,7 @@ def _prompt(messages: list[ModelMessage]) -> str:
     )
 
 
-def _results(messages: list[ModelMessage], tool: str, adapter: TypeAdapter[_T]) -> list[_T]:
+def tool_results(messages: list[ModelMessage], tool: str, adapter: TypeAdapter[_T]) -> list[_T]:
     """The successful results of `tool`, in call order."""
     calls = [
         part.tool_call_id
@@ -299,12 +302,12 @@ _FINDINGS = TypeAdapter(ResearchFindings)
 
 def _research_policy(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Search with the request's words, read every hit, then cite what was read."""
-    searches = _results(messages, "search_notes", _HITS)
+    searches = tool_results(messages, "search_notes", _HITS)
     if not searches:
-        query = re.sub(r"^\s*research\s+", "", _prompt(messages), flags=re.IGNORECASE)
+        query = re.sub(r"^\s*research\s+", "", user_prompt(messages), flags=re.IGNORECASE)
         return ModelResponse(parts=[ToolCallPart("search_notes", {"query": query})])
     hits = searches[-1]
-    read = {note.id: note for note in _results(messages, "read_note", _NOTE)}
+    read = {note.id: note for note in tool_results(messages, "read_note", _NOTE)}
     unread: list[ModelResponsePart] = [
         ToolCallPart("read_note", {"note_id": hit.id}) for hit in hits if hit.id not in read
     ]
@@ -321,7 +324,7 @@ def _research_policy(messages: list[ModelMessage], info: AgentInfo) -> ModelResp
 
 def _summary_policy(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     """Fetch the findings, then rewrite them at three levels of detail."""
-    fetched = _results(messages, "get_findings", _FINDINGS)
+    fetched = tool_results(messages, "get_findings", _FINDINGS)
     if not fetched:
         return ModelResponse(parts=[ToolCallPart("get_findings", {})])
     findings = fetched[-1]

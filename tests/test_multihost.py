@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from prefect_pydantic_ai.demo import free_port
+from prefect_pydantic_ai.server import free_port
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
 
 pytestmark = pytest.mark.slow
@@ -135,7 +135,7 @@ def s3_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
             region_name="us-east-1",
             aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
         )
-        S3Bucket(bucket_name=bucket, credentials=credentials).save(bucket)
+        S3Bucket(bucket_name=bucket, credentials=credentials).save(bucket, _sync=True)  # type: ignore[call-arg]
         yield {"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{bucket}"}
     finally:
         server.terminate()
@@ -347,6 +347,19 @@ def _kill_machine(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
+def _wait_for_call(calls: Path, name: str, worker: subprocess.Popen[str], timeout: float = 120) -> None:
+    """Wait until a flow run of `worker` logged a call of `name`; on timeout, fail with the worker's output."""
+    deadline = time.monotonic() + timeout
+    while name not in CallLog(calls).counts():
+        if time.monotonic() > deadline:
+            _kill_machine(worker)
+            stdout, stderr = worker.communicate()
+            raise AssertionError(
+                f"no {name} call within {timeout:g}s; worker output:\n{(stdout + stderr)[-4000:]}"
+            )
+        time.sleep(0.05)
+
+
 def _worker(name: str, root: Path, pool: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return machine(
         name,
@@ -406,7 +419,7 @@ async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finis
         hang = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1, delay=120)
         worker_a = _worker("host-a", tmp_path, pool, {**shared, **hang.to_env()})
         flow_run = await run_deployment(deployment_id, timeout=0)
-        _wait_until(lambda: "tool:save" in CallLog(calls).counts(), "worker A in save", timeout=120)
+        _wait_for_call(calls, "tool:save", worker_a)
         killed_at = time.monotonic()
         _kill_machine(worker_a)
 

@@ -54,5 +54,7 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in ("PrefectAgent", "PrefectDurability"):  # a user's own @flow then runs on the local server too
+        importlib.import_module(".server", __name__).adopt_running_server()
     globals()[name] = value
     return value

@@ -30,9 +30,10 @@ from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow_async
 from pydantic_ai.agent import AbstractAgent
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.capabilities.abstract import WrapRunHandler
+from pydantic_ai.capabilities.abstract import WrapOutputProcessHandler, WrapRunHandler
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.models import Model, ModelRequestContext
+from pydantic_ai.output import OutputContext
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext, ToolDefinition
 
@@ -41,7 +42,7 @@ from .crashes import settle_if_dead
 from .errors import DurabilityConfigError, NotJournalableError, RunError
 from .journal import ConversationDigest, RunInputs, to_journal_json
 from .ledger import Ledger
-from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog
+from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog, attach_sub_run
 from .records import (
     RECALL_TAG,
     TAG,
@@ -53,7 +54,8 @@ from .records import (
     write_record,
 )
 from .report import ledger_markdown, remember_ledger
-from .steps import StepTasks
+from .server import ensure_api
+from .steps import RunningStep, StepTasks, running_step
 from .tool_step import ToolSteps, ToolTasks
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
@@ -174,6 +176,7 @@ class PrefectDurability(AbstractCapability[Any]):
         inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
         if FlowRunContext.get() is not None:
             return await self._durable(ctx, inputs, handler)
+        ensure_api()  # no server configured: the persistent local one, started once per PREFECT_HOME
         key = _run_key.get()
         recall_of = await _earlier_attempts(key) if key is not None else None
 
@@ -224,18 +227,25 @@ class PrefectDurability(AbstractCapability[Any]):
                 f"Two different agents are named {name!r} in flow run {flow_run.name!r}; their steps would "
                 "share journal keys. Give each agent its own name."
             )
-        ordinals = _ordinals.setdefault(scope, Counter())
-        ordinal = ordinals[name]
-        ordinals[name] += 1
         key = _run_key.get()
-        identity = RunIdentity(
-            run_key=f"key:{key}" if key is not None else f"flow:{root}", agent=name, ordinal=ordinal
-        )
-        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs, recall_of)
+        parent = running_step()
+        if parent is None:
+            ordinals = _ordinals.setdefault(scope, Counter())
+            ordinal = ordinals[name]
+            ordinals[name] += 1
+            run_key = f"key:{key}" if key is not None else f"flow:{root}"
+        else:  # a sub-agent run: keyed under the step that started it, which every attempt of it finds again
+            ordinal = parent.next_run(name)
+            run_key = f"step:{parent.key}"
+        identity = RunIdentity(run_key=run_key, agent=name, ordinal=ordinal)
+        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs, recall_of, parent)
         log = StepLog(recall=recall_of is not None)
+        parent_spent = attach_sub_run(name, log)
 
-        async def spent() -> None:  # what this attempt spent survives its process
+        async def spent() -> None:  # what this attempt spent survives its process (and so does its parent's)
             await _record_attempt(record, log, "running")
+            if parent_spent is not None:
+                await parent_spent()
 
         model_steps = ModelSteps(
             identity, self._model_tasks, ConversationDigest(inputs.seed(name)), log, on_executed=spent
@@ -250,12 +260,13 @@ class PrefectDurability(AbstractCapability[Any]):
         key: str | None,
         inputs: RunInputs,
         recall_of: str | None,
+        parent: RunningStep | None,
     ) -> RunRecord:
         """Write (or, on a later attempt, refresh) the run record; tag the flow run as holding this agent."""
         assert flow_ctx.flow_run is not None
         name = self.agent_name
         flow_run_id = str(flow_ctx.flow_run.id)
-        record = await read_record(flow_run_id, name, ordinal)
+        record = await read_record(flow_run_id, name, ordinal, parent.key if parent else None)
         if record is None:
             flow_fn = getattr(flow_ctx.flow, "fn", None)
             bare = getattr(flow_fn, _OWN_FLOW, None) == name
@@ -274,6 +285,8 @@ class PrefectDurability(AbstractCapability[Any]):
                 metadata=inputs.metadata,
                 redacted=list(inputs.redacted),
                 recall_of=recall_of,
+                parent_step=parent.key if parent else None,
+                parent_step_name=parent.name if parent else None,
             )
         else:
             record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
@@ -323,6 +336,21 @@ class PrefectDurability(AbstractCapability[Any]):
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Any:
         return await self._steps().tool_steps.execute(ctx, call, args, handler)
+
+    async def wrap_output_process(
+        self,
+        ctx: RunContext[Any],
+        *,
+        output_context: OutputContext,
+        output: Any,
+        handler: WrapOutputProcessHandler,
+    ) -> Any:
+        if not output_context.has_function or ctx.partial_output:
+            return await handler(output)
+        function = output_context.function_name or "output"
+        return await self._steps().tool_steps.process_output(
+            output_context.tool_call, function, lambda: handler(output)
+        )
 
     # -- resume ------------------------------------------------------------------------------------------------
 

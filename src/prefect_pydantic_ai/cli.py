@@ -32,12 +32,11 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
     def wrapper(*args: Any, **kwargs: Any) -> _T:
         from pydantic_ai.exceptions import UserError
 
-        from .analyst import DatasetError
         from .errors import RunError
 
         try:
             return fn(*args, **kwargs)
-        except (RunError, UserError, DatasetError, ValueError) as exc:
+        except (RunError, UserError, ValueError) as exc:  # a bad CSV (DatasetError) is a ValueError too
             errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -85,6 +84,7 @@ def runs_command(
             seconds(run.duration_s),
         )
     console.print(table if found else "No agent runs yet.")
+    _ui_footer(found[0].run_id if len(found) == 1 else None)
 
 
 @app.command("show")
@@ -102,6 +102,18 @@ def show_command(
         print(json.dumps(show_json(detail), indent=2, default=str))
         return
     print_detail(detail)
+    _ui_footer(detail.run_id)
+
+
+def _ui_footer(run_id: str | None) -> None:
+    """Where to see it in the Prefect UI: the run's page, or the UI's list of runs."""
+    from prefect.settings import get_current_settings
+
+    from .server import run_url
+
+    ui = get_current_settings().ui_url
+    if ui:
+        console.print(f"[dim]Prefect UI: {run_url(run_id) if run_id else ui.rstrip('/') + '/runs'}[/dim]")
 
 
 @app.command("resume")
@@ -270,22 +282,16 @@ def demo_command(
     ] = False,
 ) -> None:
     """The seed's AI Data Analyst walkthrough for real: attempt 1 fails at a step, the retry replays the rest."""
-    import os
     import time
 
+    from .server import LocalServer, start_api
+
     started = time.monotonic()
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        from .demo import LocalServer
+    api = _server_call(start_api)  # finds or boots the local server while the demo's imports run
+    from .demo import run_demo
 
-        server = LocalServer()  # boots while the imports below run
+    server = None if _server_call(api) is not None else LocalServer()  # opted out: a temporary server
     try:
-        from .demo import run_demo
-
-        if server is not None and _profile_has_api_url():  # a Prefect profile names a server: use that one
-            server.stop()
-            server = None
-
         code = run_demo(
             fail_at=fail_at,
             kill=kill,
@@ -301,10 +307,110 @@ def demo_command(
     sys.exit(code)
 
 
-def _profile_has_api_url() -> bool:
-    from prefect.settings import PREFECT_API_URL
+# -- the Prefect server commands talk to -----------------------------------------------------------------------
 
-    return bool(PREFECT_API_URL.value())
+# demo finds its server itself, overlapping its imports
+_API_COMMANDS = {"runs", "show", "resume", "costs", "install-automations"}
+
+
+@app.callback()
+def _use_api(ctx: typer.Context) -> None:
+    """Point the commands that talk to Prefect at its configured API, else at the persistent local server."""
+    if ctx.invoked_subcommand in _API_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
+        from .server import ensure_api
+
+        _server_call(ensure_api)
+
+
+def _server_call(fn: Callable[[], _T]) -> _T:
+    """Call `fn`; a local server that cannot start is a one-line error with exit code 2."""
+    from .server import LocalServerError
+
+    try:
+        return fn()
+    except LocalServerError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+server_app = typer.Typer(
+    help="The persistent local Prefect server used when no PREFECT_API_URL is configured.",
+    no_args_is_help=True,
+)
+app.add_typer(server_app, name="server")
+
+
+def _home_and_configured() -> tuple[Path, str | None]:
+    from .server import configured_api, prefect_home
+
+    return prefect_home(), configured_api()
+
+
+def _print_status(document: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(document, indent=2))
+    elif document["running"]:
+        console.print(
+            f"running  url {document['url']}  UI {document['ui_url']}  pid {document['pid']}  "
+            f"PREFECT_HOME {document['prefect_home']}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        console.print(
+            f"not running  PREFECT_HOME {document['prefect_home']}", highlight=False, soft_wrap=True
+        )
+    if not as_json and document["configured_api_url"]:
+        console.print(f"(commands use the configured PREFECT_API_URL {document['configured_api_url']})")
+
+
+@server_app.command("status")
+def server_status_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
+) -> None:
+    """Whether the local server of this PREFECT_HOME runs: its URL, UI, pid and PREFECT_HOME."""
+    from .server import running_server, status_json
+
+    home, configured = _home_and_configured()
+    document = status_json(running_server(home), home)
+    document["configured_api_url"] = configured
+    _print_status(document, as_json)
+
+
+@server_app.command("start")
+def server_start_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as `server status --json`).")] = False,
+) -> None:
+    """Start the local server of this PREFECT_HOME (or find it running) and wait until it answers."""
+    from .server import find_or_start, status_json
+
+    home, configured = _home_and_configured()
+    if configured is not None:
+        errors.print(
+            f"[red]error:[/red] PREFECT_API_URL is configured ({configured}); unset it to use the local server.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    address = _server_call(lambda: find_or_start(home, announce=True))
+    document = status_json(address, home)
+    document["configured_api_url"] = None
+    _print_status(document, as_json)
+
+
+@server_app.command("stop")
+def server_stop_command() -> None:
+    """Stop the local server of this PREFECT_HOME and forget its address."""
+    from .server import prefect_home, stop_server
+
+    home = prefect_home()
+    stopped = stop_server(home)
+    if stopped is None:
+        console.print(f"No local server running for {home}.", highlight=False)
+    else:
+        console.print(
+            f"Stopped the local Prefect server (pid {stopped.pid}) at {stopped.url}.", highlight=False
+        )
 
 
 def main() -> None:

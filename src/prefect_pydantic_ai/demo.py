@@ -4,29 +4,27 @@ Attempt 1 runs the AI Data Analyst in a child process and fails at the chosen st
 outlasts the step's retries, or (`--kill`) a SIGKILL of the whole process. The recovery attempt then resumes the
 same Prefect flow run, exactly as `prefect-pydantic-ai resume <run>` would: completed steps replay from the
 journal and execution continues from the failed step. The two timelines, the analysis and what replay saved are
-printed at the end. With no Prefect server configured, a temporary local one is started (no network needed).
+printed at the end. With no Prefect server configured, it runs on the persistent local server (`server` module),
+started on first use (no network needed); a second demo reuses it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from .display import SYMBOLS, console, print_ledger, print_step
+from .server import LocalServer, cli_name, local_api, prefect_api, run_url
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
 STEPS: dict[str, tuple[str, int]] = {
@@ -53,82 +51,6 @@ def _step(fail_at: str) -> tuple[str, int]:
     if fail_at not in STEPS:
         raise ValueError(f"Unknown step {fail_at!r} for --fail-at; use 1-5 or one of: {', '.join(STEPS)}.")
     return STEPS[fail_at]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LocalServer:
-    """A temporary Prefect server on a free loopback port, started with nothing but the standard library so it
-    boots while this process imports Prefect and pandas."""
-
-    def __init__(self, port: int | None = None, env: Mapping[str, str] | None = None) -> None:
-        """Start the server on `port` (a free one by default), with `env` (default: this process's environment)."""
-        port = port or free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
-        self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={
-                **(os.environ if env is None else env),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "PREFECT_API_URL": self.url,
-            },
-        )
-
-    def wait_until_ready(self, timeout: float = 120) -> None:
-        from .errors import RunError
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RunError(f"The local Prefect server did not start; see {self.log.name}.") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-@contextlib.contextmanager
-def prefect_api(server: LocalServer | None) -> Iterator[str]:
-    """The configured Prefect API, or `server` once it is ready (its URL is then set for this process too)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if server is None:
-        yield str(PREFECT_API_URL.value())
-        return
-    try:
-        server.wait_until_ready()
-        os.environ["PREFECT_API_URL"] = server.url
-        with temporary_settings(updates={PREFECT_API_URL: server.url}):
-            try:
-                yield server.url
-            finally:
-                _flush_logs()
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
-
-
-def _flush_logs() -> None:
-    """Send queued run logs to the API now, while the server is still there to receive them."""
-    from prefect.logging.handlers import APILogHandler
-
-    asyncio.run(APILogHandler.aflush())
 
 
 def run_demo(
@@ -185,7 +107,13 @@ def run_demo(
             env["PPA_DEMO_CSV"] = str(csv.resolve())
         with prefect_api(server) as api:
             temporary = server is not None
-            where = "a temporary local Prefect server" if temporary else "the configured Prefect server"
+            where = (
+                "a temporary local Prefect server"
+                if temporary
+                else "the local Prefect server"
+                if local_api() == api
+                else "the configured Prefect server"
+            )
             console.print(f"Prefect: {where} at {api} (ready after {time.monotonic() - started:.1f}s)")
             env["PREFECT_API_URL"] = api
             return _walkthrough(
@@ -264,13 +192,12 @@ def _walkthrough(
                 f"Replay saved {saved.model_calls} model call(s), {saved.tool_calls} tool call(s) and "
                 f"{saved.total_tokens:,} tokens that attempt 1 had already paid for."
             )
-    if link:
-        from prefect.settings import PREFECT_UI_URL
-
-        console.print(f"Prefect UI: {PREFECT_UI_URL.value()}/runs/flow-run/{detail.run_id}")
+    if link and (url := run_url(detail.run_id)):
+        console.print(f"Prefect UI: {url}")
     console.print(
         f"[dim]Timing: attempt 1 finished at {first_result:.1f}s, everything at {time.monotonic() - started:.1f}s. "
-        f"See it again: prefect-pydantic-ai show {key}[/dim]"
+        f"See it again: {cli_name()} show {key}[/dim]",
+        highlight=False,
     )
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -48,17 +49,25 @@ def timeline_table(title: str, steps: list[Any]) -> Table:
     table.add_column("Status")
     table.add_column("Attempts", justify="right")
     table.add_column("Duration", justify="right")
-    for step in steps:
+    for step, depth in _walk(steps, 0):
         kind = "Model call" if step.kind == "model" else "Tool call"
+        where = f"{'  ' * (depth - 1)}└ {step.agent}: " if depth else ""
         table.add_row(
             SYMBOLS[step.status],
             str(step.index),
-            f"{kind}: {step.name}",
+            f"{where}{kind}: {step.name}",
             step.status.replace("_", " "),
             str(step.attempts) if step.attempts else "-",
             seconds(step.duration_s),
         )
     return table
+
+
+def _walk(steps: list[Any], depth: int) -> Iterator[tuple[Any, int]]:
+    """Each step and its depth, a sub-agent's steps right under the step they ran inside."""
+    for step in steps:
+        yield step, depth
+        yield from _walk(step.steps, depth + 1)
 
 
 def show_json(detail: Any) -> dict[str, Any]:
@@ -82,6 +91,10 @@ def print_ledger(ledger: Any) -> None:
     table.add_row("Tool calls", str(ledger.spent.tool_calls), str(ledger.saved.tool_calls))
     table.add_row("Tokens", f"{ledger.spent.total_tokens:,}", f"{ledger.saved.total_tokens:,}")
     table.add_row("Cost (USD)", usd(ledger.spent), usd(ledger.saved))
+    for path, part in sorted(ledger.sub_agents.items()):
+        table.add_row(
+            f"  of which {path}", f"{part.spent.model_calls} calls", f"{part.saved.model_calls} calls"
+        )
     console.print(table)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from genai_prices import calc_price
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -164,6 +165,10 @@ class SpentSaved(BaseModel):
     def __add__(self, other: SpentSaved) -> SpentSaved:
         return SpentSaved(spent=self.spent + other.spent, saved=self.saved + other.saved)
 
+    def all_saved(self) -> SpentSaved:
+        """Everything counted as saved: what a replayed step that stood for all of it avoided."""
+        return SpentSaved(saved=self.spent + self.saved)
+
 
 class ToolCallCounts(BaseModel):
     """Executed (`spent`) and replayed (`saved`) calls of one tool."""
@@ -175,6 +180,9 @@ class ToolCallCounts(BaseModel):
 
     def __add__(self, other: ToolCallCounts) -> ToolCallCounts:
         return ToolCallCounts(spent=self.spent + other.spent, saved=self.saved + other.saved)
+
+    def all_saved(self) -> ToolCallCounts:
+        return ToolCallCounts(saved=self.spent + self.saved)
 
 
 class AvoidedShare(BaseModel):
@@ -194,6 +202,9 @@ class Ledger(BaseModel):
     by_model: dict[str, SpentSaved] = Field(default_factory=dict)
     """Model steps by `StepUsage.model_name` (`UNKNOWN_MODEL` when the response named none)."""
     by_tool: dict[str, ToolCallCounts] = Field(default_factory=dict)
+    sub_agents: dict[str, SpentSaved] = Field(default_factory=dict)
+    """The part of `spent` and `saved` that sub-agent runs (agents run inside this run's steps) account for, by
+    path (`researcher`, `researcher/fact_checker`); a path's usage includes the paths below it."""
 
     @property
     def is_partial(self) -> bool:
@@ -222,15 +233,29 @@ class Ledger(BaseModel):
 
     def merge(self, other: Ledger) -> Ledger:
         """A new ledger holding both ledgers' usage; neither input is changed."""
-        by_model = dict(self.by_model)
-        for name, usage in other.by_model.items():
-            by_model[name] = by_model[name] + usage if name in by_model else usage
-        by_tool = dict(self.by_tool)
-        for name, counts in other.by_tool.items():
-            by_tool[name] = by_tool[name] + counts if name in by_tool else counts
         return Ledger(
-            spent=self.spent + other.spent, saved=self.saved + other.saved, by_model=by_model, by_tool=by_tool
+            spent=self.spent + other.spent,
+            saved=self.saved + other.saved,
+            by_model=_summed(self.by_model, other.by_model),
+            by_tool=_summed(self.by_tool, other.by_tool),
+            sub_agents=_summed(self.sub_agents, other.sub_agents),
         )
+
+    def all_saved(self) -> Ledger:
+        """This ledger with everything counted as saved: a replayed step that stood for a whole sub-agent run
+        avoided all of it, what that run had spent and what it had saved alike."""
+        return Ledger(
+            saved=self.spent + self.saved,
+            by_model={name: usage.all_saved() for name, usage in self.by_model.items()},
+            by_tool={name: counts.all_saved() for name, counts in self.by_tool.items()},
+            sub_agents={path: usage.all_saved() for path, usage in self.sub_agents.items()},
+        )
+
+    def with_sub_run(self, agent: str, sub_run: Ledger) -> Ledger:
+        """This ledger plus the run of sub-agent `agent` (its ledger `sub_run`), which `sub_agents` accounts for."""
+        below = {f"{agent}/{path}": usage for path, usage in sub_run.sub_agents.items()}
+        own = Ledger(sub_agents={agent: SpentSaved(spent=sub_run.spent, saved=sub_run.saved), **below})
+        return self.merge(sub_run.model_copy(update={"sub_agents": {}})).merge(own)
 
     def share_avoided(self) -> AvoidedShare:
         """Share of model calls and of tokens that replay avoided; 0.0 where nothing was recorded."""
@@ -238,6 +263,17 @@ class Ledger(BaseModel):
             model_calls=_fraction(self.saved.model_calls, self.spent.model_calls),
             tokens=_fraction(self.saved.total_tokens, self.spent.total_tokens),
         )
+
+
+_Summable = TypeVar("_Summable", SpentSaved, ToolCallCounts)
+
+
+def _summed(left: dict[str, _Summable], right: dict[str, _Summable]) -> dict[str, _Summable]:
+    """Both tables, adding the values of names found in both."""
+    summed = dict(left)
+    for name, value in right.items():
+        summed[name] = summed[name] + value if name in summed else value
+    return summed
 
 
 def _fraction(saved: int, spent: int) -> float:

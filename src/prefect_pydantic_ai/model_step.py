@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
@@ -36,40 +37,120 @@ class RunIdentity:
     ordinal: int
 
 
+@dataclass(frozen=True)
+class SubRun:
+    """An agent run that finished inside a step of another run (a delegation): its agent and its ledger, as the
+    delegating step's journal entry keeps them."""
+
+    agent: str
+    ledger: Ledger
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent": self.agent, "ledger": self.ledger.model_dump(mode="json")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SubRun:
+        return cls(agent=data["agent"], ledger=Ledger.model_validate(data["ledger"]))
+
+
 class StepLog:
     """What each step of this attempt did. Executed model steps are priced as they complete, so what an attempt
     spent is known even if its process dies; replayed ones are priced when the attempt ends.
 
     A re-call of a completed logical run replays every step but saves nothing a recovery would have lost, so
-    with `recall=True` its replays are not counted as saved.
+    with `recall=True` its replays are not counted as saved. Sub-agent runs started in this attempt's steps are
+    attached as they start, so what they spend is this attempt's spend too, even if the process dies in them.
     """
 
     def __init__(self, *, recall: bool = False) -> None:
         self.recall = recall
-        self.spent = Ledger()
+        self._spent = Ledger()
         self._replayed: list[ModelResponse] = []
         self._replayed_tools: list[str] = []
+        self._sub_runs: list[tuple[str, StepLog]] = []
+        self._replayed_sub_runs: list[SubRun] = []
+
+    @property
+    def spent(self) -> Ledger:
+        """What this attempt executed so far, its sub-agent runs' included."""
+        spent = self._spent
+        for agent, log in self._sub_runs:
+            spent = spent.with_sub_run(agent, log.spent)
+        return spent
 
     def model(self, response: ModelResponse, replayed: bool) -> None:
         if not replayed:
-            self.spent.record_model(StepUsage.from_response(response), replayed=False)
+            self._spent.record_model(StepUsage.from_response(response), replayed=False)
         elif not self.recall:
             self._replayed.append(response)
 
     def tool(self, name: str, replayed: bool) -> None:
         if not replayed:
-            self.spent.record_tool(name, replayed=False)
+            self._spent.record_tool(name, replayed=False)
         elif not self.recall:
             self._replayed_tools.append(name)
 
+    def attach(self, agent: str, log: StepLog) -> None:
+        """Count an attempt of a sub-agent run (its `log`) started in one of this attempt's steps as part of it."""
+        self._sub_runs.append((agent, log))
+
+    def replayed_sub_run(self, sub_run: SubRun) -> None:
+        """A sub-agent run that a replayed step stood for: all it spent and saved is saved now."""
+        if not self.recall:
+            self._replayed_sub_runs.append(sub_run)
+
     def ledger(self) -> Ledger:
-        """Spent (executed) vs saved (replayed) usage, calls and dollars of this attempt."""
-        ledger = self.spent.model_copy(deep=True)
+        """Spent (executed) vs saved (replayed) usage, calls and dollars of this attempt, sub-agent runs included."""
+        ledger = self._spent.model_copy(deep=True)
         for response in self._replayed:
             ledger.record_model(StepUsage.from_response(response), replayed=True)
         for name in self._replayed_tools:
             ledger.record_tool(name, replayed=True)
+        for agent, log in self._sub_runs:
+            ledger = ledger.with_sub_run(agent, log.ledger())
+        for sub_run in self._replayed_sub_runs:
+            ledger = ledger.with_sub_run(sub_run.agent, sub_run.ledger.all_saved())
         return ledger
+
+
+@dataclass
+class _SubRunScope:
+    """A step (or output function) in which agent runs may start: the run it belongs to, and the runs it started."""
+
+    log: StepLog
+    on_executed: Callable[[], Awaitable[None]] | None
+    started: list[tuple[str, StepLog]] = field(default_factory=list)
+
+
+_scope: contextvars.ContextVar[_SubRunScope | None] = contextvars.ContextVar(
+    "ppa_sub_run_scope", default=None
+)
+
+
+@contextmanager
+def sub_run_scope(
+    log: StepLog, on_executed: Callable[[], Awaitable[None]] | None
+) -> Iterator[list[tuple[str, StepLog]]]:
+    """Agent runs started in this block are sub-runs of the run whose attempt `log` records; yields them (agent,
+    log) as they start. `on_executed()` records that run's spend (a sub-run calls it after each executed step)."""
+    scope = _SubRunScope(log, on_executed)
+    token = _scope.set(scope)
+    try:
+        yield scope.started
+    finally:
+        _scope.reset(token)
+
+
+def attach_sub_run(agent: str, log: StepLog) -> Callable[[], Awaitable[None]] | None:
+    """Attach a starting agent run (its attempt's `log`) to the step it runs in, if any: the parent attempt's
+    ledger includes it from now on. Returns what records the parent's spend, for the sub-run to call after each
+    step it executes, so a process killed inside the sub-run leaves the parent's record true."""
+    scope = _scope.get()
+    if scope is None:
+        return None
+    scope.started.append((agent, log))
+    scope.log.attach(agent, log)
+    return scope.on_executed
 
 
 class ModelSteps:

@@ -73,22 +73,33 @@ class RunRecord(BaseModel):
     attempts: list[AttemptRecord] = Field(default_factory=list)
     recall_of: str | None = None
     """For a re-call of a completed idempotency key: the flow run that did the work."""
+    parent_step: str | None = None
+    """For a sub-agent run (started inside a step of another agent run of this flow run): that step's key; its
+    `ordinal` then counts the runs of this agent within that step."""
+    parent_step_name: str | None = None
+    """The task run name of that step, `tool: <name> @ <agent>`."""
 
 
-def record_path(flow_run_id: str, agent: str, ordinal: int) -> str:
+def record_path(flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None) -> str:
+    """Where a run record lives; a sub-agent run's record lives under the key of the step that started it."""
+    if parent_step is not None:
+        return f"prefect-pydantic-ai/runs/{flow_run_id}/steps/{parent_step}/{agent}.{ordinal}.json"
     return f"prefect-pydantic-ai/runs/{flow_run_id}/{agent}.{ordinal}.json"
 
 
 async def write_record(record: RunRecord) -> None:
     storage = await _storage()
     data = record.model_dump_json(indent=1).encode()
-    await storage.awrite_path(record_path(record.flow_run_id, record.agent, record.ordinal), data)
+    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
+    await storage.awrite_path(path, data)
 
 
-async def read_record(flow_run_id: str, agent: str, ordinal: int) -> RunRecord | None:
+async def read_record(
+    flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None
+) -> RunRecord | None:
     storage = await _storage()
     try:
-        data = await storage.aread_path(record_path(flow_run_id, agent, ordinal))
+        data = await storage.aread_path(record_path(flow_run_id, agent, ordinal, parent_step))
     except Exception:
         return None
     try:
@@ -98,7 +109,8 @@ async def read_record(flow_run_id: str, agent: str, ordinal: int) -> RunRecord |
 
 
 async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecord]:
-    """All agent-run records of a flow run, in agent order then ordinal order."""
+    """All agent-run records of a flow run, in agent order then ordinal order (sub-agent runs' records, which
+    live under the step that started them, are not among them: their parent's ledger includes them)."""
     found: list[RunRecord] = []
     for agent in agents:
         ordinal = 0

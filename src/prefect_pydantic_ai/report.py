@@ -51,6 +51,14 @@ def usage_json(ledger: Ledger) -> dict[str, Any]:
         "model_calls": {"executed": ledger.spent.model_calls, "replayed": ledger.saved.model_calls},
         "tool_calls": {"executed": ledger.spent.tool_calls, "replayed": ledger.saved.tool_calls},
         "share_avoided": ledger.share_avoided().model_dump(),
+        "sub_agents": {
+            path: {
+                "usage": {"spent": _usage(part.spent), "saved": _usage(part.saved)},
+                "model_calls": {"executed": part.spent.model_calls, "replayed": part.saved.model_calls},
+                "tool_calls": {"executed": part.spent.tool_calls, "replayed": part.saved.tool_calls},
+            }
+            for path, part in sorted(ledger.sub_agents.items())
+        },
     }
 
 
@@ -85,6 +93,16 @@ def ledger_markdown(agent: str, ledger: Ledger, attempt: AttemptRecord) -> str:
         lines += [
             f"| {name} | {m.spent.model_calls} | {m.saved.model_calls} | {usd(m.spent)} | {usd(m.saved)} |"
             for name, m in sorted(ledger.by_model.items())
+        ]
+    if ledger.sub_agents:
+        lines += [
+            "",
+            "| Of which sub-agent | Calls spent | Calls saved | Spent | Saved |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {path} | {part.spent.model_calls} | {part.saved.model_calls} | {usd(part.spent)} | {usd(part.saved)} |"
+            for path, part in sorted(ledger.sub_agents.items())
         ]
     if attempt.error:
         lines += ["", f"**Error:** `{attempt.error}`"]

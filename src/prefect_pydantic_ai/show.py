@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from .ledger import Ledger
 from .records import RECALL_TAG, TAG, read_records, tag_values
 from .runs import RunState, flow_runs, resolve_run, state_of
-from .timeline import StepView, completed_before_the_kill, not_reached, task_runs, timeline
+from .timeline import StepView, completed_before_the_kill, not_reached, step_tree, task_runs, timeline
 
 
 class RunDetail(BaseModel):
@@ -94,8 +94,8 @@ async def show_run(ref: str) -> RunDetail:
         agents=agents,
         state=state_of(flow_run),
         run_count=flow_run.run_count,
-        steps=latest,
-        earlier_attempts=earlier,
+        steps=step_tree(latest),
+        earlier_attempts=[step_tree(steps) for steps in earlier],
         output=output,
         error=error,
         ledger=ledger,

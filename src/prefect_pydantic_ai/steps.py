@@ -14,10 +14,12 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
@@ -26,6 +28,7 @@ from prefect.context import TaskRunContext
 from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
+from prefect.transactions import BaseTransaction
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelHTTPError,
@@ -47,19 +50,77 @@ logger = logging.getLogger("prefect_pydantic_ai")
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
 RUN_AGAIN = object()
 """What a step's `unverified` callback returns to have the step's work run again (instead of an entry)."""
-_current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_current_step", default=None)
+
+
+@dataclass
+class RunningStep:
+    """The attempt of a step running in this context: its key, and the agent runs it started (sub-agents).
+
+    An agent run started inside a step (a tool delegating to another agent) is keyed under this step's key and
+    its ordinal among the runs of that agent in this attempt, so each attempt of the step finds the same
+    sub-runs in the journal, and two delegations (sequential, or parallel steps) stay apart.
+    """
+
+    key: str
+    name: str
+    """The step's task run name, `<kind>: <name> @ <agent>`."""
+    _runs: Counter[str] = field(default_factory=Counter)
+
+    def next_run(self, agent: str) -> int:
+        """The ordinal of a new run of `agent` started in this attempt of the step (0 for the first)."""
+        ordinal = self._runs[agent]
+        self._runs[agent] += 1
+        return ordinal
+
+
+_current_step: contextvars.ContextVar[RunningStep | None] = contextvars.ContextVar(
+    "ppa_current_step", default=None
+)
+
+
+def running_step() -> RunningStep | None:
+    """The step whose attempt is running in this context, if any."""
+    return _current_step.get()
 
 
 def step_idempotency_key() -> str:
     """The key of the model or tool step running now: the same for every attempt and every resume of this call,
     different for any other call (even an identical one at another step). Pass it to external systems that drop
     repeated requests (payment and email APIs take an idempotency key)."""
-    key = _current_step.get()
-    if key is None:
+    step = _current_step.get()
+    if step is None:
         raise RuntimeError(
             "step_idempotency_key() works only inside a model or tool step of a PrefectAgent run."
         )
-    return key
+    return step.key
+
+
+@contextmanager
+def within_step(key: str, name: str) -> Iterator[RunningStep]:
+    """Run the block as (one attempt of) the step `key` named `name`: agent runs started in it are its sub-runs."""
+    step = RunningStep(key, name)
+    token = _current_step.set(step)
+    try:
+        yield step
+    finally:
+        _current_step.reset(token)
+
+
+@contextmanager
+def _own_transaction() -> Iterator[None]:
+    """Make the step task open a top-level Prefect transaction, even when it runs inside another step.
+
+    Prefect runs a task called from inside another task's transaction as a nested transaction: its result is
+    staged and written only when the outermost transaction commits, and its SERIALIZABLE lock is held until
+    then. A sub-agent's steps run inside the delegating tool step, so a process killed inside that tool would
+    lose every step the sub-agent had completed. Hiding the enclosing transaction makes each step commit (write
+    its entry, release its lock) as soon as it completes, whatever runs around it.
+    """
+    token = BaseTransaction.__var__.set(cast(Any, None))
+    try:
+        yield
+    finally:
+        BaseTransaction.__var__.reset(token)
 
 
 @functools.cache
@@ -289,28 +350,27 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
-            token = _current_step.set(key)
-            try:
-                if guarded:
-                    assert unverified is not None
-                    if await _marker(storage, key) != _STARTED:
-                        await _set_marker(storage, key, _STARTED)
-                    elif (decided := await unverified()) is not RUN_AGAIN:
-                        return decided
-                return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
-            except Exception as exc:
-                wait_until = time.monotonic() + _retry_after(exc)
-                if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
-                    await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
-                raise
-            finally:
-                _current_step.reset(token)
+            with within_step(key, f"{self.kind}: {name} @ {self.agent}"):
+                try:
+                    if guarded:
+                        assert unverified is not None
+                        if await _marker(storage, key) != _STARTED:
+                            await _set_marker(storage, key, _STARTED)
+                        elif (decided := await unverified()) is not RUN_AGAIN:
+                            return decided
+                    return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
+                except Exception as exc:
+                    wait_until = time.monotonic() + _retry_after(exc)
+                    if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
+                        await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
+                    raise
 
         overwrite = False
         for _ in range(2):
             _PENDING[key] = attempt
             try:
-                entry = await self.task(name, storage, overwrite=overwrite)(key)
+                with _own_transaction():
+                    entry = await self.task(name, storage, overwrite=overwrite)(key)
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     retried = (

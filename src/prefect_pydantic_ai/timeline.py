@@ -12,7 +12,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import StateType, TaskRun
+from prefect.client.schemas.objects import StateType, TaskRun, TaskRunResult
 from pydantic import BaseModel
 
 StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "not_reached"]
@@ -29,6 +29,10 @@ class StepView(BaseModel):
     status: StepStatus
     attempts: int
     duration_s: float | None
+    parent: int | None = None
+    """For a sub-agent's step: the index of the step it ran inside (the delegating tool call)."""
+    steps: list[StepView] = []
+    """The sub-agent steps that ran inside this step (filled by `step_tree`)."""
 
 
 def _step_kind(task_run: TaskRun) -> Literal["model", "tool"] | None:
@@ -65,6 +69,7 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
     steps = [t for t in task_runs if t.flow_run_run_count == attempt and _step_kind(t) is not None]
     steps.sort(key=lambda t: t.start_time or t.expected_start_time or datetime.max.replace(tzinfo=UTC))
     views = []
+    indexes = {task_run.id: index for index, task_run in enumerate(steps, start=1)}
     for index, task_run in enumerate(steps, start=1):
         name, agent = _step_name_and_agent(task_run)
         views.append(
@@ -76,9 +81,29 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
                 status=_step_status(task_run, attempt_crashed),
                 attempts=task_run.run_count if task_run.state_name != "Cached" else 0,
                 duration_s=task_run.total_run_time.total_seconds() if task_run.total_run_time else None,
+                parent=_parent_step(task_run, indexes),
             )
         )
     return views
+
+
+def _parent_step(task_run: TaskRun, indexes: dict[UUID, int]) -> int | None:
+    """The index of the step task run that `task_run` ran inside (Prefect records it as a `__parents__` input)."""
+    for parent in task_run.task_inputs.get("__parents__", []):
+        if isinstance(parent, TaskRunResult) and (index := indexes.get(parent.id)) is not None:
+            return index
+    return None
+
+
+def step_tree(steps: list[StepView]) -> list[StepView]:
+    """A flat timeline as a tree: each sub-agent step under the step it ran inside, in order."""
+    nodes = {step.index: step.model_copy(update={"steps": []}) for step in steps}
+    roots: list[StepView] = []
+    for step in steps:
+        node = nodes[step.index]
+        parent = nodes.get(step.parent) if step.parent is not None else None
+        (parent.steps if parent is not None else roots).append(node)
+    return roots
 
 
 def completed_before_the_kill(steps: list[StepView], following: list[StepView]) -> list[StepView]:
@@ -124,6 +149,7 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
             status="crashed" if died_in_one and offset == 1 else "not_reached",
             attempts=int(died_in_one and offset == 1),
             duration_s=None,
+            parent=s.parent,
         )
         for offset, s in enumerate(later[len(earlier) :], start=1)
     ]

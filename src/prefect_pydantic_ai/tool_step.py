@@ -29,8 +29,8 @@ from pydantic_ai.tools import RunContext
 from .config import TaskConfig, UnverifiedPolicy
 from .errors import NotJournalableError, UnverifiedEffectError
 from .journal import canonical_json, seal, to_journal_json
-from .model_step import ModelSteps
-from .steps import RUN_AGAIN, StepTasks
+from .model_step import ModelSteps, SubRun, sub_run_scope
+from .steps import RUN_AGAIN, StepTasks, within_step
 
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -70,8 +70,9 @@ class ToolSteps:
         self._tasks = tasks
         self._unplaced = 0
 
-    def key(self, call: ToolCallPart) -> str:
-        """Key of a tool call: the model step that issued it, its position in that response, name and args."""
+    def key(self, call: ToolCallPart, *, name: str | None = None) -> str:
+        """Key of a tool call: the model step that issued it, its position in that response, name (`name`, if
+        given, instead of the tool's) and args."""
         steps = self._model_steps
         position = steps.tool_call_positions.get(call.tool_call_id)
         if position is None:  # a call not issued by the last response (e.g. resumed deferred calls)
@@ -80,7 +81,32 @@ class ToolSteps:
         else:
             place = str(position)
         args = hashlib.sha256(canonical_json(to_journal_json(call.args, what="tool arguments"))).hexdigest()
-        return steps.key("tool", f"{steps.number}.{place}", f"{steps.step_digest}:{args}", call.tool_name)
+        return steps.key(
+            "tool", f"{steps.number}.{place}", f"{steps.step_digest}:{args}", name or call.tool_name
+        )
+
+    async def process_output(
+        self, call: ToolCallPart | None, function: str, handler: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Run an output function as the scope of the agent runs it starts (a delegation in an output function).
+
+        The output function is not journaled itself: it returns typed Python output that the journal cannot
+        rebuild, and it runs again on every attempt. The agent runs it starts are keyed under this scope (the
+        model step that asked for the output, and the output call's place in it), so on a later attempt they
+        replay what they completed, and their ledgers join this run's.
+        """
+        steps = self._model_steps
+        name = f"output:{function}"
+        key = (
+            self.key(call, name=name)
+            if call is not None
+            else steps.key("tool", f"{steps.number}.output", steps.step_digest, name)
+        )
+        with (
+            within_step(key, f"output: {function} @ {steps.identity.agent}"),
+            sub_run_scope(steps.log, steps.on_executed),
+        ):
+            return await handler()
 
     async def execute(
         self,
@@ -93,25 +119,30 @@ class ToolSteps:
         tasks = self._tasks.for_tool(call.tool_name)
         if tasks is None:
             return await handler(args)
+        log = self._model_steps.log
         live: list[BaseException] = []
         live_result: list[Any] = []
 
         async def work() -> Any:
             live.clear()
             live_result.clear()
-            try:
-                result = await handler(args)
-            except (
-                ToolRetryError,
-                ToolFailedError,
-                CallDeferred,
-                ApprovalRequired,
-                SkipToolExecution,
-            ) as exc:
-                live.append(exc)
-                return seal("tool", _control_flow_outcome(exc))
-            live_result.append(result)
-            return seal("tool", _return_outcome(call.tool_name, result))
+            with sub_run_scope(log, self._model_steps.on_executed) as sub_runs:
+                try:
+                    result = await handler(args)
+                    outcome = _return_outcome(call.tool_name, result)
+                    live_result.append(result)
+                except (
+                    ToolRetryError,
+                    ToolFailedError,
+                    CallDeferred,
+                    ApprovalRequired,
+                    SkipToolExecution,
+                ) as exc:
+                    live.append(exc)
+                    outcome = _control_flow_outcome(exc)
+            if sub_runs:  # journaled with the outcome: a replay of this step saves all of them
+                outcome["sub_runs"] = [SubRun(agent, run.ledger()).to_json() for agent, run in sub_runs]
+            return seal("tool", outcome)
 
         key = self.key(call)
         policy = tasks.config.on_unverified
@@ -136,7 +167,10 @@ class ToolSteps:
             return RUN_AGAIN  # through the step's own timeout, like any attempt
 
         step = await tasks.run(call.tool_name, key, work, unverified=None if policy is None else unverified)
-        self._model_steps.log.tool(call.tool_name, step.replayed)
+        log.tool(call.tool_name, step.replayed)
+        if step.replayed:
+            for data in step.data.get("sub_runs", ()):
+                log.replayed_sub_run(SubRun.from_json(data))
         if live:
             raise live[0]
         if live_result:

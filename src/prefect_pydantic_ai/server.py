@@ -1,0 +1,462 @@
+"""The Prefect server this process talks to: the configured one, else one persistent local server per PREFECT_HOME.
+
+With no `PREFECT_API_URL` (environment or active Prefect profile), Prefect would boot a temporary server in every
+process and throw it away, so each script and CLI command would pay ~15 s, a killed script would orphan it and the
+UI would vanish with the run. Instead, `ensure_api()` starts `prefect server start` once, detached (its own
+session, its log in PREFECT_HOME), records its address in PREFECT_HOME, and every later process reuses it. An
+exclusive lock on a file in PREFECT_HOME around "read the address, check health, start" makes concurrent first
+processes agree on one server. `PREFECT_PYDANTIC_AI_LOCAL_SERVER=false` keeps Prefect's temporary-server behaviour.
+
+The module imports no Prefect at the top, so a test session or the CLI can start a server before importing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ADDRESS_FILE = "prefect-pydantic-ai-server.json"
+LOCK_FILE = "prefect-pydantic-ai-server.lock"
+LOG_FILE = "prefect-pydantic-ai-server.log"
+OPT_OUT = "PREFECT_PYDANTIC_AI_LOCAL_SERVER"
+BOOT_TIMEOUT = 120.0  # a first boot migrates a new database; on 2 slow cores that can take a while
+HEALTH_TIMEOUT = 1.0  # a live local server answers in milliseconds; a dead port fails at once
+
+
+class LocalServerError(RuntimeError):
+    """The local Prefect server could not be started or reached; the message names its log."""
+
+
+class ServerSettings(BaseSettings):
+    """`PREFECT_PYDANTIC_AI_LOCAL_SERVER=false`: no persistent local server; Prefect's temporary one per process."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFECT_PYDANTIC_AI_", extra="ignore")
+
+    local_server: bool = True
+
+
+# -- finding the API -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where the persistent local server of one PREFECT_HOME listens, as recorded in its address file."""
+
+    url: str  # the API, http://127.0.0.1:<port>/api
+    pid: int
+    home: str
+    log: str
+    started: float  # time.time() when it was started
+
+    @property
+    def ui_url(self) -> str:
+        return self.url.removesuffix("/api")
+
+
+_resolved: tuple[str | None, bool] | None = None  # this process's answer (url, is it ours?), once found
+_spawned: list[subprocess.Popen[bytes]] = []  # servers this process started (kept so Python does not warn)
+
+
+def ensure_api() -> str | None:
+    """The Prefect API URL this process uses, starting the persistent local server if nothing is configured.
+
+    Returns the configured `PREFECT_API_URL` (nothing is started), the local server's URL (Prefect in this
+    process is pointed at it, and child processes inherit it), or None when the local server is opted out
+    (Prefect then starts its temporary server as usual). After the first call it returns a cached answer.
+    """
+    return start_api()()
+
+
+def start_api() -> Callable[[], str | None]:
+    """`ensure_api()` in two halves: finding or booting the server runs in a thread from now on, so the caller
+    can import meanwhile; the returned function waits for it and returns what `ensure_api()` returns."""
+    global _resolved
+    if _resolved is not None:
+        known = _resolved[0]
+        return lambda: known
+    configured = configured_api()
+    if configured is not None or not local_server_enabled():
+        _resolved = (configured, False)
+        return lambda: configured
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-pydantic-ai-server")
+    found = pool.submit(find_or_start, prefect_home(), announce=True)
+    pool.shutdown(wait=False)  # the thread ends when the server is found
+
+    def wait() -> str | None:
+        url = found.result().url
+        use_api(url)
+        return url
+
+    return wait
+
+
+def adopt_running_server() -> None:
+    """Use the persistent local server if it is already running and nothing is configured; never start one.
+
+    Called when `PrefectAgent` is first imported, so that a user's own `@flow` around an agent, which starts
+    before any agent code runs, talks to the persistent server too instead of a temporary one. It costs one
+    file read and one local health check; booting a server is left to the first agent run (`ensure_api()`).
+    """
+    if _resolved is not None or configured_api() is not None or not local_server_enabled():
+        return
+    address = running_server(prefect_home())
+    if address is not None:
+        use_api(address.url)
+
+
+def use_api(url: str) -> None:
+    """Point Prefect in this process (and every process it starts) at `url`, even if Prefect is imported already.
+
+    Prefect reads its settings into a process-wide settings context when it is imported; setting the variable
+    alone would reach child processes but not this one, so the global context is rebuilt from the environment.
+    """
+    global _resolved
+    os.environ["PREFECT_API_URL"] = url
+    context = sys.modules.get("prefect.context")
+    if context is not None:
+        context.refresh_global_settings_context()
+    _resolved = (url, True)
+
+
+def local_api() -> str | None:
+    """The persistent local server's API URL if `ensure_api()` chose it for this process, else None."""
+    return _resolved[0] if _resolved is not None and _resolved[1] else None
+
+
+def cli_name() -> str:
+    """How the user runs our CLI, for hints: `prefect-pydantic-ai`, or `python3 dev.py cli` from a clone."""
+    return os.environ.get("PREFECT_PYDANTIC_AI_CLI") or "prefect-pydantic-ai"
+
+
+def configured_api() -> str | None:
+    """`PREFECT_API_URL` as the user configured it (environment, active profile, prefect.toml), or None."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        return url
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
+def local_server_enabled() -> bool:
+    """False when `PREFECT_PYDANTIC_AI_LOCAL_SERVER` opts out of the persistent local server."""
+    return ServerSettings().local_server
+
+
+def prefect_home() -> Path:
+    """PREFECT_HOME as Prefect resolves it (default ~/.prefect)."""
+    if home := os.environ.get("PREFECT_HOME"):
+        return Path(home).expanduser()
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home).expanduser()
+
+
+def run_url(flow_run_id: object) -> str | None:
+    """The Prefect UI page of a flow run, or None when this process's API has no UI (a temporary server)."""
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+
+
+# -- the persistent server -------------------------------------------------------------------------------------
+
+
+def running_server(home: Path) -> ServerAddress | None:
+    """The recorded server of `home` if its process is alive and answers a health check, else None."""
+    address = _read_address(home)
+    if address is None or not _is_server_process(address.pid) or not _healthy(address.url):
+        return None
+    return address
+
+
+def find_or_start(home: Path, *, announce: bool = False) -> ServerAddress:
+    """The running server of `home`, else a new one: started detached, recorded, and waited for until healthy.
+
+    The lock makes this one decision across processes: whoever holds it either sees a healthy server or starts
+    one, and everyone else waits for that answer. A recorded server whose process is gone is stale and replaced;
+    one whose process is alive but not answering yet (its starter was killed while it booted) is waited for.
+    """
+    address = running_server(home)  # the common case, without taking the lock
+    if address is not None:
+        return address
+    with _locked(home):
+        address = _read_address(home)
+        if address is not None and _is_server_process(address.pid):
+            if _wait_healthy(address, None):
+                return address
+            _terminate(address.pid)  # alive but never healthy: replace it
+        address = _spawn(home)
+        progress = _Progress("Starting a local Prefect server") if announce else None
+        if not _wait_healthy(address, progress):
+            _terminate(address.pid)
+            _address_path(home).unlink(missing_ok=True)
+            raise LocalServerError(f"The local Prefect server did not start; see its log {address.log}.")
+    if progress is not None:
+        progress.done(
+            f"prefect-pydantic-ai: started a local Prefect server for {home}, UI at {address.ui_url} "
+            f"(it keeps running for later runs; stop it with `{cli_name()} server stop`)."
+        )
+    return address
+
+
+def stop_server(home: Path) -> ServerAddress | None:
+    """Stop the recorded server of `home` and remove its address file; the address it had, or None if none ran."""
+    with _locked(home):
+        address = _read_address(home)
+        _address_path(home).unlink(missing_ok=True)
+        if address is None or not _is_server_process(address.pid):
+            return None
+        _terminate(address.pid)
+        return address
+
+
+def _spawn(home: Path) -> ServerAddress:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log_path = home / LOG_FILE
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=home,
+            start_new_session=True,  # not in our process group: our Ctrl-C or SIGKILL does not reach it
+        )
+    _spawned.append(process)
+    address = ServerAddress(url=url, pid=process.pid, home=str(home), log=str(log_path), started=time.time())
+    _write_address(home, address)
+    return address
+
+
+def _wait_healthy(address: ServerAddress, progress: _Progress | None) -> bool:
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        if _healthy(address.url):
+            return True
+        if not _is_server_process(address.pid):
+            return False
+        if progress is not None:
+            progress.tick()
+        time.sleep(0.25)
+    return False
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=HEALTH_TIMEOUT) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_server_process(pid: int) -> bool:
+    """Whether `pid` is alive and (where /proc tells) a Prefect server, not a process that reused the pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":  # a zombie of ours, not yet reaped
+                return False
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"prefect" in cmdline[1:3] and b"server" in cmdline
+    return True
+
+
+def _terminate(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the server (it shuts down its services cleanly), SIGKILL it if it is still there after `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it if it is our own child
+            os.waitpid(pid, os.WNOHANG)
+        if not _is_server_process(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _address_path(home: Path) -> Path:
+    return home / ADDRESS_FILE
+
+
+def _read_address(home: Path) -> ServerAddress | None:
+    try:
+        return ServerAddress(**json.loads(_address_path(home).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_address(home: Path, address: ServerAddress) -> None:
+    """Write atomically (temporary file + rename) so a reader never sees half a file."""
+    with tempfile.NamedTemporaryFile("w", dir=home, prefix=".server-", suffix=".json", delete=False) as f:
+        json.dump(asdict(address), f)
+    os.replace(f.name, _address_path(home))
+
+
+@contextlib.contextmanager
+def _locked(home: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `home`'s server (released by the kernel if this process dies)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / LOCK_FILE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting = _Progress("Waiting for another process starting the local Prefect server")
+            waiting.tick()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            waiting.clear()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _Progress:
+    """Elapsed seconds of a wait, redrawn in place on a terminal's stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, what: str, stream: IO[str] | None = None) -> None:
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.live = self.stream.isatty()
+
+    def tick(self) -> None:
+        if self.live:
+            self.stream.write(f"\r{self.what} ... {time.monotonic() - self.start:.0f}s")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def done(self, line: str) -> None:
+        prefix = "\r\033[K" if self.live else ""
+        self.stream.write(f"{prefix}{line}\n")
+        self.stream.flush()
+
+
+# -- a temporary server (tests, benchmarks, the demo against a given port) --------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalServer:
+    """A temporary Prefect server on a free loopback port, a child of this process, started with nothing but the
+    standard library so it boots while this process imports Prefect."""
+
+    def __init__(self, port: int | None = None, env: Mapping[str, str] | None = None) -> None:
+        """Start the server on `port` (a free one by default), with `env` (default: this process's environment)."""
+        port = port or free_port()
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={
+                **(os.environ if env is None else env),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_URL": self.url,
+            },
+        )
+
+    def wait_until_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not _healthy(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise LocalServerError(f"The local Prefect server did not start; see {self.log.name}.")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@contextlib.contextmanager
+def prefect_api(server: LocalServer | None) -> Iterator[str]:
+    """The configured Prefect API, or `server` once it is ready (its URL is then set for this process too)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if server is None:
+        yield str(PREFECT_API_URL.value())
+        return
+    try:
+        server.wait_until_ready()
+        os.environ["PREFECT_API_URL"] = server.url
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            try:
+                yield server.url
+            finally:
+                _flush_logs()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def _flush_logs() -> None:
+    """Send queued run logs to the API now, while the server is still there to receive them."""
+    from prefect.logging.handlers import APILogHandler
+
+    asyncio.run(APILogHandler.aflush())
+
+
+def status_json(address: ServerAddress | None, home: Path) -> dict[str, Any]:
+    """The documented `server status --json` document."""
+    if address is None:
+        return {
+            "running": False,
+            "url": None,
+            "ui_url": None,
+            "pid": None,
+            "prefect_home": str(home),
+            "log": None,
+        }
+    return {
+        "running": True,
+        "url": address.url,
+        "ui_url": address.ui_url,
+        "pid": address.pid,
+        "prefect_home": str(home),
+        "log": address.log,
+    }

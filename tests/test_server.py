@@ -1,0 +1,218 @@
+"""The embedded default: with no Prefect API configured, every process shares one persistent local server.
+
+Each test gets its own PREFECT_HOME and runs real processes with PREFECT_API_URL removed from their environment.
+Processes are counted by what their environment or command line points at (that PREFECT_HOME), so a server
+left behind is seen; every test stops the servers it started, and one still alive afterwards fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from prefect_pydantic_ai.server import ADDRESS_FILE
+
+pytestmark = pytest.mark.slow
+
+FIVE_STEP = Path(__file__).parent / "scripts" / "five_step.py"
+ENSURE_API = "from prefect_pydantic_ai.server import ensure_api; print('API', ensure_api())"
+STARTED_LINE = "started a local Prefect server"
+TIMEOUT = 180  # a hang fails the test instead of stalling the suite
+
+
+@dataclass
+class Home:
+    """A private PREFECT_HOME and the environment of a process that has no Prefect API configured."""
+
+    path: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args],
+            env={**self.env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("-m", "prefect_pydantic_ai", *args)
+
+    def five_step(self, key: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            str(FIVE_STEP), key, extra={"FIVE_STEP_LOG": str(self.path.parent / "calls.log"), **extra}
+        )
+
+    def recorded(self) -> dict[str, object] | None:
+        address = self.path / ADDRESS_FILE
+        return json.loads(address.read_text()) if address.exists() else None
+
+    def processes(self) -> list[int]:
+        """Live processes whose environment or command line names this PREFECT_HOME."""
+        needle = str(self.path).encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                cmdline = (entry / "cmdline").read_bytes()
+                zombie = (entry / "stat").read_text().rpartition(")")[2].split()[0] == "Z"
+            except (OSError, IndexError):
+                continue
+            if not zombie and (b"PREFECT_HOME=" + needle in environ or needle in cmdline):
+                found.append(int(entry.name))
+        return found
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    """A fresh PREFECT_HOME; afterwards, no process may be left that points at it."""
+    env = {k: v for k, v in os.environ.items() if k not in _SESSION_API}
+    env.update(
+        {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")]
+            ),
+        }
+    )
+    private = Home(tmp_path / "prefect-home", env)
+    yield private
+    leaked = private.processes()
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert leaked == [], f"processes left running for {private.path}: {leaked}"
+
+
+_SESSION_API = {"PREFECT_API_URL", "PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL"}
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("OUTPUT "))
+    return dict(json.loads(line.removeprefix("OUTPUT ")))
+
+
+def _api(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return next(line for line in result.stdout.splitlines() if line.startswith("API ")).removeprefix("API ")
+
+
+def _stop(home: Home) -> None:
+    stopped = home.cli("server", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert home.processes() == []
+    assert home.recorded() is None
+
+
+def test_killed_script_leaves_only_the_persistent_server_which_the_next_run_reuses(home: Home) -> None:
+    killed = home.five_step("q4", FIVE_STEP_KILL_BEFORE="3")
+    assert killed.returncode == -signal.SIGKILL
+    assert killed.stderr.count(STARTED_LINE) == 1 and "server stop" in killed.stderr
+    recorded = home.recorded()
+    assert recorded is not None
+    assert home.processes() == [recorded["pid"]]  # the server, and no temporary one orphaned by the kill
+
+    resumed = home.five_step("q4")
+    assert _output(resumed)["output"] == "mean=326.25 anomalies=[1000.0]"
+    assert STARTED_LINE not in resumed.stderr  # later processes are silent
+    assert home.recorded() == recorded
+    assert home.processes() == [recorded["pid"]]
+
+    status = json.loads(home.cli("server", "status", "--json").stdout)
+    assert (status["running"], status["pid"], status["url"]) == (True, recorded["pid"], recorded["url"])
+    _stop(home)
+
+
+def test_two_processes_starting_at_once_share_one_server(home: Home) -> None:
+    starters = [
+        subprocess.Popen(
+            [sys.executable, "-c", ENSURE_API],
+            env=home.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = []
+    for process in starters:
+        out, err = process.communicate(timeout=TIMEOUT)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    urls = {_api(result) for result in results}
+    recorded = home.recorded()
+    assert recorded is not None and urls == {recorded["url"]}
+    assert sum(result.stderr.count(STARTED_LINE) for result in results) == 1
+    assert home.processes() == [recorded["pid"]]
+    _stop(home)
+
+
+def test_a_run_after_server_stop_starts_it_again(home: Home) -> None:
+    assert _output(home.five_step("first"))["usage"] == [3, 172, 29, 2]
+    first = home.recorded()
+    assert first is not None
+    _stop(home)
+    assert json.loads(home.cli("server", "status", "--json").stdout)["running"] is False
+
+    again = home.five_step("second")
+    _output(again)
+    assert again.stderr.count(STARTED_LINE) == 1
+    second = home.recorded()
+    assert second is not None and second["pid"] != first["pid"]
+    assert home.processes() == [second["pid"]]
+    _stop(home)
+
+
+def test_stale_address_of_a_killed_server_is_detected_and_the_server_restarted(home: Home) -> None:
+    started = home.cli("server", "start", "--json")
+    assert started.returncode == 0, started.stderr
+    killed = json.loads(started.stdout)
+    os.kill(killed["pid"], signal.SIGKILL)
+    assert home.recorded() is not None  # the address file now points at a dead server
+
+    status = json.loads(home.cli("server", "status", "--json").stdout)
+    assert status["running"] is False
+
+    listed = home.cli("runs", "--json")  # a CLI command needs the API: it replaces the dead server
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert listed.stderr.count(STARTED_LINE) == 1
+    restarted = home.recorded()
+    assert restarted is not None and restarted["pid"] != killed["pid"]
+    assert _api(home.run("-c", ENSURE_API)) == restarted["url"]
+    assert home.processes() == [restarted["pid"]]
+    _stop(home)
+
+
+def test_a_configured_api_url_is_used_and_nothing_is_started(home: Home, prefect_server: str) -> None:
+    by_env = home.five_step("by-env", PREFECT_API_URL=prefect_server)
+    assert _output(by_env)["usage"] == [3, 172, 29, 2]
+
+    home.path.mkdir(parents=True, exist_ok=True)  # a Prefect profile naming the server also counts
+    (home.path / "profiles.toml").write_text(
+        f'active = "remote"\n\n[profiles.remote]\nPREFECT_API_URL = "{prefect_server}"\n'
+    )
+    assert _api(home.run("-c", ENSURE_API)) == prefect_server
+    assert STARTED_LINE not in by_env.stderr
+    assert home.recorded() is None
+    assert home.processes() == []
+
+
+def test_opting_out_keeps_prefects_temporary_server_behaviour(home: Home) -> None:
+    assert home.cli("runs", "--help").returncode == 0  # help needs no server
+    assert home.recorded() is None
+    opted_out = home.run("-c", ENSURE_API, extra={"PREFECT_PYDANTIC_AI_LOCAL_SERVER": "false"})
+    assert _api(opted_out) == "None"
+    assert home.recorded() is None
+    assert home.processes() == []
