@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from .settings import Settings
 
 ADDRESS_FILE = "prefect-pydantic-ai-server.json"
 LOCK_FILE = "prefect-pydantic-ai-server.lock"
@@ -42,14 +42,6 @@ HEALTH_TIMEOUT = 1.0  # a live local server answers in milliseconds; a dead port
 
 class LocalServerError(RuntimeError):
     """The local Prefect server could not be started or reached; the message names its log."""
-
-
-class ServerSettings(BaseSettings):
-    """`PREFECT_PYDANTIC_AI_LOCAL_SERVER=false`: no persistent local server; Prefect's temporary one per process."""
-
-    model_config = SettingsConfigDict(env_prefix="PREFECT_PYDANTIC_AI_", extra="ignore")
-
-    local_server: bool = True
 
 
 # -- finding the API -------------------------------------------------------------------------------------------
@@ -156,7 +148,7 @@ def configured_api() -> str | None:
 
 def local_server_enabled() -> bool:
     """False when `PREFECT_PYDANTIC_AI_LOCAL_SERVER` opts out of the persistent local server."""
-    return ServerSettings().local_server
+    return Settings().local_server
 
 
 def prefect_home() -> Path:

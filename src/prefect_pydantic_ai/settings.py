@@ -3,6 +3,7 @@
 `locks` selects where step locks live: unset (or `file`) keeps them in files under PREFECT_HOME, right for one
 machine; a `redis://` (or `rediss://`) URL shares them between every machine pointed at that Redis.
 `lock_lease_seconds` is how long a lock outlives a holder that stopped renewing it (its machine died).
+`local_server=false` opts out of the persistent local Prefect server: Prefect's temporary one per process.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """`PREFECT_PYDANTIC_AI_LOCKS`, `PREFECT_PYDANTIC_AI_LOCK_LEASE_SECONDS`."""
+    """`PREFECT_PYDANTIC_AI_LOCKS`, `PREFECT_PYDANTIC_AI_LOCK_LEASE_SECONDS`, `PREFECT_PYDANTIC_AI_LOCAL_SERVER`."""
 
     model_config = SettingsConfigDict(env_prefix="PREFECT_PYDANTIC_AI_", extra="ignore")
 
     locks: str = "file"
     lock_lease_seconds: float = Field(default=30.0, gt=0)
+    local_server: bool = True
 
     @field_validator("locks")
     @classmethod
