@@ -39,7 +39,8 @@ def inventory_agent(log: Path, model_calls: list[int], *, fail_final_once: bool)
             raise ConnectionError("injected: the model API went away")
         return ModelResponse(parts=[TextPart(" / ".join(returns))])
 
-    toolset = MCPToolset(PythonStdioTransport(SERVER, env={"MCP_CALL_LOG": str(log)}))
+    # init_timeout: the server's start (a Python process importing fastmcp) can take seconds on a busy machine
+    toolset = MCPToolset(PythonStdioTransport(SERVER, env={"MCP_CALL_LOG": str(log)}), init_timeout=60)
     agent: Agent[None, str] = Agent(FunctionModel(script), toolsets=[toolset], name="mcp_inventory")
     return PrefectAgent(agent, model_task_config=TaskConfig(retries=0))
 

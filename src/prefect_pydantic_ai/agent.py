@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pydantic_ai.agent import AbstractAgent, WrapperAgent
+from pydantic_ai.agent import AbstractAgent, EventStreamHandler, WrapperAgent
 from pydantic_ai.output import OutputDataT
 from pydantic_ai.run import AgentRun
 from pydantic_ai.tools import AgentDepsT
 
-from .capability import PrefectDurability, durability_of
+from .capability import PrefectDurability, durability_of, realtime_refused
 from .capability import idempotency_key as within_key
-from .config import TaskConfig
+from .config import TaskConfig, TaskConfigLike
 from .errors import DurabilityConfigError
 from .records import entrypoint_of, load_entrypoint
 
@@ -32,15 +32,25 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
 
     `deps_for_resume` rebuilds deps when a run is resumed by `prefect-pydantic-ai resume` and its deps held
     secret-looking values, which are never stored: it receives the stored (redacted) deps JSON.
+
+    The arguments of pydantic-ai's own `PrefectAgent` mean the same here (docs/migrating.md): `name` names the
+    durable agent instead of the wrapped agent's name; `event_stream_handler` is the handler of every run that
+    passes none of its own, as `Agent(event_stream_handler=...)` is; `mcp_task_config` configures the tools of
+    MCP toolsets. Configs may be plain dicts.
     """
 
     def __init__(
         self,
         wrapped: AbstractAgent[AgentDepsT, OutputDataT],
         *,
-        model_task_config: TaskConfig | None = None,
-        tool_task_config: TaskConfig | None = None,
-        tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
+        name: str | None = None,
+        event_stream_handler: EventStreamHandler[AgentDepsT] | None = None,
+        mcp_task_config: TaskConfigLike | None = None,
+        model_task_config: TaskConfigLike | None = None,
+        tool_task_config: TaskConfigLike | None = None,
+        tool_task_config_by_name: Mapping[str, TaskConfigLike | None] | None = None,
+        event_stream_handler_task_config: TaskConfigLike | None = None,
+        prefectify_toolset_func: Callable[..., Any] | None = None,
         deps_for_resume: Callable[[Any], AgentDepsT] | None = None,
     ) -> None:
         super().__init__(wrapped)
@@ -49,10 +59,19 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
                 f"Agent {wrapped.name!r} already has PrefectDurability: use it directly, or drop the capability "
                 "and wrap it in PrefectAgent, not both."
             )
+        if prefectify_toolset_func is not None:
+            raise DurabilityConfigError(
+                "prefectify_toolset_func has no equivalent here: every tool call of every toolset is already a "
+                "durable step; configure tools with tool_task_config_by_name= or metadata={'prefect': ...}."
+            )
+        self._event_stream_handler = event_stream_handler
         self.durability = PrefectDurability(
+            name=name,
             model_task_config=model_task_config,
             tool_task_config=tool_task_config,
             tool_task_config_by_name=tool_task_config_by_name,
+            mcp_task_config=mcp_task_config,
+            event_stream_handler_task_config=event_stream_handler_task_config,
             deps_for_resume=deps_for_resume,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
@@ -70,6 +89,10 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         raise DurabilityConfigError(
             "A PrefectAgent's name is fixed: it keys the journal. Rename the wrapped agent instead."
         )
+
+    @property
+    def event_stream_handler(self) -> EventStreamHandler[AgentDepsT] | None:
+        return self._event_stream_handler or self.wrapped.event_stream_handler
 
     @property
     def model_task_config(self) -> TaskConfig:
@@ -108,6 +131,9 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         with within_key(idempotency_key):
             async with super().run_stream(user_prompt, **kwargs) as stream:
                 yield stream
+
+    def _open_realtime_session(self, *args: Any, **kwargs: Any) -> Any:
+        raise realtime_refused(self.name)
 
     @asynccontextmanager
     async def iter(

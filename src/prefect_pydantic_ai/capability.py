@@ -15,8 +15,9 @@ import copy
 import inspect
 import os
 import socket
+import warnings
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -28,16 +29,17 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow_async
-from pydantic_ai.agent import AbstractAgent
-from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.agent import AbstractAgent, EventStreamHandler
+from pydantic_ai.capabilities import AbstractCapability, ProcessEventStream
 from pydantic_ai.capabilities.abstract import WrapOutputProcessHandler, WrapRunHandler
-from pydantic_ai.messages import ToolCallPart
+from pydantic_ai.messages import AgentStreamEvent, ToolCallPart
 from pydantic_ai.models import Model, ModelRequestContext
 from pydantic_ai.output import OutputContext
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import RunContext, ToolDefinition
+from pydantic_ai.toolsets import FunctionToolset
 
-from .config import TaskConfig
+from .config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from .crashes import settle_if_dead
 from .errors import DurabilityConfigError, NotJournalableError, RunError
 from .journal import ConversationDigest, RunInputs, to_journal_json
@@ -108,6 +110,12 @@ class PrefectDurability(AbstractCapability[Any]):
       inline, outside the journal.
     - `deps_for_resume`: rebuilds deps when `prefect-pydantic-ai resume` re-creates a run whose deps held
       secret-looking values, which are never stored; it receives the stored (redacted) deps JSON.
+
+    The arguments of pydantic-ai's own `PrefectDurability` mean the same here (see docs/migrating.md): `name`
+    names the durable agent (journal keys, flow name) instead of the agent's name; `event_stream_handler`
+    receives every run's events; `mcp_task_config` applies to tools from MCP toolsets, over `tool_task_config`;
+    `models` registers models that `run(model="<key>")` selects. A tool's config can also be its metadata,
+    `{"prefect": TaskConfig(...) | dict | False}`. Every config may be a plain dict.
     """
 
     _model_tasks: StepTasks
@@ -116,15 +124,35 @@ class PrefectDurability(AbstractCapability[Any]):
     def __init__(
         self,
         *,
-        model_task_config: TaskConfig | None = None,
-        tool_task_config: TaskConfig | None = None,
-        tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
+        model_task_config: TaskConfigLike | None = None,
+        tool_task_config: TaskConfigLike | None = None,
+        tool_task_config_by_name: Mapping[str, TaskConfigLike | None] | None = None,
         deps_for_resume: Callable[[Any], Any] | None = None,
+        name: str | None = None,
+        event_stream_handler: EventStreamHandler[Any] | None = None,
+        mcp_task_config: TaskConfigLike | None = None,
+        models: Mapping[str, Model] | None = None,
+        event_stream_handler_task_config: TaskConfigLike | None = None,
     ) -> None:
-        self.model_task_config = model_task_config or TaskConfig()
-        self.tool_task_config = tool_task_config or TaskConfig()
-        self.tool_task_config_by_name: dict[str, TaskConfig | None] = dict(tool_task_config_by_name or {})
+        self.model_task_config = TaskConfig.of(model_task_config)
+        self.tool_task_config = TaskConfig.of(tool_task_config)
+        self.tool_task_config_by_name: dict[str, TaskConfig | None] = {
+            tool: None if cfg is None else TaskConfig.of(cfg)
+            for tool, cfg in (tool_task_config_by_name or {}).items()
+        }
+        self.mcp_task_config = None if mcp_task_config is None else TaskConfig.of(mcp_task_config)
         self.deps_for_resume = deps_for_resume
+        self.models: dict[str, Model] = dict(models or {})
+        self._name = name
+        self._events = None if event_stream_handler is None else ProcessEventStream[Any](event_stream_handler)
+        if event_stream_handler_task_config is not None:
+            warnings.warn(
+                "event_stream_handler_task_config has no effect here: the event stream handler runs in the run's "
+                "own process, not as a Prefect task.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._names_checked = False
         caller = inspect.currentframe()
         self._defined_in: str | None = (
             caller.f_back.f_globals.get("__name__") if caller and caller.f_back else None
@@ -143,16 +171,20 @@ class PrefectDurability(AbstractCapability[Any]):
         bound = self._bindings.get(id(agent))
         if bound is not None and bound._agent is agent:
             return bound
-        if not agent.name:
+        name = self._name or agent.name
+        if not name:
             raise DurabilityConfigError(
                 "A durable agent needs a name: create it with Agent(..., name='my_agent'). The name identifies "
                 "its steps in the journal and names its Prefect flow, so it must not change between runs."
             )
         bound = copy.copy(self)
         bound._agent = agent
+        bound._name = name
         bound._bindings = {}
-        bound._model_tasks = StepTasks("model", self.model_task_config, agent=agent.name)
-        bound._tool_tasks = ToolTasks(self.tool_task_config, self.tool_task_config_by_name, agent=agent.name)
+        bound._model_tasks = StepTasks("model", self.model_task_config, agent=name)
+        bound._tool_tasks = ToolTasks(
+            self.tool_task_config, self.tool_task_config_by_name, agent=name, mcp=self.mcp_task_config
+        )
         self._bindings[id(agent)] = bound
         return bound
 
@@ -163,16 +195,20 @@ class PrefectDurability(AbstractCapability[Any]):
     async def for_run(self, ctx: RunContext[Any]) -> PrefectDurability:
         fresh = copy.copy(self)
         fresh._run = None
+        fresh._names_checked = False
         return fresh
 
     @property
     def agent_name(self) -> str:
-        assert self._agent is not None and self._agent.name, "PrefectDurability used before for_agent()"
-        return self._agent.name
+        """The durable agent's name (`name=`, else the agent's): it keys the journal and names the flow."""
+        assert self._agent is not None and self._name, "PrefectDurability used before for_agent()"
+        return self._name
 
     # -- the run -----------------------------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        if not isinstance(ctx.model, Model):  # a realtime session: a live connection, nothing to replay
+            raise realtime_refused(self.agent_name)
         inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
         if FlowRunContext.get() is not None:
             return await self._durable(ctx, inputs, handler)
@@ -335,7 +371,36 @@ class PrefectDurability(AbstractCapability[Any]):
         args: dict[str, Any],
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Any:
-        return await self._steps().tool_steps.execute(ctx, call, args, handler)
+        metadata = tool_config_from_metadata(tool_def.name, tool_def.metadata)
+        return await self._steps().tool_steps.execute(ctx, call, args, handler, metadata=metadata)
+
+    # -- pydantic-ai's PrefectDurability arguments ---------------------------------------------------------------
+
+    async def prepare_tools(
+        self, ctx: RunContext[Any], tool_defs: list[ToolDefinition]
+    ) -> list[ToolDefinition]:
+        """Before the run's first model request, check that `tool_task_config_by_name` names real tools."""
+        if not self._names_checked:
+            self._names_checked = True
+            assert self._agent is not None
+            self._tool_tasks.check_names({d.name for d in tool_defs} | _function_tool_names(self._agent))
+        return tool_defs
+
+    @property
+    def has_wrap_run_event_stream(self) -> bool:
+        return self._events is not None
+
+    async def wrap_run_event_stream(
+        self, ctx: RunContext[Any], *, stream: AsyncIterable[AgentStreamEvent]
+    ) -> AsyncIterable[AgentStreamEvent]:
+        """Hand the run's events to `event_stream_handler` as they pass through to the caller."""
+        events = stream if self._events is None else self._events.wrap_run_event_stream(ctx, stream=stream)
+        async for event in events:
+            yield event
+
+    async def resolve_model_id(self, ctx: Any, *, model_id: str) -> Model | None:
+        """`run(model="<key>")` selects the model registered under that key in `models=`."""
+        return self.models.get(model_id)
 
     async def wrap_output_process(
         self,
@@ -385,6 +450,27 @@ class PrefectDurability(AbstractCapability[Any]):
         return await run_flow_async(
             self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
         )
+
+
+def realtime_refused(agent_name: str) -> DurabilityConfigError:
+    """Why a durable agent does not open realtime sessions, and what to do instead."""
+    return DurabilityConfigError(
+        f"Agent {agent_name!r} is durable, and a realtime session cannot be: its live connection can be neither "
+        "journaled nor replayed. Open the session on the agent without PrefectDurability (a PrefectAgent's .wrapped)."
+    )
+
+
+def _function_tool_names(agent: AbstractAgent[Any, Any]) -> set[str]:
+    """Names of the agent's own function tools, including those a `prepare` function hides from a step."""
+    names: set[str] = set()
+
+    def collect(toolset: object) -> None:
+        if isinstance(toolset, FunctionToolset):
+            names.update(toolset.tools)
+
+    for toolset in agent.toolsets:
+        toolset.apply(collect)
+    return names
 
 
 def durability_of(agent: object) -> PrefectDurability | None:

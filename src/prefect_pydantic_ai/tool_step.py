@@ -8,10 +8,12 @@ replayed step has the same effect on the run as the original, and only real erro
 from __future__ import annotations
 
 import contextvars
+import difflib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+import sys
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 from pydantic_ai.exceptions import (
@@ -27,7 +29,7 @@ from pydantic_ai.messages import ToolCallPart, ToolReturn
 from pydantic_ai.tools import RunContext
 
 from .config import TaskConfig, UnverifiedPolicy
-from .errors import NotJournalableError, UnverifiedEffectError
+from .errors import DurabilityConfigError, NotJournalableError, UnverifiedEffectError
 from .journal import canonical_json, seal, to_journal_json
 from .model_step import ModelSteps, SubRun, sub_run_scope
 from .steps import RUN_AGAIN, StepTasks, within_step
@@ -48,18 +50,70 @@ UNVERIFIED_NOTE = (
 
 
 class ToolTasks:
-    """The step tasks of an agent's tools: the default config, overridden field by field per tool name."""
+    """The step tasks of an agent's tools.
 
-    def __init__(self, default: TaskConfig, by_name: dict[str, TaskConfig | None], *, agent: str) -> None:
-        self._default = StepTasks("tool", default, agent=agent)
-        self._by_name = {
-            name: None if cfg is None else StepTasks("tool", cfg.merged_over(default), agent=agent)
-            for name, cfg in by_name.items()
-        }
+    A tool's config is the tool default (MCP tools: `mcp_task_config` over it), overridden field by field by
+    the config in the tool's metadata (`{"prefect": ...}`), then by its entry in `tool_task_config_by_name`.
+    `False` in the metadata or `None` by name runs the tool inline, outside the journal.
+    """
 
-    def for_tool(self, tool_name: str) -> StepTasks | None:
+    def __init__(
+        self,
+        default: TaskConfig,
+        by_name: Mapping[str, TaskConfig | None],
+        *,
+        agent: str,
+        mcp: TaskConfig | None = None,
+    ) -> None:
+        self._agent = agent
+        self._default = default
+        self._mcp = default if mcp is None else mcp.merged_over(default)
+        self._by_name = dict(by_name)
+        self._tasks: list[StepTasks] = []  # one per distinct config
+
+    def for_tool(
+        self, tool_name: str, *, metadata: TaskConfig | Literal[False] | None = None, from_mcp: bool = False
+    ) -> StepTasks | None:
         """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
-        return self._by_name.get(tool_name, self._default)
+        config = self._mcp if from_mcp else self._default
+        if metadata is False and tool_name not in self._by_name:
+            return None
+        if metadata:
+            config = metadata.merged_over(config)
+        if tool_name in self._by_name:
+            override = self._by_name[tool_name]
+            if override is None:
+                return None
+            config = override.merged_over(config)
+        for tasks in self._tasks:
+            if tasks.config == config:
+                return tasks
+        self._tasks.append(StepTasks("tool", config, agent=self._agent))
+        return self._tasks[-1]
+
+    def check_names(self, tools: Collection[str]) -> None:
+        """Fail on a `tool_task_config_by_name` entry naming no tool of the agent (a typo would silently
+        leave that tool on the default config)."""
+        for name in self._by_name:
+            if name not in tools:
+                close = difflib.get_close_matches(name, list(tools), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DurabilityConfigError(
+                    f"tool_task_config_by_name names {name!r}, which is not a tool of agent {self._agent!r}{hint}; "
+                    f"its tools are: {', '.join(sorted(tools)) or 'none'}."
+                )
+
+
+def from_mcp(ctx: RunContext[Any], tool_name: str) -> bool:
+    """Whether the tool `tool_name` of this run comes from an MCP toolset (which `mcp_task_config` applies to)."""
+    mcp = sys.modules.get("pydantic_ai.mcp")  # never imported: no MCP toolset can exist
+    manager = ctx.tool_manager
+    tool = manager.tools.get(tool_name) if manager is not None and manager.tools else None
+    if mcp is None or tool is None:
+        return False
+    leaves: list[object] = []
+    tool.toolset.apply(leaves.append)
+    return any(isinstance(leaf, mcp.MCPToolset) for leaf in leaves)
 
 
 class ToolSteps:
@@ -114,9 +168,14 @@ class ToolSteps:
         call: ToolCallPart,
         args: dict[str, Any],
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
+        *,
+        metadata: TaskConfig | Literal[False] | None = None,
     ) -> Any:
-        """Run the tool call `call` through the journal; `handler` runs the real tool lifecycle."""
-        tasks = self._tasks.for_tool(call.tool_name)
+        """Run the tool call `call` through the journal; `handler` runs the real tool lifecycle. `metadata` is
+        the config the tool carries in its metadata."""
+        tasks = self._tasks.for_tool(
+            call.tool_name, metadata=metadata, from_mcp=from_mcp(ctx, call.tool_name)
+        )
         if tasks is None:
             return await handler(args)
         log = self._model_steps.log
