@@ -2,8 +2,13 @@
 
 Each step is one call of a shared task function with a single, small parameter: the step key. The work itself is
 looked up in an in-process table, so Prefect never walks the message history when it records task inputs, and a
-step costs the same at step 5 as at step 500. Prefect's own caching replays a completed step ("Cached" state),
-its retries and timeout apply per attempt, and its result storage holds the entry as JSON.
+step costs the same at step 5 as at step 500. Prefect's retries and timeout apply per attempt, and its result
+storage holds the entry as JSON (a Prefect result record stored under the step key).
+
+A step whose entry is already journaled is replayed instantly: the entry is read from the result storage and
+checked, and Prefect is told of a "Cached" task run by one state event, without running the task engine (no
+transaction, lock or state round trips). An entry that is missing, unreadable, expired or corrupt goes through
+the task as before: it executes (a corrupt one is overwritten) under the step's SERIALIZABLE lock.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from pathlib import Path
 from typing import Any, cast
 
 from prefect import Task
+from prefect._internal.result_records import ResultRecord
+from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE, CachePolicy
-from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import TaskRunContext
+from prefect.client.schemas.objects import State, StateDetails, TaskRun, TaskRunResult
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
+from prefect.states import Completed, Pending
 from prefect.transactions import BaseTransaction
+from prefect.types._datetime import now
+from prefect.utilities.engine import emit_task_run_state_change_event
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelHTTPError,
@@ -352,6 +362,21 @@ class StepTasks:
                     raise
 
         overwrite = False
+        if self.journaled and self.config.cache_policy is None and storage is not None:
+            entry = await self._journaled_entry(name, key, storage)
+            if entry is not None:
+                try:
+                    data = unseal(entry, self.kind)
+                except JournalCorruptError as exc:
+                    self._warn_corrupt(name, exc)
+                    overwrite = True
+                else:
+                    self._record_replay(name, key, storage)
+                    if _observers:
+                        _notify(
+                            StepEvent(self.agent, self.kind, name, True, 0, time.perf_counter() - started)
+                        )
+                    return StepResult(data=data, replayed=True, attempts=0)
         for _ in range(2):
             _PENDING[key] = attempt
             try:
@@ -385,12 +410,7 @@ class StepTasks:
             except JournalCorruptError as exc:
                 if attempts:
                     raise
-                logger.warning(
-                    "Journal entry of %s step %r is corrupt (%s); running the step again.",
-                    self.kind,
-                    name,
-                    exc,
-                )
+                self._warn_corrupt(name, exc)
                 overwrite = True
                 continue
             if guarded and attempts:
@@ -405,6 +425,67 @@ class StepTasks:
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    def _warn_corrupt(self, name: str, exc: JournalCorruptError) -> None:
+        logger.warning(
+            "Journal entry of %s step %r is corrupt (%s); running the step again.", self.kind, name, exc
+        )
+
+    async def _journaled_entry(self, name: str, key: str, storage: Any) -> Any:
+        """The journal entry stored under `key` (Prefect's result record, parsed by Prefect's own class), or `None`
+        when there is none to replay instantly: absent, unreadable, expired, or kept apart from its metadata."""
+        try:
+            if isinstance(storage, JournalFileSystem):  # the common case: one read, no thread hop
+                content = storage.entry_path(key).read_bytes()
+            else:
+                view = await get_result_store().aupdate_for_task(self.task(name, storage))
+                if view.result_storage is None or view.metadata_storage is not None:
+                    return None
+                content = await _read_path(view.result_storage, key)
+            record: ResultRecord[Any] = ResultRecord.deserialize(content)
+        except Exception:
+            return None
+        if record.expiration is not None and record.expiration <= now("UTC"):
+            return None
+        return record.result
+
+    def _record_replay(self, name: str, key: str, storage: Any) -> None:
+        """Tell Prefect that this step was answered from the journal: a "Cached" task run, as Prefect records one,
+        made by a single state event (sent in the background with Prefect's other events)."""
+        context = FlowRunContext.get()
+        flow_run = context.flow_run if context is not None else None
+        task = self.task(name, storage)
+        parent = TaskRunContext.get()
+        inputs: dict[str, Any] = {}
+        if parent is not None:
+            inputs["__parents__"] = [TaskRunResult(id=parent.task_run.id)]
+        at = now("UTC")
+        task_run = TaskRun(
+            id=uuid7(),
+            name=f"{self.kind}: {name} @ {self.agent}",
+            flow_run_id=flow_run.id if flow_run else None,
+            flow_run_run_count=flow_run.run_count if flow_run else 0,
+            task_key=task.task_key,
+            dynamic_key=key,
+            cache_key=key,
+            task_inputs=inputs,
+            expected_start_time=at,
+            start_time=at,
+            end_time=at,
+        )
+        pending: State[Any] = Pending(
+            state_details=StateDetails(task_run_id=task_run.id, flow_run_id=task_run.flow_run_id)
+        )
+        pending.timestamp = at
+        cached: State[Any] = Completed(
+            name="Cached",
+            state_details=StateDetails(
+                task_run_id=task_run.id, flow_run_id=task_run.flow_run_id, cache_key=key
+            ),
+        )
+        task_run.state, task_run.state_id = cached, cached.id
+        task_run.state_type, task_run.state_name = cached.type, cached.name
+        emit_task_run_state_change_event(task_run=task_run, initial_state=pending, validated_state=cached)
 
     async def _warn_if_entry_exists(self, name: str, key: str, storage: Any) -> None:
         """Called when Prefect decided to execute a step: an entry already stored under its key was unreadable
