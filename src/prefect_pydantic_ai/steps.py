@@ -23,8 +23,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
+from uuid import UUID
 
 from prefect import Task
 from prefect._internal.result_records import ResultRecord
@@ -377,6 +379,7 @@ class StepTasks:
                             StepEvent(self.agent, self.kind, name, True, 0, time.perf_counter() - started)
                         )
                     return StepResult(data=data, replayed=True, attempts=0)
+        record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
             try:
@@ -450,42 +453,20 @@ class StepTasks:
         return record.result
 
     def _record_replay(self, name: str, key: str, storage: Any) -> None:
-        """Tell Prefect that this step was answered from the journal: a "Cached" task run, as Prefect records one,
-        made by a single state event (sent in the background with Prefect's other events)."""
+        """Note that this step was answered from the journal; `record_replays()` tells Prefect."""
         context = FlowRunContext.get()
-        flow_run = context.flow_run if context is not None else None
-        task = self.task(name, storage)
         parent = TaskRunContext.get()
-        inputs: dict[str, Any] = {}
-        if parent is not None:
-            inputs["__parents__"] = [TaskRunResult(id=parent.task_run.id)]
-        at = now("UTC")
-        task_run = TaskRun(
-            id=uuid7(),
-            name=f"{self.kind}: {name} @ {self.agent}",
-            flow_run_id=flow_run.id if flow_run else None,
-            flow_run_run_count=flow_run.run_count if flow_run else 0,
-            task_key=task.task_key,
-            dynamic_key=key,
-            cache_key=key,
-            task_inputs=inputs,
-            expected_start_time=at,
-            start_time=at,
-            end_time=at,
+        _replays.append(
+            _Replay(
+                task_key=self.task(name, storage).task_key,
+                name=f"{self.kind}: {name} @ {self.agent}",
+                key=key,
+                flow_run_id=context.flow_run.id if context is not None and context.flow_run else None,
+                flow_run_count=context.flow_run.run_count if context is not None and context.flow_run else 0,
+                parent=parent.task_run.id if parent is not None else None,
+                at=now("UTC"),
+            )
         )
-        pending: State[Any] = Pending(
-            state_details=StateDetails(task_run_id=task_run.id, flow_run_id=task_run.flow_run_id)
-        )
-        pending.timestamp = at
-        cached: State[Any] = Completed(
-            name="Cached",
-            state_details=StateDetails(
-                task_run_id=task_run.id, flow_run_id=task_run.flow_run_id, cache_key=key
-            ),
-        )
-        task_run.state, task_run.state_id = cached, cached.id
-        task_run.state_type, task_run.state_name = cached.type, cached.name
-        emit_task_run_state_change_event(task_run=task_run, initial_state=pending, validated_state=cached)
 
     async def _warn_if_entry_exists(self, name: str, key: str, storage: Any) -> None:
         """Called when Prefect decided to execute a step: an entry already stored under its key was unreadable
@@ -508,6 +489,60 @@ class StepTasks:
             self.kind,
             name,
         )
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """A step answered from the journal, not yet recorded in Prefect."""
+
+    task_key: str
+    name: str
+    key: str
+    flow_run_id: UUID | None
+    flow_run_count: int
+    parent: UUID | None
+    at: datetime
+
+
+_replays: list[_Replay] = []
+
+
+def record_replays() -> None:
+    """Record the steps replayed since the last call as "Cached" task runs, as Prefect records one: one task-run
+    state event each (the event Prefect's task engine sends), queued for Prefect's background events worker.
+
+    Called before a step executes and when a run ends, not at each replay: sending events competes with the
+    run for this process's CPU (and the server's), so a resume reaches its first executed step at the cost of
+    reading the journal alone, and the records follow in one burst. A process killed during a stretch of
+    replays loses their records (the journal, and so the next attempt, is unaffected).
+    """
+    while _replays:
+        replay = _replays.pop(0)
+        inputs: dict[str, Any] = {}
+        if replay.parent is not None:
+            inputs["__parents__"] = [TaskRunResult(id=replay.parent)]
+        task_run = TaskRun(
+            id=uuid7(),
+            name=replay.name,
+            flow_run_id=replay.flow_run_id,
+            flow_run_run_count=replay.flow_run_count,
+            task_key=replay.task_key,
+            dynamic_key=replay.key,
+            cache_key=replay.key,
+            task_inputs=inputs,
+            expected_start_time=replay.at,
+            start_time=replay.at,
+            end_time=replay.at,
+        )
+        details = StateDetails(task_run_id=task_run.id, flow_run_id=task_run.flow_run_id)
+        pending: State[Any] = Pending(state_details=details)
+        pending.timestamp = replay.at
+        cached: State[Any] = Completed(
+            name="Cached", state_details=details.model_copy(update={"cache_key": replay.key})
+        )
+        task_run.state, task_run.state_id = cached, cached.id
+        task_run.state_type, task_run.state_name = cached.type, cached.name
+        emit_task_run_state_change_event(task_run=task_run, initial_state=pending, validated_state=cached)
 
 
 _STARTED, _FINISHED = b"started", b"finished"
