@@ -4,8 +4,13 @@ task) is still running, a replayed step re-emits its journaled response, and a r
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +32,7 @@ from prefect_pydantic_ai import PrefectAgent, TaskConfig, idempotency_key
 
 pytestmark = pytest.mark.anyio
 
+SCRIPT = Path(__file__).parent / "scripts" / "streamed.py"
 _GUARD = 60.0
 """Seconds before a test that would otherwise hang (the consumer never told the model) fails instead."""
 
@@ -193,3 +199,25 @@ async def test_run_stream_events_and_iter_node_stream_are_live() -> None:
                         elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
                             deltas.append(event.delta.content_delta)
     assert deltas == ["b"] and run.result is not None and run.result.output == "ab"
+
+
+def test_a_killed_streamed_run_resumes_without_re_requesting_its_streamed_steps(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    key = _key()
+    env = {**os.environ, "STREAMED_LOG": str(log)}
+    killed = subprocess.run(
+        [sys.executable, str(SCRIPT), key],
+        env={**env, "STREAMED_KILL_IN_TOOL": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert log.read_text().split() == ["model", "tool"]
+
+    resumed = subprocess.run(
+        [sys.executable, str(SCRIPT), key], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert '"the answer is 42"' in resumed.stdout
+    assert log.read_text().split() == ["model", "tool", "tool", "model"]  # the streamed step 1 replayed
