@@ -57,7 +57,7 @@ from .records import (
 )
 from .report import ledger_markdown, remember_ledger
 from .server import ensure_api
-from .steps import RunningStep, StepTasks, running_step
+from .steps import RunningStep, StepTasks, record_replays, running_step
 from .tool_step import ToolSteps, ToolTasks
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
@@ -522,6 +522,7 @@ async def _finish(
     record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
 ) -> Ledger:
     """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+    record_replays()
     attempt = await _record_attempt(
         record, log, "failed" if error is not None else "completed", output=output, error=error
     )

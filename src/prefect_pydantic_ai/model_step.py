@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
+import dataclasses
 import hashlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai._parts_manager import ModelResponsePartsManager
+from pydantic_ai._utils import now_utc as _now
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelResponse,
+    ModelResponsePart,
+    ModelResponseStreamEvent,
+    PartDeltaEvent,
+    PartStartEvent,
+    ToolCallPart,
+)
 from pydantic_ai.models import Model, ModelRequestParameters, StreamedResponse
 from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
@@ -238,8 +251,9 @@ def _parameters_fingerprint(parameters: ModelRequestParameters) -> Any:
 class DurableModel(WrapperModel):
     """The run's model, with every request sent from inside a journaled Prefect task.
 
-    A streamed request is served from the same journaled request and replayed as a stream, so a durable run
-    never holds a half-finished stream that cannot be replayed.
+    A streamed request streams live: the step task opens the wrapped model's stream and forwards each event to
+    the consumer as the provider produces it, then journals the completed response. A replayed step re-emits
+    its journaled response as a stream at once.
     """
 
     def __init__(self, wrapped: Model, steps: Callable[[], ModelSteps]) -> None:
@@ -266,35 +280,116 @@ class DurableModel(WrapperModel):
         model_request_parameters: ModelRequestParameters,
         run_context: RunContext[Any] | None = None,
     ) -> AsyncGenerator[StreamedResponse]:
-        response = await self.request(messages, model_settings, model_request_parameters)
-        yield _ReplayedStream(model_request_parameters=model_request_parameters, response=response)
+        stream = _LiveStream(model_request_parameters=model_request_parameters, model=self.wrapped)
+
+        async def attempt() -> ModelResponse:
+            async with self.wrapped.request_stream(
+                messages, model_settings, model_request_parameters, run_context
+            ) as inner:
+                return await stream.forward(inner)
+
+        stream.start(self._steps().request(self.wrapped, attempt))
+        try:
+            yield stream
+        finally:
+            await stream.close()
 
 
-class _ReplayedStream(StreamedResponse):
-    """A finished response presented as a stream: one event per part."""
+_END = object()
 
-    def __init__(self, *, model_request_parameters: ModelRequestParameters, response: ModelResponse) -> None:
+
+class _LiveStream(StreamedResponse):
+    """The consumer's side of a streamed model step: the events of the step task's stream as they arrive, or
+    the journaled response's parts when the step was replayed.
+
+    Each attempt's events are forwarded with their part indices shifted past the parts of earlier (failed)
+    attempts, so a retry's events never extend a discarded partial part: they start new parts. The response
+    the run continues with is the journaled one, the successful attempt's alone.
+    """
+
+    def __init__(self, *, model_request_parameters: ModelRequestParameters, model: Model) -> None:
         super().__init__(model_request_parameters=model_request_parameters)
-        self._response = response
-        self._usage = response.usage
+        self._model = model
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._step: asyncio.Task[ModelResponse] | None = None
+        self._response: ModelResponse | None = None
+        self._forwarded = False
+        self._earlier: list[ModelResponsePart] = []  # the parts of failed attempts, as the consumer saw them
+        self.__dict__["_parts_manager"] = _ChainedParts(
+            self._earlier, ModelResponsePartsManager(model_request_parameters=model_request_parameters)
+        )
 
-    async def _get_event_iterator(self) -> Any:
-        for index, part in enumerate(self._response.parts):
-            event = self._parts_manager.handle_part(vendor_part_id=index, part=part)
+    def start(self, step: Awaitable[ModelResponse]) -> None:
+        async def run() -> ModelResponse:
+            try:
+                return await step
+            finally:
+                self._queue.put_nowait(_END)
+
+        self._step = asyncio.ensure_future(run())
+
+    async def forward(self, inner: StreamedResponse) -> ModelResponse:
+        """One attempt of the step, inside its task: pass each event of `inner` on, return what it streamed."""
+        parts = self._parts_manager
+        assert isinstance(parts, _ChainedParts)
+        self._earlier.extend(parts.current.get_parts())
+        parts.current = inner._parts_manager
+        offset = len(self._earlier)
+        async for event in inner:
+            if isinstance(event, PartStartEvent | PartDeltaEvent):
+                self._forwarded = True
+                self._queue.put_nowait(dataclasses.replace(event, index=event.index + offset))
+        return inner.get()
+
+    async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+        assert self._step is not None
+        while (event := await self._queue.get()) is not _END:
             yield event
+        self._response = await self._step
+        self._usage = self._response.usage
+        if not self._forwarded:  # replayed from the journal: its parts, at once
+            parts = self._parts_manager
+            assert isinstance(parts, _ChainedParts)
+            for index, part in enumerate(self._response.parts):
+                yield parts.current.handle_part(vendor_part_id=index, part=part)
+
+    async def close(self) -> None:
+        """Leave the step only once it has finished: drained by the consumer, or cancelled when abandoned."""
+        if self._step is not None and not self._step.done():
+            self._step.cancel()
+            with contextlib.suppress(BaseException):
+                await self._step
+
+    def get(self) -> ModelResponse:
+        return self._response if self._response is not None else super().get()
 
     @property
     def model_name(self) -> str:
-        return self._response.model_name or ""
+        return self._response.model_name or "" if self._response is not None else self._model.model_name
 
     @property
     def provider_name(self) -> str | None:
-        return self._response.provider_name
+        return self._response.provider_name if self._response is not None else self._model.system
 
     @property
     def provider_url(self) -> str | None:
-        return self._response.provider_url
+        return self._response.provider_url if self._response is not None else None
 
     @property
     def timestamp(self) -> Any:
-        return self._response.timestamp
+        return self._response.timestamp if self._response is not None else _now()
+
+
+@dataclass
+class _ChainedParts:
+    """The parts a live stream's consumer has seen: the failed attempts' (`earlier`), then the current one's."""
+
+    earlier: list[ModelResponsePart]
+    current: ModelResponsePartsManager
+
+    def get_parts(self) -> list[ModelResponsePart]:
+        return [*self.earlier, *self.current.get_parts()]
+
+    @property
+    def special_token_restorer(self) -> Any:
+        return self.current.special_token_restorer

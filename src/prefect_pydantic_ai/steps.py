@@ -2,8 +2,13 @@
 
 Each step is one call of a shared task function with a single, small parameter: the step key. The work itself is
 looked up in an in-process table, so Prefect never walks the message history when it records task inputs, and a
-step costs the same at step 5 as at step 500. Prefect's own caching replays a completed step ("Cached" state),
-its retries and timeout apply per attempt, and its result storage holds the entry as JSON.
+step costs the same at step 5 as at step 500. Prefect's retries and timeout apply per attempt, and its result
+storage holds the entry as JSON (a Prefect result record stored under the step key).
+
+A step whose entry is already journaled is replayed instantly: the entry is read from the result storage and
+checked, and Prefect is told of a "Cached" task run by one state event, without running the task engine (no
+transaction, lock or state round trips). An entry that is missing, unreadable, expired or corrupt goes through
+the task as before: it executes (a corrupt one is overwritten) under the step's SERIALIZABLE lock.
 """
 
 from __future__ import annotations
@@ -18,17 +23,24 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
+from uuid import UUID
 
 from prefect import Task
+from prefect._internal.result_records import ResultRecord
+from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE, CachePolicy
-from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import TaskRunContext
+from prefect.client.schemas.objects import State, StateDetails, TaskRun, TaskRunResult
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
+from prefect.states import Completed, Pending
 from prefect.transactions import BaseTransaction
+from prefect.types._datetime import now
+from prefect.utilities.engine import emit_task_run_state_change_event
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelHTTPError,
@@ -366,6 +378,22 @@ class StepTasks:
                     raise
 
         overwrite = False
+        if self.journaled and self.config.cache_policy is None and storage is not None:
+            entry = await self._journaled_entry(name, key, storage)
+            if entry is not None:
+                try:
+                    data = unseal(entry, self.kind)
+                except JournalCorruptError as exc:
+                    self._warn_corrupt(name, exc)
+                    overwrite = True
+                else:
+                    self._record_replay(name, key, storage)
+                    if _observers:
+                        _notify(
+                            StepEvent(self.agent, self.kind, name, True, 0, time.perf_counter() - started)
+                        )
+                    return StepResult(data=data, replayed=True, attempts=0)
+        record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
             try:
@@ -399,12 +427,7 @@ class StepTasks:
             except JournalCorruptError as exc:
                 if attempts:
                     raise
-                logger.warning(
-                    "Journal entry of %s step %r is corrupt (%s); running the step again.",
-                    self.kind,
-                    name,
-                    exc,
-                )
+                self._warn_corrupt(name, exc)
                 overwrite = True
                 continue
             if guarded and attempts:
@@ -419,6 +442,45 @@ class StepTasks:
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    def _warn_corrupt(self, name: str, exc: JournalCorruptError) -> None:
+        logger.warning(
+            "Journal entry of %s step %r is corrupt (%s); running the step again.", self.kind, name, exc
+        )
+
+    async def _journaled_entry(self, name: str, key: str, storage: Any) -> Any:
+        """The journal entry stored under `key` (Prefect's result record, parsed by Prefect's own class), or `None`
+        when there is none to replay instantly: absent, unreadable, expired, or kept apart from its metadata."""
+        try:
+            if isinstance(storage, JournalFileSystem):  # the common case: one read, no thread hop
+                content = storage.entry_path(key).read_bytes()
+            else:
+                view = await get_result_store().aupdate_for_task(self.task(name, storage))
+                if view.result_storage is None or view.metadata_storage is not None:
+                    return None
+                content = await _read_path(view.result_storage, key)
+            record: ResultRecord[Any] = ResultRecord.deserialize(content)
+        except Exception:
+            return None
+        if record.expiration is not None and record.expiration <= now("UTC"):
+            return None
+        return record.result
+
+    def _record_replay(self, name: str, key: str, storage: Any) -> None:
+        """Note that this step was answered from the journal; `record_replays()` tells Prefect."""
+        context = FlowRunContext.get()
+        parent = TaskRunContext.get()
+        _replays.append(
+            _Replay(
+                task_key=self.task(name, storage).task_key,
+                name=f"{self.kind}: {name} @ {self.agent}",
+                key=key,
+                flow_run_id=context.flow_run.id if context is not None and context.flow_run else None,
+                flow_run_count=context.flow_run.run_count if context is not None and context.flow_run else 0,
+                parent=parent.task_run.id if parent is not None else None,
+                at=now("UTC"),
+            )
+        )
 
     async def _warn_if_entry_exists(self, name: str, key: str, storage: Any) -> None:
         """Called when Prefect decided to execute a step: an entry already stored under its key was unreadable
@@ -441,6 +503,60 @@ class StepTasks:
             self.kind,
             name,
         )
+
+
+@dataclass(frozen=True)
+class _Replay:
+    """A step answered from the journal, not yet recorded in Prefect."""
+
+    task_key: str
+    name: str
+    key: str
+    flow_run_id: UUID | None
+    flow_run_count: int
+    parent: UUID | None
+    at: datetime
+
+
+_replays: list[_Replay] = []
+
+
+def record_replays() -> None:
+    """Record the steps replayed since the last call as "Cached" task runs, as Prefect records one: one task-run
+    state event each (the event Prefect's task engine sends), queued for Prefect's background events worker.
+
+    Called before a step executes and when a run ends, not at each replay: sending events competes with the
+    run for this process's CPU (and the server's), so a resume reaches its first executed step at the cost of
+    reading the journal alone, and the records follow in one burst. A process killed during a stretch of
+    replays loses their records (the journal, and so the next attempt, is unaffected).
+    """
+    while _replays:
+        replay = _replays.pop(0)
+        inputs: dict[str, Any] = {}
+        if replay.parent is not None:
+            inputs["__parents__"] = [TaskRunResult(id=replay.parent)]
+        task_run = TaskRun(
+            id=uuid7(),
+            name=replay.name,
+            flow_run_id=replay.flow_run_id,
+            flow_run_run_count=replay.flow_run_count,
+            task_key=replay.task_key,
+            dynamic_key=replay.key,
+            cache_key=replay.key,
+            task_inputs=inputs,
+            expected_start_time=replay.at,
+            start_time=replay.at,
+            end_time=replay.at,
+        )
+        details = StateDetails(task_run_id=task_run.id, flow_run_id=task_run.flow_run_id)
+        pending: State[Any] = Pending(state_details=details)
+        pending.timestamp = replay.at
+        cached: State[Any] = Completed(
+            name="Cached", state_details=details.model_copy(update={"cache_key": replay.key})
+        )
+        task_run.state, task_run.state_id = cached, cached.id
+        task_run.state_type, task_run.state_name = cached.type, cached.name
+        emit_task_run_state_change_event(task_run=task_run, initial_state=pending, validated_state=cached)
 
 
 _STARTED, _FINISHED = b"started", b"finished"

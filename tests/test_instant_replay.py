@@ -1,0 +1,149 @@
+"""Instant replay: a journaled step is answered from the journal without running a Prefect task, and Prefect still
+shows it (a "Cached" task run recorded by one state event), as do `show`, the ledger and progress observers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+from prefect.client.schemas.objects import TaskRun
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from prefect_pydantic_ai import PrefectAgent, ledger_of, show_run
+from prefect_pydantic_ai.steps import StepEvent, observe_steps
+
+pytestmark = pytest.mark.anyio
+
+
+def _agent(
+    calls: list[str], name: str, fail_second_lookup: list[bool] | None = None
+) -> PrefectAgent[None, str]:
+    """model → lookup → model → lookup → model; the second lookup fails while `fail_second_lookup[0]` is true."""
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        calls.append("model")
+        done = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        if len(done) < 2:
+            return ModelResponse(parts=[ToolCallPart("lookup", {"n": len(done)})])
+        return ModelResponse(parts=[TextPart(f"found {done[0].content} and {done[1].content}")])
+
+    agent: Agent[None, str] = Agent(FunctionModel(model), name=name)
+
+    @agent.tool_plain
+    def lookup(n: int) -> int:
+        calls.append("lookup")
+        if n == 1 and fail_second_lookup and fail_second_lookup[0]:
+            fail_second_lookup[0] = False
+            raise ConnectionError("lookup service unreachable")
+        return n * 10
+
+    return PrefectAgent(agent)
+
+
+async def _task_runs(key: str, expected: int) -> dict[uuid.UUID, list[TaskRun]]:
+    """The step task runs of every flow run of `key`, once Prefect has recorded `expected` of them in all
+    (task runs reach the server as events sent in the background)."""
+    async with get_client() as client:
+        for _ in range(200):
+            flow_runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"key:{key}"]))
+            )
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[f.id for f in flow_runs]))
+            )
+            if len(runs) >= expected and all(r.state_type is not None for r in runs):
+                grouped: dict[uuid.UUID, list[TaskRun]] = {f.id: [] for f in flow_runs}
+                for run in runs:
+                    grouped[run.flow_run_id].append(run)  # type: ignore[index]
+                return grouped
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"Prefect recorded {len(runs)} task runs of {key}, expected {expected}")
+
+
+async def test_replayed_steps_start_no_task_and_are_still_shown() -> None:
+    calls: list[str] = []
+    durable = _agent(calls, f"instant_{uuid.uuid4().hex[:6]}", fail_second_lookup=[True])
+    key = f"instant-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(ConnectionError):
+        await durable.run("go", idempotency_key=key)
+    assert calls == ["model", "lookup", "model", "lookup"]
+
+    calls.clear()
+    events: list[StepEvent] = []
+    stop = observe_steps(events.append)
+    try:
+        resumed = await durable.run("go", idempotency_key=key)
+    finally:
+        stop()
+    assert resumed.output == "found 0 and 10"
+    assert calls == ["lookup", "model"]  # the first three steps are not re-requested
+    assert [(e.kind, e.replayed, e.attempts) for e in events] == [
+        ("model", True, 0),
+        ("tool", True, 0),
+        ("model", True, 0),
+        ("tool", False, 1),
+        ("model", False, 1),
+    ]
+    ledger = ledger_of(resumed)
+    assert ledger is not None and (ledger.saved.model_calls, ledger.saved.tool_calls) == (2, 1)
+
+    by_flow_run = await _task_runs(key, 9)
+    assert sorted(len(runs) for runs in by_flow_run.values()) == [4, 5]
+    second = next(runs for runs in by_flow_run.values() if len(runs) == 5)
+    replayed = [run for run in second if run.state_name == "Cached"]
+    assert len(replayed) == 3
+    async with get_client() as client:
+        for run in replayed:
+            states = await client.read_task_run_states(run.id)
+            # the task engine never ran: no Running state, no run counted
+            assert [s.name for s in states] == ["Cached"] and run.run_count == 0
+    detail = await show_run(key)
+    assert [(s.kind, s.status) for s in detail.steps] == [
+        ("model", "replayed"),
+        ("tool", "replayed"),
+        ("model", "replayed"),
+        ("tool", "executed"),
+        ("model", "executed"),
+    ]
+
+    calls.clear()
+    assert (await durable.run("go", idempotency_key=key)).output == "found 0 and 10"
+    assert calls == []  # a completed logical run executes nothing
+
+
+async def test_a_corrupt_entry_on_the_fast_path_re_executes(
+    storage_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+    durable = _agent(calls, f"instant_corrupt_{uuid.uuid4().hex[:6]}")
+    key = f"instant-corrupt-{uuid.uuid4().hex[:6]}"
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    before = set(storage_dir.iterdir())
+    await durable.run("go", idempotency_key=key)
+    written = sorted(
+        (p for p in storage_dir.iterdir() if p.is_file() and p not in before),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    assert len(written) == 5
+    tampered = written[1].read_text().replace('sha256\\": \\"', 'sha256\\": \\"0')
+    assert tampered != written[1].read_text()
+    written[1].write_text(tampered)  # the first lookup: checksum mismatch
+    written[2].write_text("{ not json")  # the second model request: unreadable
+
+    calls.clear()
+    with caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"):
+        result = await durable.run("go", idempotency_key=key)
+    assert result.output == "found 0 and 10"
+    assert calls == ["lookup", "model"]
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 2
+
+    calls.clear()
+    assert (await durable.run("go", idempotency_key=key)).output == "found 0 and 10"
+    assert calls == []  # the re-executed steps overwrote the bad entries
