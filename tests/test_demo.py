@@ -82,7 +82,20 @@ def test_demo_fails_at_detect_anomalies_then_replays_steps_1_to_3(
 
 
 def test_demo_can_fail_at_a_model_step(uninterrupted: dict[str, Any]) -> None:
-    run = shown(demo("--fail-at", "interpret"))
+    proc = demo("--fail-at", "interpret")
+    run = shown(proc)
+    model = "offline-analyst (scripted)"
+    assert f"Attempt 1: the process times out beyond its retries at model #3: {model}" in proc.stdout
+    # One name per step in the live lines, the tables and `show --json`: kind, ordinal, name, what it asked for.
+    assert f"⚡ model #1: {model}  " in proc.stdout and f"✓ model #3: {model}  " in proc.stdout
+    assert [s["title"] for s in run["steps"]] == [
+        f"model #1: {model} → calculate_statistics",
+        "tool #2: calculate_statistics",
+        f"model #3: {model} → detect_anomalies",
+        "tool #4: detect_anomalies",
+        f"model #5: {model}",
+    ]
+    assert f"model #3: {model} → detect_anomalies" in proc.stdout
     assert [s["status"] for s in run["earlier_attempts"][0]] == ["executed", "executed", "failed"] + [
         "not_reached"
     ] * 2

@@ -34,13 +34,6 @@ STEPS: dict[str, tuple[str, int]] = {
     "detect_anomalies": ("detect_anomalies", 1),
     "recommendations": ("model", 3),
 }
-STEP_LABELS = [
-    "Plan analysis",
-    "calculate_statistics",
-    "Interpret statistics",
-    "detect_anomalies",
-    "Recommendations",
-]
 _TOOL_RETRIES = 2  # as in the worker's TOOL_CONFIG
 _MODEL_RETRIES = 2  # as in the worker's MODEL_CONFIG
 
@@ -51,6 +44,15 @@ def _step(fail_at: str) -> tuple[str, int]:
     if fail_at not in STEPS:
         raise ValueError(f"Unknown step {fail_at!r} for --fail-at; use 1-5 or one of: {', '.join(STEPS)}.")
     return STEPS[fail_at]
+
+
+def _fault_title(fail_at: str, model_name: str) -> str:
+    """The step `--fail-at` names, as the timelines will call it (`model #3: offline-analyst (scripted)`)."""
+    from .steps import step_title
+
+    ordinal = int(fail_at) if fail_at.isdigit() else list(STEPS).index(fail_at) + 1
+    name, _ = _step(fail_at)
+    return step_title("model", ordinal, model_name) if name == "model" else step_title("tool", ordinal, name)
 
 
 def run_demo(
@@ -116,8 +118,9 @@ def run_demo(
             )
             console.print(f"Prefect: {where} at {api} (ready after {time.monotonic() - started:.1f}s)")
             env["PREFECT_API_URL"] = api
+            fault = _fault_title(fail_at, OFFLINE_MODEL_NAME if model is None else model.rpartition(":")[2])
             return _walkthrough(
-                env, key, fault_name, kill=kill, inject=inject_failure, started=started, link=not temporary
+                env, key, fault, kill=kill, inject=inject_failure, started=started, link=not temporary
             )
 
 
@@ -243,12 +246,8 @@ def _seed_table(title: str, steps: list[Any]) -> Table:
         "crashed": "interrupted: the process died",
         "not_reached": "not reached",
     }
-    for index, step in enumerate(steps):
-        label = (
-            STEP_LABELS[index] if index < len(STEP_LABELS) and len(steps) <= len(STEP_LABELS) else step.name
-        )
-        kind = "Model call" if step.kind == "model" else "Tool call"
-        table.add_row(SYMBOLS[step.status], f"{kind}: {label}", notes[step.status], str(step.attempts or "-"))
+    for step in steps:
+        table.add_row(SYMBOLS[step.status], step.title, notes[step.status], str(step.attempts or "-"))
     return table
 
 

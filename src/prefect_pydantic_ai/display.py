@@ -49,11 +49,10 @@ def timeline_table(title: str, steps: list[Any]) -> Table:
     table.add_column("Attempts", justify="right")
     table.add_column("Duration", justify="right")
     for step in steps:
-        kind = "Model call" if step.kind == "model" else "Tool call"
         table.add_row(
             SYMBOLS[step.status],
             str(step.index),
-            f"{kind}: {step.name}",
+            step.title,
             step.status.replace("_", " "),
             str(step.attempts) if step.attempts else "-",
             seconds(step.duration_s),
@@ -110,7 +109,7 @@ def print_step(event: Any) -> None:
     attempts = f"{event.attempts} attempt(s), " if event.attempts else ""
     error = f"  [red]{event.error}[/red]" if event.error else ""
     console.print(
-        f"  {symbol} {event.kind}: {event.name}  [dim]{attempts}{seconds(event.seconds)}[/dim]{error}",
+        f"  {symbol} {event.title}  [dim]{attempts}{seconds(event.seconds)}[/dim]{error}",
         highlight=False,
     )
 

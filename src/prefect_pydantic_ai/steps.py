@@ -22,7 +22,7 @@ from typing import Any
 from prefect import Task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from pydantic_ai.exceptions import (
@@ -43,6 +43,7 @@ from .storage import JournalFileSystem, journal_storage
 logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+_TASK_RUN_NAMES: dict[str, str] = {}  # step key -> the name its task run takes when it starts
 RUN_AGAIN = object()
 """What a step's `unverified` callback returns to have the step's work run again (instead of an entry)."""
 _current_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_current_step", default=None)
@@ -64,6 +65,10 @@ def step_idempotency_key() -> str:
 def step_lock_manager() -> ReclaimingLockManager:
     """One lock directory per Prefect home: every process on this machine resuming a run shares it."""
     return ReclaimingLockManager(Path(PREFECT_HOME.value()) / "prefect-pydantic-ai" / "locks")
+
+
+def _named_task_run(parameters: dict[str, Any]) -> str:
+    return _TASK_RUN_NAMES[parameters["step"]]
 
 
 async def run_step(step: str) -> Any:
@@ -154,6 +159,34 @@ async def _within(seconds: float | None, work: Callable[[], Awaitable[Any]], wha
     raise StepTimeoutError(f"{what} timed out after {seconds:g}s")
 
 
+def step_title(kind: StepKind, ordinal: int, name: str) -> str:
+    """What a step is called everywhere (live progress, `show`, the demo): `model #2: gpt-4o`, `tool #3: search`.
+
+    The ordinal is the step's place in its flow run attempt (the `#` of `show`), so fifty calls of one model
+    read apart; a replayed step keeps its ordinal, since a resumed attempt takes the same steps in order."""
+    return f"{kind} #{ordinal}: {name}"
+
+
+def task_run_name(kind: StepKind, ordinal: int, name: str, agent: str) -> str:
+    """A step's Prefect task-run name: its title and agent (`model #2: gpt-4o @ analyst`), known when it starts.
+    `timeline.parse_task_run_name` reads it back."""
+    return f"{step_title(kind, ordinal, name)} @ {agent}"
+
+
+_ordinals: dict[tuple[Any, int], int] = {}
+
+
+def _next_ordinal() -> int:
+    """The next step number of the current flow run attempt (every agent in it shares the count)."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    attempt = (run.id, run.run_count) if run is not None else (None, 0)
+    if attempt not in _ordinals and len(_ordinals) >= 256:
+        del _ordinals[next(iter(_ordinals))]  # the oldest attempt: long finished
+    _ordinals[attempt] = _ordinals.get(attempt, 0) + 1
+    return _ordinals[attempt]
+
+
 @dataclass(frozen=True)
 class StepEvent:
     """One finished step, as progress displays see it."""
@@ -165,6 +198,11 @@ class StepEvent:
     attempts: int
     seconds: float
     error: str | None = None
+    ordinal: int = 0
+
+    @property
+    def title(self) -> str:
+        return step_title(self.kind, self.ordinal, self.name)
 
 
 _observers: list[Callable[[StepEvent], None]] = []
@@ -237,7 +275,9 @@ class StepTasks:
             log_prints=bool(cfg.log_prints),
             # No tags of our own: Prefect asks the server for a concurrency slot for every tagged task run.
             tags=cfg.tags,
-            task_run_name=f"{self.kind}: {name} @ {self.agent}",
+            # Named per call (the ordinal varies); Prefect calls it with the parameters, its protocol type says so
+            # with a marker method plain functions lack.
+            task_run_name=_named_task_run,  # type: ignore[arg-type]
             refresh_cache=True if overwrite else None,
         )
         if isinstance(storage, JournalFileSystem):
@@ -293,8 +333,10 @@ class StepTasks:
                 _current_step.reset(token)
 
         overwrite = False
+        ordinal = _next_ordinal()
         for _ in range(2):
             _PENDING[key] = attempt
+            _TASK_RUN_NAMES[key] = task_run_name(self.kind, ordinal, name, self.agent)
             try:
                 entry = await self.task(name, storage, overwrite=overwrite)(key)
             except BaseException as exc:
@@ -315,11 +357,13 @@ class StepTasks:
                             attempts,
                             time.perf_counter() - started,
                             f"{type(exc).__name__}: {exc}",
+                            ordinal,
                         )
                     )
                 raise
             finally:
                 _PENDING.pop(key, None)
+                _TASK_RUN_NAMES.pop(key, None)
             try:
                 result = StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
             except JournalCorruptError as exc:
@@ -338,7 +382,13 @@ class StepTasks:
             if _observers:
                 _notify(
                     StepEvent(
-                        self.agent, self.kind, name, result.replayed, attempts, time.perf_counter() - started
+                        self.agent,
+                        self.kind,
+                        name,
+                        result.replayed,
+                        attempts,
+                        time.perf_counter() - started,
+                        ordinal=ordinal,
                     )
                 )
             return result
