@@ -526,7 +526,7 @@ def test_analyze_and_report_command_prints_the_summary_and_the_notification(
     assert analyze_and_report_main(["--outbox", str(tmp_path), "--to", "cfo@example.com"]) == 0
     (eml,) = tmp_path.iterdir()
     summary, notification = capsys.readouterr().out.splitlines()
-    assert "2 anomalies at |z| > 3" in summary
+    assert "2 anomalies at modified |z| > 3.5" in summary
     assert notification == f"Notification: {eml}"
     assert email.message_from_bytes(eml.read_bytes())["To"] == "cfo@example.com"
 

@@ -265,6 +265,6 @@ def _print_analysis(output: Any) -> None:
     console.print(f"[bold]Anomalies ({len(anomalies)}):[/bold]")
     for anomaly in anomalies:
         console.print(
-            f"  • row {anomaly.get('row')}: {anomaly.get('column')} = {anomaly.get('value')} (z = {anomaly.get('z_score', 0):.1f})",
+            f"  • row {anomaly.get('row')}: {anomaly.get('column')} = {anomaly.get('value')} (modified z = {anomaly.get('z_score', 0):.1f})",
             highlight=False,
         )
