@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .display import SYMBOLS, console, print_ledger, print_step
+from .display import SYMBOLS, console, print_step
 from .server import LocalServer, cli_name, local_api, prefect_api, run_url
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
@@ -187,9 +187,9 @@ def _walkthrough(
         console.print(f"[red]The run ended {detail.state}: {detail.error}[/red]")
         return 1
     _print_analysis(detail.output)
-    if detail.ledger is not None:
-        print_ledger(detail.ledger)
-        saved = detail.ledger.saved
+    if detail.attempt_ledgers:
+        console.print(_cost_table(detail.attempt_ledgers))
+        saved = detail.attempt_ledgers[-1].saved
         if saved.model_calls:
             console.print(
                 f"Replay saved {saved.model_calls} model call(s), {saved.tool_calls} tool call(s) and "
@@ -248,6 +248,56 @@ def _seed_table(title: str, steps: list[Any]) -> Table:
     }
     for step in steps:
         table.add_row(SYMBOLS[step.status], step.title, notes[step.status], str(step.attempts or "-"))
+    return table
+
+
+REFERENCE_MODEL = "gpt-4o"
+"""The model whose price the demo puts on calls that have none (the scripted model), to show dollars."""
+
+
+def _cost_table(ledgers: list[Any]) -> Table:
+    """What every attempt spent and what replay saved it, in dollars: at the calls' own prices, or at
+    `REFERENCE_MODEL`'s (labelled so) for calls genai-prices cannot price, such as the scripted model's."""
+    from .ledger import format_usd, price_totals_as
+    from .report import usd
+
+    def unpriced(totals: Any) -> bool:  # no call of these could be priced: the reference price stands in
+        return bool(totals.model_calls) and totals.unpriced_model_calls == totals.model_calls
+
+    reference = any(unpriced(t) for ledger in ledgers for t in (ledger.spent, ledger.saved))
+    caption = (
+        f"priced as {REFERENCE_MODEL} for illustration: the scripted model has no price"
+        if reference
+        else None
+    )
+    table = Table(
+        title="What each attempt spent, and what replay saved",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
+    for column in ("", "Model calls", "Tool calls", "Tokens", "Cost (USD)"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def cost(totals: Any) -> str:
+        if not unpriced(totals):
+            return usd(totals)
+        priced = price_totals_as(totals, REFERENCE_MODEL)
+        return "unknown" if priced is None else format_usd(priced)
+
+    for number, ledger in enumerate(ledgers, start=1):
+        spent = ledger.spent
+        table.add_row(
+            f"Attempt {number} spent",
+            str(spent.model_calls),
+            str(spent.tool_calls),
+            f"{spent.total_tokens:,}",
+            cost(spent),
+        )
+    saved = ledgers[-1].saved
+    table.add_row(
+        "Replay saved", str(saved.model_calls), str(saved.tool_calls), f"{saved.total_tokens:,}", cost(saved)
+    )
     return table
 
 

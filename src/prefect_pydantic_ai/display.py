@@ -65,7 +65,7 @@ def show_json(detail: Any) -> dict[str, Any]:
     from .ledger import Ledger
     from .report import usage_json
 
-    document = detail.model_dump(mode="json", exclude={"ledger"})
+    document = detail.model_dump(mode="json", exclude={"ledger", "attempt_ledgers"})
     document.update(usage_json(detail.ledger or Ledger()))
     return dict(document)
 
