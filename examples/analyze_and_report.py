@@ -74,7 +74,7 @@ def generate_report(analysis: DataAnalysis, source: str) -> str:
     lines += [f"- {finding}" for finding in analysis.key_findings]
     lines += ["", "## Anomalies", ""]
     if analysis.anomalies:
-        lines += ["| Column | Row | Value | z-score |", "| --- | ---: | ---: | ---: |"]
+        lines += ["| Column | Row | Value | modified z-score |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {a.column} | {a.row} | {a.value:.2f} | {a.z_score:.2f} |" for a in analysis.anomalies]
     else:
         lines.append("None found.")

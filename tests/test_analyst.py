@@ -78,14 +78,36 @@ def test_sales_dataset_is_deterministic_with_two_planted_outliers() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 42, 1234])
-def test_planted_outliers_are_the_only_anomalies_at_threshold_3(seed: int) -> None:
+def test_planted_outliers_are_the_only_anomalies_at_the_default_threshold(seed: int) -> None:
     frame = sales_dataset(seed)
-    z = (frame["sales"] - frame["sales"].mean()) / frame["sales"].std()
-    expected = sorted(frame.index[z.abs() > 3])
+    sales = frame["sales"]
+    z = 0.6745 * (sales - sales.median()) / (sales - sales.median()).abs().median()
+    expected = sorted(frame.index[z.abs() > 3.5])
     assert sorted(frame.loc[expected, "sales"]) == [1000.0, 2000.0]
     found = detect_anomalies(ctx(frame), "sales")
     assert [a["row"] for a in found] == expected
     assert [a["z_score"] for a in found] == pytest.approx(list(z[expected]))
+
+
+def test_one_outlier_in_ten_rows_is_found_and_changes_the_advice(tmp_path: Path) -> None:
+    """With 10 rows |value - mean| / std cannot exceed 2.85: the robust score must still see a 5000 among ~100s."""
+    values = [98.0, 101.0, 97.0, 103.0, 100.0, 99.0, 5000.0, 102.0, 96.0, 104.0]
+    frame = pd.DataFrame({"sales": values})
+    assert [(a["row"], a["value"]) for a in detect_anomalies(ctx(frame), "sales")] == [(6, 5000.0)]
+    result = build_analyst_agent().run_sync(DEFAULT_PROMPT, deps=frame)
+    assert [(a.row, a.value) for a in result.output.anomalies] == [(6, 5000.0)]
+    text = analysis_text(result.output)
+    assert "1 anomaly at modified |z| > 3.5 (row 6)" in result.output.summary
+    assert "Without them the mean would be 100.00 instead of 590.00." in text
+    advice = " ".join(result.output.recommendations)
+    assert "report the median (100.50) rather than the mean" in advice
+    assert "The mean is a fair summary" not in advice
+
+
+def test_more_than_half_equal_values_still_flag_the_odd_one() -> None:
+    """MAD is 0 when most values are equal; the mean absolute deviation stands in."""
+    found = detect_anomalies(ctx(pd.DataFrame({"x": [5.0] * 8 + [6.0, 500.0]})), "x")
+    assert [(a["row"], a["value"]) for a in found] == [(9, 500.0)]
 
 
 # The tools
@@ -115,13 +137,13 @@ def test_statistics_of_a_single_value_have_no_std() -> None:
 
 def test_detect_anomalies_reports_rows_values_and_z_scores() -> None:
     frame = sales_dataset()
-    found = detect_anomalies(ctx(frame), "sales", threshold=3.0)
+    found = detect_anomalies(ctx(frame), "sales", threshold=3.5)
     assert json.loads(json.dumps(found)) == found
     rows = frame.index[frame["sales"] >= 1000].tolist()
     assert [(a["column"], a["row"], a["value"]) for a in found] == [
         ("sales", row, frame.loc[row, "sales"]) for row in rows
     ]
-    assert all(abs(a["z_score"]) > 3 for a in found)
+    assert all(abs(a["z_score"]) > 3.5 for a in found)
     assert detect_anomalies(ctx(pd.DataFrame({"x": [5.0, 5.0, 5.0]})), "x") == []
 
 
@@ -164,7 +186,7 @@ def test_offline_run_follows_the_five_steps_and_reports_the_planted_outliers() -
     assert len(responses(messages)) == 3
     assert tool_calls(messages) == [
         ("calculate_statistics", {"column": "sales"}),
-        ("detect_anomalies", {"column": "sales", "threshold": 3.0}),
+        ("detect_anomalies", {"column": "sales", "threshold": 3.5}),
     ]
     assert {response.model_name for response in responses(messages)} == {OFFLINE_MODEL_NAME}
     final = responses(messages)[-1].parts
@@ -176,7 +198,7 @@ def test_offline_run_follows_the_five_steps_and_reports_the_planted_outliers() -
     assert [(a.row, a.value) for a in output.anomalies] == [(row, frame.loc[row, "sales"]) for row in planted]
     assert sorted(a.value for a in output.anomalies) == [1000.0, 2000.0]
     assert output.columns_analyzed == ["sales"]
-    assert f"2 anomalies at |z| > 3 (rows {planted[0]} and {planted[1]})" in output.summary
+    assert f"2 anomalies at modified |z| > 3.5 (rows {planted[0]} and {planted[1]})" in output.summary
     assert output.recommendations
 
     sales = frame["sales"]
@@ -250,14 +272,14 @@ def test_user_csv_column_is_analysed(tmp_path: Path) -> None:
     result = build_analyst_agent().run_sync("Analyse store visits", deps=frame)
     assert tool_calls(result.all_messages()) == [
         ("calculate_statistics", {"column": "visitors"}),
-        ("detect_anomalies", {"column": "visitors", "threshold": 3.0}),
+        ("detect_anomalies", {"column": "visitors", "threshold": 3.5}),
     ]
     assert result.output.columns_analyzed == ["visitors"]
     assert [(a.column, a.row, a.value) for a in result.output.anomalies] == [("visitors", 17, 500.0)]
     text = analysis_text(result.output)
     assert f"{frame['visitors'].mean():.2f}" in text
-    assert "1 anomaly at |z| > 3 (row 17)" in result.output.summary
-    assert "1 value lies more than 3 standard deviations" in text
+    assert "1 anomaly at modified |z| > 3.5 (row 17)" in result.output.summary
+    assert "1 value lies far from the median (modified z-score above 3.5)" in text
 
 
 def test_a_rejected_column_is_skipped_for_the_next_numeric_one(tmp_path: Path) -> None:
@@ -271,7 +293,7 @@ def test_a_rejected_column_is_skipped_for_the_next_numeric_one(tmp_path: Path) -
     assert tool_calls(result.all_messages()) == [
         ("calculate_statistics", {"column": "discount"}),
         ("calculate_statistics", {"column": "visitors"}),
-        ("detect_anomalies", {"column": "visitors", "threshold": 3.0}),
+        ("detect_anomalies", {"column": "visitors", "threshold": 3.5}),
     ]
     assert len(responses(result.all_messages())) == 4
     assert result.output.columns_analyzed == ["visitors"]

@@ -88,5 +88,5 @@ def test_a_step_that_succeeded_on_its_second_attempt_shows_retried() -> None:
     ]
     table = cli("show", key, env={"COLUMNS": "160"})
     assert table.returncode == 0, table.stderr
-    [row] = [line for line in table.stdout.splitlines() if "Tool call: flaky" in line]
+    [row] = [line for line in table.stdout.splitlines() if "tool #2: flaky" in line]
     assert "↻" in row and "retried" in row

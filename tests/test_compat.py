@@ -51,6 +51,7 @@ from prefect_pydantic_ai import (
     PrefectDurability,
     TaskConfig,
 )
+from prefect_pydantic_ai.timeline import parse_task_run_name
 
 pytestmark = pytest.mark.anyio
 
@@ -111,17 +112,36 @@ async def flow_runs_of(agent: str) -> list[FlowRun]:
 
 
 async def task_runs_of(agent: str) -> list[TaskRun]:
-    """Every task run of the flow runs of `agent`."""
+    """Every task run of the flow runs of `agent`, once Prefect has recorded them all.
+
+    Prefect learns about task runs from events its client sends in the background, so right after a run the last
+    ones may still be on their way: read until two reads half a second apart agree and every run is final."""
+    seen: list[TaskRun] | None = None
     async with get_client() as client:
-        return await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"agent:{agent}"]))
-        )
+        for _ in range(60):
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"agent:{agent}"]))
+            )
+            final = all(t.state is not None and t.state.is_final() for t in runs)
+            if final and seen is not None and {t.id for t in seen} == {t.id for t in runs}:
+                return runs
+            seen = runs
+            await asyncio.sleep(0.5)
+    raise AssertionError(
+        f"the task runs of {agent} never settled: {[(t.name, t.state_name) for t in seen or []]}"
+    )
 
 
 def step_names(task_runs: list[TaskRun]) -> Counter[str]:
     """How many task runs each step has: `model` for model requests, `tool: <name>` for tool calls."""
-    names = (t.name.split(" @ ")[0] for t in task_runs)
-    return Counter("model" if name.startswith("model: ") else name for name in names)
+    return Counter("model" if kind == "model" else f"tool: {name}" for kind, name in map(_step_of, task_runs))
+
+
+def _step_of(task_run: TaskRun) -> tuple[str, str]:
+    """A step task run's kind and model or tool name, read from its name as `show` reads it."""
+    parsed = parse_task_run_name(task_run.name)
+    assert parsed is not None, task_run.name
+    return parsed[0], parsed[2]
 
 
 # -- constructor arguments -------------------------------------------------------------------------------------
@@ -406,7 +426,7 @@ async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form, 
         return "local"
 
     assert (await durable.run("go")).output == "done"
-    policies = {t.name.split(" @ ")[0]: t.empirical_policy for t in await task_runs_of(name)}
+    policies = {": ".join(_step_of(t)): t.empirical_policy for t in await task_runs_of(name)}
     assert (
         policies["tool: stock"].retries == 4 and policies["tool: local"].retries == 1
     )  # MCP over the default

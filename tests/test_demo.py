@@ -62,6 +62,13 @@ def test_demo_fails_at_detect_anomalies_then_replays_steps_1_to_3(
     assert "Initial run" in proc.stdout and "Retry attempt" in proc.stdout and "⊘" in proc.stdout
     assert "not an LLM" in proc.stdout  # the scripted model says what it is
     assert "Replay saved 2 model call(s), 1 tool call(s)" in proc.stdout
+    # Attempt 1's spend too (a killed attempt's as recorded), in dollars at a named reference price.
+    assert "priced as gpt-4o for illustration" in " ".join(proc.stdout.split())
+    rows = {line.split("│")[1].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 5}
+    for label in ("Attempt 1 spent", "Attempt 2 spent", "Replay saved"):
+        assert "$" in rows[label] and "unknown" not in rows[label], proc.stdout
+    assert [cell.strip() for cell in rows["Attempt 1 spent"].split("│")[2:3]] == ["2"]
+    assert [cell.strip() for cell in rows["Replay saved"].split("│")[2:4]] == ["2", "1"]
     assert "row 10: sales = 1000.0" in proc.stdout and "row 65: sales = 2000.0" in proc.stdout
 
     first, latest = run["earlier_attempts"][0], run["steps"]
@@ -82,7 +89,20 @@ def test_demo_fails_at_detect_anomalies_then_replays_steps_1_to_3(
 
 
 def test_demo_can_fail_at_a_model_step(uninterrupted: dict[str, Any]) -> None:
-    run = shown(demo("--fail-at", "interpret"))
+    proc = demo("--fail-at", "interpret")
+    run = shown(proc)
+    model = "offline-analyst (scripted)"
+    assert f"Attempt 1: the process times out beyond its retries at model #3: {model}" in proc.stdout
+    # One name per step in the live lines, the tables and `show --json`: kind, ordinal, name, what it asked for.
+    assert f"⚡ model #1: {model}  " in proc.stdout and f"✓ model #3: {model}  " in proc.stdout
+    assert [s["title"] for s in run["steps"]] == [
+        f"model #1: {model} → calculate_statistics",
+        "tool #2: calculate_statistics",
+        f"model #3: {model} → detect_anomalies",
+        "tool #4: detect_anomalies",
+        f"model #5: {model}",
+    ]
+    assert f"model #3: {model} → detect_anomalies" in proc.stdout
     assert [s["status"] for s in run["earlier_attempts"][0]] == ["executed", "executed", "failed"] + [
         "not_reached"
     ] * 2

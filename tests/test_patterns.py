@@ -55,6 +55,7 @@ from examples.triage_ticket import (
 from examples.triage_ticket import main as triage_main
 from prefect_pydantic_ai.analyst import DEFAULT_PROMPT, DataAnalysis, build_analyst_agent, sales_dataset
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
+from prefect_pydantic_ai.timeline import parse_task_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYST_STEPS = [
@@ -108,8 +109,10 @@ def flow_run_id(state: State[Any]) -> UUID:
 
 
 def _task_name(run_name: str) -> str:
-    """Our step task runs are named `<kind>: <name> @ <agent>`; other task runs carry Prefect's random suffix."""
-    return run_name.rsplit(" @ ", 1)[0] if " @ " in run_name else run_name.rsplit("-", 1)[0]
+    """Our step task runs are named `<kind> #<n>: <name> @ <agent>` (their task: `<kind>: <name>`); other task runs
+    carry Prefect's random suffix."""
+    step = parse_task_run_name(run_name)
+    return f"{step[0]}: {step[2]}" if step else run_name.rsplit("-", 1)[0]
 
 
 async def task_run_names(run_id: UUID, *, at_least: int) -> list[str]:
@@ -523,7 +526,7 @@ def test_analyze_and_report_command_prints_the_summary_and_the_notification(
     assert analyze_and_report_main(["--outbox", str(tmp_path), "--to", "cfo@example.com"]) == 0
     (eml,) = tmp_path.iterdir()
     summary, notification = capsys.readouterr().out.splitlines()
-    assert "2 anomalies at |z| > 3" in summary
+    assert "2 anomalies at modified |z| > 3.5" in summary
     assert notification == f"Notification: {eml}"
     assert email.message_from_bytes(eml.read_bytes())["To"] == "cfo@example.com"
 

@@ -84,8 +84,8 @@ def test_prefect_ui_shows_the_step_tasks_and_the_cost_artifact(
     page.goto(f"{ui}/runs/flow-run/{run_id}")
 
     page.get_by_text("Task Runs", exact=True).first.click()
-    expect(page.get_by_text("tool: fetch_report").first).to_be_visible()
-    expect(page.get_by_text("model: gpt-4o").first).to_be_visible()
+    expect(page.get_by_text("tool #2: fetch_report @").first).to_be_visible()
+    expect(page.get_by_text("model #1: gpt-4o @").first).to_be_visible()
 
     page.get_by_text("Artifacts", exact=True).first.click()
     page.get_by_text("what ui_checked spent and what replay saved").first.click()

@@ -12,14 +12,20 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
 
 from .display import STATE_STYLE, console, errors, print_detail, print_step, seconds, when
 
+_API_HELP = (
+    "Commands talk to the Prefect API in PREFECT_API_URL when it is set, else to the persistent local Prefect "
+    "server of PREFECT_HOME (started on first use; see `server status`)."
+)
 app = typer.Typer(
-    help="Durable Pydantic AI agents on Prefect: see, resume and account for agent runs.",
+    help=f"Durable Pydantic AI agents on Prefect: see, resume and account for agent runs. {_API_HELP}",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 _T = TypeVar("_T")
@@ -44,14 +50,24 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a command's Prefect work, first pointing Prefect at its configured API or the local server."""
+    from .server import ensure_api
+
+    _server_call(ensure_api)
     return asyncio.run(coro)
+
+
+_STATES = ("completed", "failed", "crashed", "running", "paused", "cancelled", "pending")
 
 
 @app.command("runs")
 @_user_errors
 def runs_command(
     state: Annotated[
-        str | None, typer.Option(help="Only runs in this state (completed, failed, crashed, ...).")
+        str | None,
+        typer.Option(
+            help="Only runs in this state: completed, failed, crashed, ... (any case).", show_default=False
+        ),
     ] = None,
     agent: Annotated[str | None, typer.Option(help="Only runs of this agent.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
@@ -61,16 +77,28 @@ def runs_command(
     from .display import dumps
     from .runs import list_runs
 
-    states = {"completed", "failed", "crashed", "running", "paused", "cancelled", "pending"}
-    if state is not None and state not in states:
-        raise ValueError(f"Unknown state {state!r}; use one of: {', '.join(sorted(states))}.")
+    if state is not None:
+        if state.lower() not in _STATES:
+            raise ValueError(f"Unknown state {state!r}; use one of: {', '.join(_STATES)}.")
+        state = state.lower()
     found = _run(list_runs(state=state, agent=agent, limit=limit))
     if as_json:
         print(dumps(found))
         return
-    table = Table(title="Agent runs", title_justify="left")
+    if not found:
+        console.print(_no_runs(state, agent))
+        return
+    # Fits 80 columns: ids and states are never cut; keys and agent names wrap; times drop the year.
+    table = Table(title="Agent runs", title_justify="left", padding=(0, 1), pad_edge=False)
     for column in ("Run id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Duration"):
-        table.add_column(column, justify="right" if column in ("Steps", "Replayed", "Duration") else "left")
+        fixed = column in ("Run id", "State", "Started")
+        table.add_column(
+            column,
+            justify="right" if column in ("Steps", "Replayed", "Duration") else "left",
+            no_wrap=fixed,
+            min_width=12 if column == "Run id" else 9 if column == "State" else None,
+            overflow="fold",
+        )
     for run in found:
         style = STATE_STYLE.get(run.state, "")
         table.add_row(
@@ -80,11 +108,22 @@ def runs_command(
             f"[{style}]{run.state}[/{style}]" if style else run.state,
             str(run.steps_completed),
             str(run.steps_replayed),
-            when(run.started),
+            when(run.started)[5:],
             seconds(run.duration_s),
         )
-    console.print(table if found else "No agent runs yet.")
+    console.print(table)
     _ui_footer(found[0].run_id if len(found) == 1 else None)
+
+
+def _no_runs(state: str | None, agent: str | None) -> str:
+    """What an empty `runs` listing says: which filter found nothing."""
+    if agent is not None and state is not None:
+        return f"No {state} runs of agent {agent!r}."
+    if agent is not None:
+        return f"No runs of agent {agent!r}."
+    if state is not None:
+        return f"No {state} runs."
+    return "No agent runs yet."
 
 
 @app.command("show")
@@ -93,7 +132,7 @@ def show_command(
     run: Annotated[str, typer.Argument(help="Flow run id, a unique prefix of it, or an idempotency key.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
-    """Show a run's step timeline: ✓ executed, ⚡ replayed, ↻ retried, ✗ failed, ⊘ not reached."""
+    """Show a run's steps: ✓ executed, ⚡ replayed, ↻ retried, ✗ failed, ⊘ not reached."""
     from .display import show_json
     from .show import show_run
 
@@ -284,6 +323,9 @@ def demo_command(
     """The seed's AI Data Analyst walkthrough for real: attempt 1 fails at a step, the retry replays the rest."""
     import time
 
+    if kill and no_failure:
+        raise ValueError("--kill needs a failure to inject; drop --no-failure.")
+
     from .server import LocalServer, start_api
 
     started = time.monotonic()
@@ -309,17 +351,23 @@ def demo_command(
 
 # -- the Prefect server commands talk to -----------------------------------------------------------------------
 
-# demo finds its server itself, overlapping its imports
-_API_COMMANDS = {"runs", "show", "resume", "costs", "install-automations"}
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"prefect-pydantic-ai {version('prefect-pydantic-ai')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _use_api(ctx: typer.Context) -> None:
-    """Point the commands that talk to Prefect at its configured API, else at the persistent local server."""
-    if ctx.invoked_subcommand in _API_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
-        from .server import ensure_api
-
-        _server_call(ensure_api)
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Durable Pydantic AI agents on Prefect: see, resume and account for agent runs."""
 
 
 def _server_call(fn: Callable[[], _T]) -> _T:
@@ -336,6 +384,7 @@ def _server_call(fn: Callable[[], _T]) -> _T:
 server_app = typer.Typer(
     help="The persistent local Prefect server used when no PREFECT_API_URL is configured.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(server_app, name="server")
 
@@ -414,7 +463,20 @@ def server_stop_command() -> None:
 
 
 def main() -> None:
-    app()
+    """The `prefect-pydantic-ai` command; a usage error is one line on stderr and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(0)
+    except UsageError as exc:
+        errors.print(
+            f"error: {exc.format_message()} (see --help)", highlight=False, soft_wrap=True, markup=False
+        )
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.command("install-automations")

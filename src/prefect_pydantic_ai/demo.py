@@ -23,7 +23,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .display import SYMBOLS, console, print_ledger, print_step
+from .display import SYMBOLS, console, print_step
 from .server import LocalServer, cli_name, local_api, prefect_api, run_url
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
@@ -34,13 +34,6 @@ STEPS: dict[str, tuple[str, int]] = {
     "detect_anomalies": ("detect_anomalies", 1),
     "recommendations": ("model", 3),
 }
-STEP_LABELS = [
-    "Plan analysis",
-    "calculate_statistics",
-    "Interpret statistics",
-    "detect_anomalies",
-    "Recommendations",
-]
 _TOOL_RETRIES = 2  # as in the worker's TOOL_CONFIG
 _MODEL_RETRIES = 2  # as in the worker's MODEL_CONFIG
 
@@ -51,6 +44,15 @@ def _step(fail_at: str) -> tuple[str, int]:
     if fail_at not in STEPS:
         raise ValueError(f"Unknown step {fail_at!r} for --fail-at; use 1-5 or one of: {', '.join(STEPS)}.")
     return STEPS[fail_at]
+
+
+def _fault_title(fail_at: str, model_name: str) -> str:
+    """The step `--fail-at` names, as the timelines will call it (`model #3: offline-analyst (scripted)`)."""
+    from .steps import step_title
+
+    ordinal = int(fail_at) if fail_at.isdigit() else list(STEPS).index(fail_at) + 1
+    name, _ = _step(fail_at)
+    return step_title("model", ordinal, model_name) if name == "model" else step_title("tool", ordinal, name)
 
 
 def run_demo(
@@ -116,8 +118,9 @@ def run_demo(
             )
             console.print(f"Prefect: {where} at {api} (ready after {time.monotonic() - started:.1f}s)")
             env["PREFECT_API_URL"] = api
+            fault = _fault_title(fail_at, OFFLINE_MODEL_NAME if model is None else model.rpartition(":")[2])
             return _walkthrough(
-                env, key, fault_name, kill=kill, inject=inject_failure, started=started, link=not temporary
+                env, key, fault, kill=kill, inject=inject_failure, started=started, link=not temporary
             )
 
 
@@ -184,9 +187,9 @@ def _walkthrough(
         console.print(f"[red]The run ended {detail.state}: {detail.error}[/red]")
         return 1
     _print_analysis(detail.output)
-    if detail.ledger is not None:
-        print_ledger(detail.ledger)
-        saved = detail.ledger.saved
+    if detail.attempt_ledgers:
+        console.print(_cost_table(detail.attempt_ledgers))
+        saved = detail.attempt_ledgers[-1].saved
         if saved.model_calls:
             console.print(
                 f"Replay saved {saved.model_calls} model call(s), {saved.tool_calls} tool call(s) and "
@@ -243,12 +246,58 @@ def _seed_table(title: str, steps: list[Any]) -> Table:
         "crashed": "interrupted: the process died",
         "not_reached": "not reached",
     }
-    for index, step in enumerate(steps):
-        label = (
-            STEP_LABELS[index] if index < len(STEP_LABELS) and len(steps) <= len(STEP_LABELS) else step.name
+    for step in steps:
+        table.add_row(SYMBOLS[step.status], step.title, notes[step.status], str(step.attempts or "-"))
+    return table
+
+
+REFERENCE_MODEL = "gpt-4o"
+"""The model whose price the demo puts on calls that have none (the scripted model), to show dollars."""
+
+
+def _cost_table(ledgers: list[Any]) -> Table:
+    """What every attempt spent and what replay saved it, in dollars: at the calls' own prices, or at
+    `REFERENCE_MODEL`'s (labelled so) for calls genai-prices cannot price, such as the scripted model's."""
+    from .ledger import format_usd, price_totals_as
+    from .report import usd
+
+    def unpriced(totals: Any) -> bool:  # no call of these could be priced: the reference price stands in
+        return bool(totals.model_calls) and totals.unpriced_model_calls == totals.model_calls
+
+    reference = any(unpriced(t) for ledger in ledgers for t in (ledger.spent, ledger.saved))
+    caption = (
+        f"priced as {REFERENCE_MODEL} for illustration: the scripted model has no price"
+        if reference
+        else None
+    )
+    table = Table(
+        title="What each attempt spent, and what replay saved",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
+    for column in ("", "Model calls", "Tool calls", "Tokens", "Cost (USD)"):
+        table.add_column(column, justify="left" if not column else "right")
+
+    def cost(totals: Any) -> str:
+        if not unpriced(totals):
+            return usd(totals)
+        priced = price_totals_as(totals, REFERENCE_MODEL)
+        return "unknown" if priced is None else format_usd(priced)
+
+    for number, ledger in enumerate(ledgers, start=1):
+        spent = ledger.spent
+        table.add_row(
+            f"Attempt {number} spent",
+            str(spent.model_calls),
+            str(spent.tool_calls),
+            f"{spent.total_tokens:,}",
+            cost(spent),
         )
-        kind = "Model call" if step.kind == "model" else "Tool call"
-        table.add_row(SYMBOLS[step.status], f"{kind}: {label}", notes[step.status], str(step.attempts or "-"))
+    saved = ledgers[-1].saved
+    table.add_row(
+        "Replay saved", str(saved.model_calls), str(saved.tool_calls), f"{saved.total_tokens:,}", cost(saved)
+    )
     return table
 
 
@@ -266,6 +315,6 @@ def _print_analysis(output: Any) -> None:
     console.print(f"[bold]Anomalies ({len(anomalies)}):[/bold]")
     for anomaly in anomalies:
         console.print(
-            f"  • row {anomaly.get('row')}: {anomaly.get('column')} = {anomaly.get('value')} (z = {anomaly.get('z_score', 0):.1f})",
+            f"  • row {anomaly.get('row')}: {anomaly.get('column')} = {anomaly.get('value')} (modified z = {anomaly.get('z_score', 0):.1f})",
             highlight=False,
         )

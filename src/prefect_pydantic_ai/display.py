@@ -50,12 +50,11 @@ def timeline_table(title: str, steps: list[Any]) -> Table:
     table.add_column("Attempts", justify="right")
     table.add_column("Duration", justify="right")
     for step, depth in _walk(steps, 0):
-        kind = "Model call" if step.kind == "model" else "Tool call"
         where = f"{'  ' * (depth - 1)}└ {step.agent}: " if depth else ""
         table.add_row(
             SYMBOLS[step.status],
             str(step.index),
-            f"{where}{kind}: {step.name}",
+            f"{where}{step.title}",
             step.status.replace("_", " "),
             str(step.attempts) if step.attempts else "-",
             seconds(step.duration_s),
@@ -75,7 +74,7 @@ def show_json(detail: Any) -> dict[str, Any]:
     from .ledger import Ledger
     from .report import usage_json
 
-    document = detail.model_dump(mode="json", exclude={"ledger"})
+    document = detail.model_dump(mode="json", exclude={"ledger", "attempt_ledgers"})
     document.update(usage_json(detail.ledger or Ledger()))
     return dict(document)
 
@@ -123,7 +122,7 @@ def print_step(event: Any) -> None:
     attempts = f"{event.attempts} attempt(s), " if event.attempts else ""
     error = f"  [red]{event.error}[/red]" if event.error else ""
     console.print(
-        f"  {symbol} {event.kind}: {event.name}  [dim]{attempts}{seconds(event.seconds)}[/dim]{error}",
+        f"  {symbol} {event.title}  [dim]{attempts}{seconds(event.seconds)}[/dim]{error}",
         highlight=False,
     )
 

@@ -53,6 +53,19 @@ def price_request(
     return calculation.total_price
 
 
+def price_totals_as(totals: UsageTotals, model_name: str) -> Decimal | None:
+    """What `totals`' tokens would cost at `model_name`'s current price (genai-prices): a named reference price for
+    calls that have none of their own (a scripted model), to show savings in dollars. Exact for models priced
+    per token without tiers (gpt-4o)."""
+    usage = RequestUsage(
+        input_tokens=totals.input_tokens,
+        output_tokens=totals.output_tokens,
+        cache_read_tokens=totals.cache_read_tokens,
+        cache_write_tokens=totals.cache_write_tokens,
+    )
+    return price_request(usage, model_name=model_name, provider=None)
+
+
 class StepUsage(BaseModel):
     """Tokens and cost of one model step, as read from its `ModelResponse`."""
 

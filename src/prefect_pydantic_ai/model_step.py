@@ -38,7 +38,10 @@ from .journal import (
     step_key,
 )
 from .ledger import Ledger, StepUsage
+from .step_logs import install as install_step_logs
 from .steps import StepResult, StepTasks
+
+install_step_logs()  # every process that runs steps logs their failed attempts on one line each
 
 
 @dataclass

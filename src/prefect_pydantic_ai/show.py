@@ -31,6 +31,8 @@ class RunDetail(BaseModel):
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None
+    attempt_ledgers: list[Ledger] = []
+    """Each attempt's ledger (all agents), in order, a killed attempt's as far as it was recorded."""
 
 
 async def show_run(ref: str) -> RunDetail:
@@ -77,6 +79,11 @@ async def show_run(ref: str) -> RunDetail:
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None
+    by_attempt: dict[int, Ledger] = {}
+    for record in records:
+        for each in record.attempts:
+            known = by_attempt.get(each.run_count)
+            by_attempt[each.run_count] = each.ledger if known is None else known.merge(each.ledger)
     for record in records:  # the latest attempt only: an earlier attempt's error is not this one's
         latest_attempt = [a for a in record.attempts if a.run_count == flow_run.run_count]
         if latest_attempt:
@@ -99,4 +106,5 @@ async def show_run(ref: str) -> RunDetail:
         output=output,
         error=error,
         ledger=ledger,
+        attempt_ledgers=[by_attempt[count] for count in sorted(by_attempt)],
     )

@@ -60,6 +60,7 @@ from .storage import JournalFileSystem, journal_storage
 logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
+_TASK_RUN_NAMES: dict[str, str] = {}  # step key -> the name its task run takes when it starts
 RUN_AGAIN = object()
 """What a step's `unverified` callback returns to have the step's work run again (instead of an entry)."""
 
@@ -153,6 +154,10 @@ def step_lock_manager() -> LockManager:
     return manager
 
 
+def _named_task_run(parameters: dict[str, Any]) -> str:
+    return _TASK_RUN_NAMES[parameters["step"]]
+
+
 async def run_step(step: str) -> Any:
     """The body of every step task: run the work registered under this step key."""
     return await _PENDING[step]()
@@ -241,6 +246,34 @@ async def _within(seconds: float | None, work: Callable[[], Awaitable[Any]], wha
     raise StepTimeoutError(f"{what} timed out after {seconds:g}s")
 
 
+def step_title(kind: StepKind, ordinal: int, name: str) -> str:
+    """What a step is called everywhere (live progress, `show`, the demo): `model #2: gpt-4o`, `tool #3: search`.
+
+    The ordinal is the step's place in its flow run attempt (the `#` of `show`), so fifty calls of one model
+    read apart; a replayed step keeps its ordinal, since a resumed attempt takes the same steps in order."""
+    return f"{kind} #{ordinal}: {name}"
+
+
+def task_run_name(kind: StepKind, ordinal: int, name: str, agent: str) -> str:
+    """A step's Prefect task-run name: its title and agent (`model #2: gpt-4o @ analyst`), known when it starts.
+    `timeline.parse_task_run_name` reads it back."""
+    return f"{step_title(kind, ordinal, name)} @ {agent}"
+
+
+_ordinals: dict[tuple[Any, int], int] = {}
+
+
+def _next_ordinal() -> int:
+    """The next step number of the current flow run attempt (every agent in it shares the count)."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    attempt = (run.id, run.run_count) if run is not None else (None, 0)
+    if attempt not in _ordinals and len(_ordinals) >= 256:
+        del _ordinals[next(iter(_ordinals))]  # the oldest attempt: long finished
+    _ordinals[attempt] = _ordinals.get(attempt, 0) + 1
+    return _ordinals[attempt]
+
+
 @dataclass(frozen=True)
 class StepEvent:
     """One finished step, as progress displays see it."""
@@ -252,6 +285,11 @@ class StepEvent:
     attempts: int
     seconds: float
     error: str | None = None
+    ordinal: int = 0
+
+    @property
+    def title(self) -> str:
+        return step_title(self.kind, self.ordinal, self.name)
 
 
 _observers: list[Callable[[StepEvent], None]] = []
@@ -324,7 +362,9 @@ class StepTasks:
             log_prints=bool(cfg.log_prints),
             # No tags of our own: Prefect asks the server for a concurrency slot for every tagged task run.
             tags=cfg.tags,
-            task_run_name=f"{self.kind}: {name} @ {self.agent}",
+            # Named per call (the ordinal varies); Prefect calls it with the parameters, its protocol type says so
+            # with a marker method plain functions lack.
+            task_run_name=_named_task_run,  # type: ignore[arg-type]
             refresh_cache=True if overwrite else None,
         )
         if isinstance(storage, JournalFileSystem):
@@ -362,7 +402,7 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
-            with within_step(key, f"{self.kind}: {name} @ {self.agent}"):
+            with within_step(key, task_run_name(self.kind, ordinal, name, self.agent)):
                 try:
                     if guarded:
                         assert unverified is not None
@@ -378,6 +418,7 @@ class StepTasks:
                     raise
 
         overwrite = False
+        ordinal = _next_ordinal()
         if self.journaled and self.config.cache_policy is None and storage is not None:
             entry = await self._journaled_entry(name, key, storage)
             if entry is not None:
@@ -387,15 +428,24 @@ class StepTasks:
                     self._warn_corrupt(name, exc)
                     overwrite = True
                 else:
-                    self._record_replay(name, key, storage)
+                    self._record_replay(name, key, storage, ordinal)
                     if _observers:
                         _notify(
-                            StepEvent(self.agent, self.kind, name, True, 0, time.perf_counter() - started)
+                            StepEvent(
+                                self.agent,
+                                self.kind,
+                                name,
+                                True,
+                                0,
+                                time.perf_counter() - started,
+                                ordinal=ordinal,
+                            )
                         )
                     return StepResult(data=data, replayed=True, attempts=0)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
+            _TASK_RUN_NAMES[key] = task_run_name(self.kind, ordinal, name, self.agent)
             try:
                 with _own_transaction():
                     entry = await self.task(name, storage, overwrite=overwrite)(key)
@@ -417,11 +467,13 @@ class StepTasks:
                             attempts,
                             time.perf_counter() - started,
                             f"{type(exc).__name__}: {exc}",
+                            ordinal,
                         )
                     )
                 raise
             finally:
                 _PENDING.pop(key, None)
+                _TASK_RUN_NAMES.pop(key, None)
             try:
                 result = StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
             except JournalCorruptError as exc:
@@ -435,7 +487,13 @@ class StepTasks:
             if _observers:
                 _notify(
                     StepEvent(
-                        self.agent, self.kind, name, result.replayed, attempts, time.perf_counter() - started
+                        self.agent,
+                        self.kind,
+                        name,
+                        result.replayed,
+                        attempts,
+                        time.perf_counter() - started,
+                        ordinal=ordinal,
                     )
                 )
             return result
@@ -466,14 +524,14 @@ class StepTasks:
             return None
         return record.result
 
-    def _record_replay(self, name: str, key: str, storage: Any) -> None:
+    def _record_replay(self, name: str, key: str, storage: Any, ordinal: int) -> None:
         """Note that this step was answered from the journal; `record_replays()` tells Prefect."""
         context = FlowRunContext.get()
         parent = TaskRunContext.get()
         _replays.append(
             _Replay(
                 task_key=self.task(name, storage).task_key,
-                name=f"{self.kind}: {name} @ {self.agent}",
+                name=task_run_name(self.kind, ordinal, name, self.agent),
                 key=key,
                 flow_run_id=context.flow_run.id if context is not None and context.flow_run else None,
                 flow_run_count=context.flow_run.run_count if context is not None and context.flow_run else 0,

@@ -1,11 +1,13 @@
 """A flow run's steps as Prefect recorded them: one timeline per attempt, with each step's fate.
 
-Step task runs are named `<kind>: <model or tool name> @ <agent>`; their states say whether a step executed,
-was replayed from the journal (Prefect's "Cached"), was retried, failed or was never reached.
+Step task runs are named `<kind> #<ordinal>: <model or tool name> @ <agent>` (`steps.task_run_name`); their
+states say whether a step executed, was replayed from the journal (Prefect's "Cached"), was retried, failed or was
+never reached.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
@@ -13,7 +15,9 @@ from uuid import UUID
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType, TaskRun, TaskRunResult
-from pydantic import BaseModel
+from pydantic import BaseModel, computed_field
+
+from .steps import step_title
 
 StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "not_reached"]
 """`crashed`: the step was running when its process died (interrupted, not failed)."""
@@ -33,20 +37,42 @@ class StepView(BaseModel):
     """For a sub-agent's step: the index of the step it ran inside (the delegating tool call)."""
     steps: list[StepView] = []
     """The sub-agent steps that ran inside this step (filled by `step_tree`)."""
+    asked_for: list[str] = []
+    """For a model step: the tools it called, as the tool steps that followed it show (after the fact)."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def title(self) -> str:
+        """The step's name in every view: `model #2: gpt-4o → detect_anomalies`, `tool #3: detect_anomalies`."""
+        asked = f" → {', '.join(self.asked_for)}" if self.asked_for else ""
+        return f"{step_title(self.kind, self.index, self.name)}{asked}"
 
 
-def _step_kind(task_run: TaskRun) -> Literal["model", "tool"] | None:
-    if task_run.name.startswith("model: "):
-        return "model"
-    if task_run.name.startswith("tool: "):
-        return "tool"
-    return None
+_TASK_RUN_NAME = re.compile(r"(model|tool)(?: #(\d+))?: (.+?)(?: @ ([^@]+))?")
 
 
-def _step_name_and_agent(task_run: TaskRun) -> tuple[str, str | None]:
-    """Step task runs are named `<kind>: <model or tool name> @ <agent>`."""
-    name, _, agent = task_run.name.split(": ", 1)[1].rpartition(" @ ")
-    return (name, agent) if name else (agent, None)
+def parse_task_run_name(name: str) -> tuple[Literal["model", "tool"], int | None, str, str | None] | None:
+    """`(kind, ordinal, model or tool name, agent)` of a step task run's name (`steps.task_run_name`), or None
+    for any other task run. Names recorded before steps had ordinals (`model: gpt-4o @ analyst`) parse too."""
+    match = _TASK_RUN_NAME.fullmatch(name)
+    if match is None:
+        return None
+    kind, ordinal, step, agent = match.groups()
+    return ("model" if kind == "model" else "tool"), int(ordinal) if ordinal else None, step, agent
+
+
+def _with_asked_for(views: list[StepView]) -> list[StepView]:
+    """Each model step with the tools it called: the tool steps between it and the next model step."""
+    for position, view in enumerate(views):
+        if view.kind == "model":
+            following = []
+            for later in views[position + 1 :]:
+                if later.kind == "model" and later.agent == view.agent:
+                    break
+                if later.agent == view.agent and later.parent == view.parent:  # not a sub-agent's steps
+                    following.append(later.name)
+            view.asked_for = following
+    return views
 
 
 def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
@@ -66,16 +92,20 @@ def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
 
 def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> list[StepView]:
     """The steps of one attempt of a flow run, in the order they started."""
-    steps = [t for t in task_runs if t.flow_run_run_count == attempt and _step_kind(t) is not None]
-    steps.sort(key=lambda t: t.start_time or t.expected_start_time or datetime.max.replace(tzinfo=UTC))
+    parsed = [
+        (task_run, names)
+        for task_run in task_runs
+        if task_run.flow_run_run_count == attempt and (names := parse_task_run_name(task_run.name))
+    ]
+    never = datetime.max.replace(tzinfo=UTC)
+    parsed.sort(key=lambda p: (p[1][1] or 0, p[0].start_time or p[0].expected_start_time or never))
     views = []
-    indexes = {task_run.id: index for index, task_run in enumerate(steps, start=1)}
-    for index, task_run in enumerate(steps, start=1):
-        name, agent = _step_name_and_agent(task_run)
+    indexes = {task_run.id: index for index, (task_run, _) in enumerate(parsed, start=1)}
+    for index, (task_run, (kind, _, name, agent)) in enumerate(parsed, start=1):
         views.append(
             StepView(
                 index=index,
-                kind=_step_kind(task_run) or "tool",
+                kind=kind,
                 name=name,
                 agent=agent,
                 status=_step_status(task_run, attempt_crashed),
@@ -84,7 +114,7 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
                 parent=_parent_step(task_run, indexes),
             )
         )
-    return views
+    return _with_asked_for(views)
 
 
 def _parent_step(task_run: TaskRun, indexes: dict[UUID, int]) -> int | None:
@@ -130,7 +160,7 @@ def completed_before_the_kill(steps: list[StepView], following: list[StepView]) 
                 update={"index": len(shown) + 1, "status": "executed", "attempts": 1, "duration_s": None}
             )
         )
-    return shown
+    return _with_asked_for(shown)
 
 
 def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:
@@ -146,6 +176,7 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
             kind=s.kind,
             name=s.name,
             agent=s.agent,
+            asked_for=s.asked_for,
             status="crashed" if died_in_one and offset == 1 else "not_reached",
             attempts=int(died_in_one and offset == 1),
             duration_s=None,

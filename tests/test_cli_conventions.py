@@ -1,0 +1,122 @@
+"""The CLI's conventions: help that reads at 80 columns, one-line usage errors (exit 2), `--version`, state names
+in any case, empty listings that say which filter found nothing, and a `runs` table that fits 80 columns."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import uuid
+from importlib.metadata import version
+
+import pytest
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from prefect_pydantic_ai import PrefectAgent
+
+
+def cli(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "prefect_pydantic_ai", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "COLUMNS": str(columns)},
+    )
+
+
+COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["server"]]
+COMMANDS += [["server", name] for name in ("status", "start", "stop")]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_fits_80_columns_without_boxes_and_flags_take_no_value(command: list[str]) -> None:
+    out = cli(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Usage: ")
+    assert max(len(line) for line in lines) <= 80, out.stdout
+    assert not re.search("[╭╮╰╯│─]", out.stdout), out.stdout
+    assert "<bool>" not in out.stdout
+    assert re.search(r"^  --help +Show this message and exit\.$", out.stdout, re.MULTILINE)
+
+
+def test_help_says_which_prefect_api_is_used() -> None:
+    text = " ".join(cli("--help").stdout.split())
+    assert "PREFECT_API_URL" in text and "persistent local Prefect server" in text
+
+
+def test_version() -> None:
+    out = cli("--version")
+    assert (out.returncode, out.stdout) == (0, f"prefect-pydantic-ai {version('prefect-pydantic-ai')}\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["runs", "--bogus"], "error: No such option: --bogus (see --help)"),
+        (["nope"], "error: No such command 'nope'. (see --help)"),
+        (
+            ["runs", "--limit", "0"],
+            "error: Invalid value for '--limit': Input should be greater than or equal to 1 (see --help)",
+        ),
+        (["demo", "--kill", "--no-failure"], "error: --kill needs a failure to inject; drop --no-failure."),
+        (
+            ["runs", "--state", "sleeping"],
+            "error: Unknown state 'sleeping'; use one of: completed, failed, "
+            "crashed, running, paused, cancelled, pending.",
+        ),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args: list[str], message: str) -> None:
+    out = cli(*args)
+    assert (out.returncode, out.stderr.splitlines(), out.stdout) == (2, [message], "")
+
+
+@pytest.fixture(scope="module")
+def one_run() -> tuple[str, str]:
+    """The agent name and run id of one completed run."""
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return ModelResponse(parts=[TextPart("ok")])
+
+    name = f"conventions_{uuid.uuid4().hex[:6]}"
+    durable = PrefectAgent(Agent(FunctionModel(model), name=name))
+    result = durable.run_sync("go")
+    assert result.output == "ok"
+    out = cli("runs", "--agent", name, "--json")
+    assert out.returncode == 0, out.stderr
+    [run_id] = re.findall(r'"run_id": "([0-9a-f-]{36})"', out.stdout)
+    return name, run_id
+
+
+@pytest.mark.parametrize("state", ["COMPLETED", "Completed", "completed"])
+def test_state_names_are_accepted_in_any_case(one_run: tuple[str, str], state: str) -> None:
+    name, run_id = one_run
+    out = cli("runs", "--agent", name, "--state", state)
+    assert out.returncode == 0, out.stderr
+    assert run_id[:12] in out.stdout
+
+
+def test_empty_listings_say_which_filter_found_nothing(one_run: tuple[str, str]) -> None:
+    name, _ = one_run
+    assert cli("runs", "--agent", "nobody").stdout.splitlines() == ["No runs of agent 'nobody'."]
+    assert cli("runs", "--agent", name, "--state", "Crashed").stdout.splitlines() == [
+        f"No crashed runs of agent {name!r}."
+    ]
+
+
+def test_runs_table_fits_80_columns_with_whole_ids_and_states(one_run: tuple[str, str]) -> None:
+    name, run_id = one_run
+    out = cli("runs", "--limit", "5")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, out.stdout
+    assert "…" not in out.stdout, out.stdout
+    assert re.search(rf"{run_id[:12]} .* completed ", out.stdout) or run_id[:12] not in out.stdout
+    mine = cli("runs", "--agent", name)
+    row = next(line for line in mine.stdout.splitlines() if run_id[:12] in line)
+    assert " completed " in row and len(row) <= 80, mine.stdout
