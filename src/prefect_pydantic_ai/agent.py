@@ -12,6 +12,7 @@ from pydantic_ai.output import OutputDataT
 from pydantic_ai.run import AgentRun
 from pydantic_ai.tools import AgentDepsT
 
+from .awaiting import ApprovalMode, awaiting_approval_of_bare_run
 from .capability import PrefectDurability, durability_of
 from .capability import idempotency_key as within_key
 from .config import TaskConfig
@@ -32,6 +33,10 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
 
     `deps_for_resume` rebuilds deps when a run is resumed by `prefect-pydantic-ai resume` and its deps held
     secret-looking values, which are never stored: it receives the stored (redacted) deps JSON.
+
+    A tool with `requires_approval=True` (or one raising `CallDeferred`) makes the run wait for a human:
+    `approvals="suspend"` (default) frees the process until `prefect-pydantic-ai approve` or the Prefect UI
+    decides; `"pause"` keeps it waiting up to `approval_timeout_seconds`.
     """
 
     def __init__(
@@ -42,6 +47,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         tool_task_config: TaskConfig | None = None,
         tool_task_config_by_name: Mapping[str, TaskConfig | None] | None = None,
         deps_for_resume: Callable[[Any], AgentDepsT] | None = None,
+        approvals: ApprovalMode = "suspend",
+        approval_timeout_seconds: int = 3600,
     ) -> None:
         super().__init__(wrapped)
         if durability_of(wrapped) is not None:
@@ -54,6 +61,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             tool_task_config=tool_task_config,
             tool_task_config_by_name=tool_task_config_by_name,
             deps_for_resume=deps_for_resume,
+            approvals=approvals,
+            approval_timeout_seconds=approval_timeout_seconds,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
         self._defined_in: str | None = (
@@ -94,7 +103,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         return (load_entrypoint, (entrypoint,))
 
     async def run(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
-        with within_key(idempotency_key):
+        with within_key(idempotency_key), awaiting_approval_of_bare_run():
             return await super().run(user_prompt, **kwargs)
 
     def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
