@@ -3,17 +3,24 @@ process leaves), `approve` decides, and the run continues with every earlier ste
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
-from prefect import get_client
+from prefect import flow, get_client
+from prefect.exceptions import Pause
+from pydantic_ai import Agent
+from pydantic_ai.models.function import FunctionModel
 
+from prefect_pydantic_ai import ApprovalTimeout, PrefectAgent, approve_run, list_runs
 from prefect_pydantic_ai.testing import CallLog
+from tests.scripts import approval
 
 pytestmark = pytest.mark.anyio
 
@@ -102,3 +109,64 @@ async def test_approve_errors_are_one_line_and_change_nothing(tmp_path: Path) ->
     assert (
         again.stderr.strip() == f"error: Run {run_id} is not waiting for approval (its state is Completed)."
     )
+
+
+def _clerk_agent(name: str, calls: CallLog, **options: Any) -> PrefectAgent[None, str]:
+    """The script's clerk under its own name, counting into `calls`, with `options` for PrefectAgent."""
+    os.environ["APPROVAL_CALLS"] = str(calls.path)
+    agent = Agent(FunctionModel(approval.clerk), name=name)
+    agent.tool_plain(requires_approval=True)(approval.refund)
+    return PrefectAgent(agent, **options)
+
+
+async def test_pause_mode_waits_in_process_until_approved(tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "calls.jsonl")
+    durable = _clerk_agent(f"clerk_pause_{uuid.uuid4().hex[:6]}", calls, approvals="pause")
+    key = f"pause-{uuid.uuid4().hex[:8]}"
+    waiting = asyncio.create_task(durable.run("Refund order 42", idempotency_key=key))
+    while True:  # the run holds its process, paused at the wait
+        listed = await list_runs(agent=durable.name)
+        if listed and listed[0].state == "paused":
+            break
+        await asyncio.sleep(0.5)
+    decision = await approve_run(key)
+    assert not decision.continued  # the waiting process takes it from here
+    result = await waiting
+    assert result.output == "refund: refunded 42"
+    assert calls.counts() == {"model": 2, "refund": 1}
+
+
+async def test_pause_mode_fails_the_run_when_nobody_decides(tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "calls.jsonl")
+    durable = _clerk_agent(
+        f"clerk_timeout_{uuid.uuid4().hex[:6]}", calls, approvals="pause", approval_timeout_seconds=3
+    )
+    with pytest.raises(ApprovalTimeout, match=r"waited 3 s for approval of refund\(order_id=42\)"):
+        await durable.run("Refund order 42")
+    (run,) = await list_runs(agent=durable.name)
+    assert run.state == "failed"
+    assert calls.counts() == {"model": 1}
+
+
+_flow_calls: dict[str, CallLog] = {}
+
+
+@flow
+async def refunds_desk(name: str) -> str:
+    """A user's flow holding the clerk: the wait suspends this flow run, the approval continues it."""
+    durable = _clerk_agent(name, _flow_calls[name])
+    result = await durable.run("Refund order 42")
+    return f"desk: {result.output}"
+
+
+async def test_user_flow_holding_the_agent_waits_and_continues(tmp_path: Path) -> None:
+    name = f"clerk_desk_{uuid.uuid4().hex[:6]}"
+    calls = _flow_calls[name] = CallLog(tmp_path / "calls.jsonl")
+    with pytest.raises(Pause):
+        await refunds_desk(name)
+    (run,) = await list_runs(agent=name)
+    assert run.state == "paused" and run.awaiting == ["refund(order_id=42)"]
+    decision = await approve_run(run.run_id)
+    assert decision.continued and decision.output == "desk: refund: refunded 42"
+    assert calls.counts() == {"model": 2, "refund": 1}
+    assert await _state(run.run_id) == "COMPLETED"
