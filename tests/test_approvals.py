@@ -65,6 +65,19 @@ async def test_approved_call_runs_once_and_earlier_steps_replay(tmp_path: Path) 
     assert mine["state"] == "paused"
     assert mine["awaiting"] == ["refund(order_id=42)"]
 
+    shown = _cli("show", run_id, env=env)
+    assert "⏸ awaiting approval: refund(order_id=42)  call-refund" in shown.stdout, shown.stdout
+    pending = json.loads(_cli("show", run_id, "--json", env=env).stdout)["awaiting"]
+    assert pending == [
+        {
+            "call_id": "call-refund",
+            "tool": "refund",
+            "args": {"order_id": 42},
+            "kind": "approval",
+            "reason": None,
+        }
+    ]
+
     approved = _cli("approve", run_id, env=env)
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert "completed: refund: refunded 42" in approved.stdout

@@ -77,7 +77,8 @@ def runs_command(
             run.run_id[:12],
             run.idempotency_key or "-",
             ", ".join(run.agents),
-            f"[{style}]{run.state}[/{style}]" if style else run.state,
+            (f"[{style}]{run.state}[/{style}]" if style else run.state)
+            + (f"\nawaiting approval: {', '.join(run.awaiting)}" if run.awaiting else ""),
             str(run.steps_completed),
             str(run.steps_replayed),
             when(run.started),

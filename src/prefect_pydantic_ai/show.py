@@ -10,6 +10,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
+from .awaiting import PendingCall, waiting_for
 from .ledger import Ledger
 from .records import RECALL_TAG, TAG, read_records, tag_values
 from .runs import RunState, flow_runs, resolve_run, state_of
@@ -31,6 +32,8 @@ class RunDetail(BaseModel):
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None
+    awaiting: list[PendingCall] = []
+    """For a paused run, the calls its latest attempt waits for a decision on, after its last step."""
 
 
 async def show_run(ref: str) -> RunDetail:
@@ -99,4 +102,5 @@ async def show_run(ref: str) -> RunDetail:
         output=output,
         error=error,
         ledger=ledger,
+        awaiting=waiting.calls if (waiting := await waiting_for(flow_run)) else [],
     )
