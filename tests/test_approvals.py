@@ -17,6 +17,7 @@ from prefect import flow, get_client
 from prefect.exceptions import Pause
 from pydantic_ai import Agent
 from pydantic_ai.models.function import FunctionModel
+from pydantic_ai.tools import DeferredToolRequests
 
 from prefect_pydantic_ai import ApprovalTimeout, PrefectAgent, approve_run, list_runs
 from prefect_pydantic_ai.testing import CallLog
@@ -183,3 +184,20 @@ async def test_user_flow_holding_the_agent_waits_and_continues(tmp_path: Path) -
     assert decision.continued and decision.output == "desk: refund: refunded 42"
     assert calls.counts() == {"model": 2, "refund": 1}
     assert await _state(run.run_id) == "COMPLETED"
+
+
+async def test_output_type_with_deferred_requests_keeps_pydantic_ais_behaviour(tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "calls.jsonl")
+    os.environ["APPROVAL_CALLS"] = str(calls.path)
+    agent = Agent(
+        FunctionModel(approval.clerk),
+        name=f"clerk_own_{uuid.uuid4().hex[:6]}",
+        output_type=[str, DeferredToolRequests],
+    )
+    agent.tool_plain(requires_approval=True)(approval.refund)
+    result = await PrefectAgent(agent).run("Refund order 42")
+    assert isinstance(result.output, DeferredToolRequests)
+    assert [c.tool_name for c in result.output.approvals] == ["refund"]
+    (run,) = await list_runs(agent=agent.name)
+    assert run.state == "completed" and run.awaiting == []
+    assert calls.counts() == {"model": 1}
