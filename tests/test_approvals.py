@@ -19,7 +19,7 @@ from pydantic_ai import Agent
 from pydantic_ai.models.function import FunctionModel
 from pydantic_ai.tools import DeferredToolRequests
 
-from prefect_pydantic_ai import ApprovalTimeout, PrefectAgent, approve_run, list_runs
+from prefect_pydantic_ai import ApprovalTimeout, AwaitingApproval, PrefectAgent, approve_run, list_runs
 from prefect_pydantic_ai.testing import CallLog
 from tests.scripts import approval
 
@@ -201,3 +201,15 @@ async def test_output_type_with_deferred_requests_keeps_pydantic_ais_behaviour(t
     (run,) = await list_runs(agent=agent.name)
     assert run.state == "completed" and run.awaiting == []
     assert calls.counts() == {"model": 1}
+
+
+async def test_tool_asking_for_approval_itself_runs_its_effect_once_when_approved(tmp_path: Path) -> None:
+    calls = CallLog(tmp_path / "calls.jsonl")
+    os.environ["APPROVAL_CALLS"] = str(calls.path)
+    with pytest.raises(AwaitingApproval) as waiting:
+        await approval.wire_desk.run("Wire 5000", idempotency_key=f"wire-{uuid.uuid4().hex[:8]}")
+    (call,) = waiting.value.calls
+    assert (call.describe(), call.reason) == ("wire(amount=5000)", "5000 is above the 1000 limit")
+    decision = await approve_run(waiting.value.flow_run_id)
+    assert decision.output == "wire: wired 5000"
+    assert calls.counts() == {"model": 2, "wire": 1}

@@ -11,7 +11,7 @@ import asyncio
 import os
 import sys
 
-from pydantic_ai import Agent
+from pydantic_ai import Agent, ApprovalRequired, RunContext
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
@@ -52,6 +52,29 @@ def notify(customer: str) -> str:
 
 
 durable = PrefectAgent(agent)
+
+
+def _wirer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    _log().record("model")
+    returns = [p.content for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+    if not returns:
+        return ModelResponse(parts=[ToolCallPart("wire", {"amount": 5000}, tool_call_id="call-wire")])
+    return ModelResponse(parts=[TextPart(f"wire: {returns[0]}")])
+
+
+wire_agent = Agent(FunctionModel(_wirer), name="wire_clerk")
+
+
+@wire_agent.tool
+def wire(ctx: RunContext[None], amount: int) -> str:
+    """Wire money; large amounts need a person's approval, which the tool asks for itself."""
+    if amount > 1000 and not ctx.tool_call_approved:
+        raise ApprovalRequired({"reason": f"{amount} is above the 1000 limit"})
+    _log().record("wire", amount)
+    return f"wired {amount}"
+
+
+wire_desk = PrefectAgent(wire_agent)
 
 if __name__ == "__main__":
     try:
