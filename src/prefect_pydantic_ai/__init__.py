@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .agent import PrefectAgent as PrefectAgent
+    from .approvals import approve_run as approve_run
+    from .awaiting import ApprovalTimeout as ApprovalTimeout
+    from .awaiting import AwaitingApproval as AwaitingApproval
     from .capability import PrefectDurability as PrefectDurability
     from .capability import idempotency_key as idempotency_key
     from .config import TaskConfig as TaskConfig
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "PrefectAgent": "agent",
+    "approve_run": "approvals",
+    "ApprovalTimeout": "awaiting",
+    "AwaitingApproval": "awaiting",
     "PrefectDurability": "capability",
     "idempotency_key": "capability",
     "TaskConfig": "config",

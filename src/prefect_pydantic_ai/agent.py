@@ -12,6 +12,7 @@ from pydantic_ai.output import OutputDataT
 from pydantic_ai.run import AgentRun
 from pydantic_ai.tools import AgentDepsT
 
+from .awaiting import ApprovalMode, awaiting_approval_of_bare_run
 from .capability import PrefectDurability, durability_of, realtime_refused
 from .capability import idempotency_key as within_key
 from .config import TaskConfig, TaskConfigLike
@@ -37,6 +38,10 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
     durable agent instead of the wrapped agent's name; `event_stream_handler` is the handler of every run that
     passes none of its own, as `Agent(event_stream_handler=...)` is; `mcp_task_config` configures the tools of
     MCP toolsets. Configs may be plain dicts.
+
+    A tool with `requires_approval=True` (or one raising `CallDeferred`) makes the run wait for a human:
+    `approvals="suspend"` (default) frees the process until `prefect-pydantic-ai approve` or the Prefect UI
+    decides; `"pause"` keeps it waiting up to `approval_timeout_seconds`.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         event_stream_handler_task_config: TaskConfigLike | None = None,
         prefectify_toolset_func: Callable[..., Any] | None = None,
         deps_for_resume: Callable[[Any], AgentDepsT] | None = None,
+        approvals: ApprovalMode = "suspend",
+        approval_timeout_seconds: int = 3600,
     ) -> None:
         super().__init__(wrapped)
         if durability_of(wrapped) is not None:
@@ -73,6 +80,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             mcp_task_config=mcp_task_config,
             event_stream_handler_task_config=event_stream_handler_task_config,
             deps_for_resume=deps_for_resume,
+            approvals=approvals,
+            approval_timeout_seconds=approval_timeout_seconds,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
         self._defined_in: str | None = (
@@ -117,7 +126,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         return (load_entrypoint, (entrypoint,))
 
     async def run(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
-        with within_key(idempotency_key):
+        with within_key(idempotency_key), awaiting_approval_of_bare_run():
             return await super().run(user_prompt, **kwargs)
 
     def run_sync(self, user_prompt: Any = None, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:

@@ -36,9 +36,10 @@ from pydantic_ai.messages import AgentStreamEvent, ToolCallPart
 from pydantic_ai.models import Model, ModelRequestContext
 from pydantic_ai.output import OutputContext
 from pydantic_ai.run import AgentRunResult
-from pydantic_ai.tools import RunContext, ToolDefinition
+from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunContext, ToolDefinition
 from pydantic_ai.toolsets import FunctionToolset
 
+from .awaiting import ApprovalMode, WaitSuspended, await_decision, awaiting_approval_of_bare_run
 from .config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from .crashes import settle_if_dead
 from .errors import DurabilityConfigError, NotJournalableError, RunError
@@ -116,6 +117,10 @@ class PrefectDurability(AbstractCapability[Any]):
     receives every run's events; `mcp_task_config` applies to tools from MCP toolsets, over `tool_task_config`;
     `models` registers models that `run(model="<key>")` selects. A tool's config can also be its metadata,
     `{"prefect": TaskConfig(...) | dict | False}`. Every config may be a plain dict.
+
+    - `approvals`: how a run waits for a decision on calls that need approval (or are deferred) when the
+      output type does not include `DeferredToolRequests`: `"suspend"` (default) frees the process, `"pause"`
+      keeps it waiting up to `approval_timeout_seconds`. See `awaiting`.
     """
 
     _model_tasks: StepTasks
@@ -133,6 +138,8 @@ class PrefectDurability(AbstractCapability[Any]):
         mcp_task_config: TaskConfigLike | None = None,
         models: Mapping[str, Model] | None = None,
         event_stream_handler_task_config: TaskConfigLike | None = None,
+        approvals: ApprovalMode = "suspend",
+        approval_timeout_seconds: int = 3600,
     ) -> None:
         self.model_task_config = TaskConfig.of(model_task_config)
         self.tool_task_config = TaskConfig.of(tool_task_config)
@@ -153,6 +160,8 @@ class PrefectDurability(AbstractCapability[Any]):
                 stacklevel=2,
             )
         self._names_checked = False
+        self.approvals: ApprovalMode = approvals
+        self.approval_timeout_seconds = approval_timeout_seconds
         caller = inspect.currentframe()
         self._defined_in: str | None = (
             caller.f_back.f_globals.get("__name__") if caller and caller.f_back else None
@@ -221,7 +230,8 @@ class PrefectDurability(AbstractCapability[Any]):
 
         flow = self.flow(agent_run, key)
         prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
-        return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
+        with awaiting_approval_of_bare_run():
+            return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
 
     def flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
         """The agent's own flow around `fn` (a bare run), named after the agent."""
@@ -243,6 +253,9 @@ class PrefectDurability(AbstractCapability[Any]):
         self._run = run = await self._begin(ctx, inputs, recall_of)
         try:
             result = await handler()
+        except WaitSuspended:  # waiting is not an ending: the attempt's record stays as it ran so far
+            await _record_attempt(run.record, run.model_steps.log, "running")
+            raise
         except BaseException as exc:
             await _finish(run.record, run.model_steps.log, error=exc)
             raise
@@ -417,6 +430,22 @@ class PrefectDurability(AbstractCapability[Any]):
             output_context.tool_call, function, lambda: handler(output)
         )
 
+    # -- waiting for approval --------------------------------------------------------------------------------
+
+    async def handle_deferred_tool_calls(
+        self, ctx: RunContext[Any], *, requests: DeferredToolRequests
+    ) -> DeferredToolResults | None:
+        """Calls that need approval (or an external result) wait for a human at the flow level, unless the
+        run's output type includes `DeferredToolRequests` (then pydantic-ai ends the run with them, as usual)."""
+        agent = ctx.agent or self._agent
+        if agent is None or _includes_deferred(agent.output_type):
+            return None
+        steps = self._steps().model_steps
+        identity = steps.key("model", f"{steps.number}.wait", steps.step_digest)
+        return await await_decision(
+            requests, identity=identity, mode=self.approvals, timeout_seconds=self.approval_timeout_seconds
+        )
+
     # -- resume ------------------------------------------------------------------------------------------------
 
     def resume_inputs(self, flow_run_id: str, record: RunRecord) -> dict[str, Any]:
@@ -557,6 +586,13 @@ def _forget_old_scopes() -> None:
             del table[next(iter(table))]
     while len(_roots) > _MAX_SCOPES:
         del _roots[next(iter(_roots))]
+
+
+def _includes_deferred(output_type: Any) -> bool:
+    """Whether an output spec (a type or a sequence of them) includes `DeferredToolRequests`."""
+    if isinstance(output_type, (list, tuple)):
+        return any(_includes_deferred(t) for t in output_type)
+    return output_type is DeferredToolRequests
 
 
 def _journaled_metadata(metadata: Any) -> Any:

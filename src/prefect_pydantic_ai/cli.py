@@ -105,7 +105,8 @@ def runs_command(
             run.run_id[:12],
             run.idempotency_key or "-",
             ", ".join(run.agents),
-            f"[{style}]{run.state}[/{style}]" if style else run.state,
+            (f"[{style}]{run.state}[/{style}]" if style else run.state)
+            + (f"\nawaiting approval: {', '.join(run.awaiting)}" if run.awaiting else ""),
             str(run.steps_completed),
             str(run.steps_replayed),
             when(run.started)[5:],
@@ -349,6 +350,61 @@ def demo_command(
     sys.exit(code)
 
 
+@app.command("approve")
+@_user_errors
+def approve_command(
+    run: Annotated[str, typer.Argument(help="Flow run id, unique prefix, or idempotency key.")],
+    deny: Annotated[
+        list[str] | None,
+        typer.Option(help="Deny this call id (repeatable); --deny alone denies every pending call."),
+    ] = None,
+    deny_all: Annotated[bool, typer.Option("--deny-all", hidden=True)] = False,
+    message: Annotated[str | None, typer.Option(help="What a denied call tells the model.")] = None,
+    entrypoint: Annotated[
+        str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
+) -> None:
+    """Approve (or --deny) the calls a waiting run awaits; a script's run then continues here."""
+    from .approvals import approve_run
+
+    denied = [] if deny_all else deny
+    decision = _run(approve_run(run, deny=denied, message=message, entrypoint=entrypoint))
+    if as_json:
+        document = decision.to_json()
+        document["output"] = decision.output
+        print(json.dumps(document, indent=2, default=str))
+        return
+    for call in decision.calls:
+        verdict = "[red]denied[/red]" if call.call_id in decision.denied else "[green]approved[/green]"
+        console.print(
+            f"{verdict}  {call.describe()}  [dim]{call.call_id}[/dim]", highlight=False, soft_wrap=True
+        )
+    if decision.awaiting:
+        console.print(
+            f"Run {decision.run_id} is awaiting approval again: "
+            + ", ".join(c.describe() for c in decision.awaiting),
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif decision.continued:
+        console.print(f"Run {decision.run_id} completed: {decision.output}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"Run {decision.run_id} continues where it waits (its process or Prefect).")
+
+
+def _bare_deny(argv: list[str]) -> list[str]:
+    """`approve RUN --deny` with no call id denies every call: spelled as the hidden `--deny-all`."""
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--deny" and (following is None or following.startswith("-")):
+            out.append("--deny-all")
+        else:
+            out.append(arg)
+    return out
+
+
 # -- the Prefect server commands talk to -----------------------------------------------------------------------
 
 
@@ -464,6 +520,8 @@ def server_stop_command() -> None:
 
 def main() -> None:
     """The `prefect-pydantic-ai` command; a usage error is one line on stderr and exit code 2."""
+    if "approve" in sys.argv[1:2]:
+        sys.argv[1:] = _bare_deny(sys.argv[1:])
     try:
         code = app(standalone_mode=False)
     except NoArgsIsHelpError as exc:

@@ -107,6 +107,15 @@ def print_detail(detail: Any) -> None:
     for number, steps in enumerate(detail.earlier_attempts, start=1):
         console.print(timeline_table(f"Attempt {number}", steps))
     console.print(timeline_table(f"Attempt {len(detail.earlier_attempts) + 1} (latest)", detail.steps))
+    for call in detail.awaiting:
+        console.print(
+            f"  ⏸ awaiting approval: {call.describe()}  [dim]{call.call_id}[/dim]"
+            + (f"  {call.reason}" if call.reason else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+    if detail.awaiting:
+        console.print(f"Decide with: prefect-pydantic-ai approve {detail.run_id} [--deny [CALL_ID]]")
     if detail.error:
         console.print(f"[red]Error:[/red] {detail.error}", highlight=False)
     elif detail.output is not None:

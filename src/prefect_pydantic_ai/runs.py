@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
+from .awaiting import waiting_for
 from .crashes import settle_if_dead
 from .errors import RunError
 from .records import RECALL_TAG, TAG, tag_values
@@ -41,6 +42,8 @@ class RunSummary(BaseModel):
     run_count: int
     recall: bool = False
     """A re-call of a completed idempotency key: it returned the stored output and executed nothing."""
+    awaiting: list[str] = []
+    """The calls a paused run waits for a decision on, as `refund(order_id=42)` (see `approve`)."""
 
 
 def state_of(flow_run: FlowRun) -> RunState:
@@ -93,6 +96,7 @@ async def list_runs(
         steps_by_run = await task_runs(client, [fr.id for fr in found])
     summaries = []
     for fr in found:
+        waiting = await waiting_for(fr) if state_of(fr) == "paused" else None
         steps = timeline(steps_by_run[fr.id], fr.run_count, state_of(fr) == "crashed")
         summaries.append(
             RunSummary(
@@ -107,6 +111,7 @@ async def list_runs(
                 duration_s=_duration(fr, steps_by_run[fr.id]),
                 run_count=fr.run_count,
                 recall=RECALL_TAG in fr.tags,
+                awaiting=[c.describe() for c in waiting.calls] if waiting else [],
             )
         )
     return summaries

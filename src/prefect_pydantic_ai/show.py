@@ -10,6 +10,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
+from .awaiting import PendingCall, waiting_for
 from .ledger import Ledger
 from .records import RECALL_TAG, TAG, read_records, tag_values
 from .runs import RunState, flow_runs, resolve_run, state_of
@@ -33,6 +34,8 @@ class RunDetail(BaseModel):
     ledger: Ledger | None = None
     attempt_ledgers: list[Ledger] = []
     """Each attempt's ledger (all agents), in order, a killed attempt's as far as it was recorded."""
+    awaiting: list[PendingCall] = []
+    """For a paused run, the calls its latest attempt waits for a decision on, after its last step."""
 
 
 async def show_run(ref: str) -> RunDetail:
@@ -107,4 +110,5 @@ async def show_run(ref: str) -> RunDetail:
         error=error,
         ledger=ledger,
         attempt_ledgers=[by_attempt[count] for count in sorted(by_attempt)],
+        awaiting=waiting.calls if (waiting := await waiting_for(flow_run)) else [],
     )

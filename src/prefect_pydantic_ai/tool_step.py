@@ -203,7 +203,8 @@ class ToolSteps:
                 outcome["sub_runs"] = [SubRun(agent, run.ledger()).to_json() for agent, run in sub_runs]
             return seal("tool", outcome)
 
-        key = self.key(call)
+        # An approved call runs again after the tool asked for approval (`ApprovalRequired`): another step.
+        key = self.key(call, name=f"{call.tool_name}#approved" if ctx.tool_call_approved else None)
         policy = tasks.config.on_unverified
 
         async def unverified() -> Any:

@@ -1,0 +1,92 @@
+"""Deciding on a waiting run: approve or deny the calls it awaits, from the terminal or Python.
+
+A run of a deployment is rescheduled by Prefect once the decision arrives (as after the Prefect UI's Resume
+form); a run in `pause` mode is picked up by its waiting process; a script's run, whose process has left, is
+continued in place here (the same flow run, run count + 1), like `resume`: every step before the wait replays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import get_client
+
+from .awaiting import PendingCall, WaitSuspended, decision_values, give_decision, waiting_for
+from .errors import RunError
+from .resume import resume_run
+from .runs import resolve_run
+
+
+@dataclass
+class Decision:
+    """What `approve_run` decided and what followed: the run's result when it was continued here (`continued`),
+    and the calls it awaits next when it stopped at another wait."""
+
+    run_id: str
+    calls: list[PendingCall]
+    approved: list[str]
+    denied: list[str]
+    continued: bool = False
+    output: Any = None
+    awaiting: list[PendingCall] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "approved": self.approved,
+            "denied": self.denied,
+            "continued": self.continued,
+            "awaiting": [c.model_dump(mode="json") for c in self.awaiting],
+        }
+
+
+async def approve_run(
+    ref: str,
+    *,
+    deny: list[str] | None = None,
+    message: str | None = None,
+    results: dict[str, str] | None = None,
+    entrypoint: str | None = None,
+) -> Decision:
+    """Decide on the calls run `ref` (id, id prefix or idempotency key) awaits: approve them all, or deny those
+    in `deny` (every call when `deny` is `[]`), telling the model `message`; `results` answers external calls.
+
+    Raises
+    `RunError` before anything changes when the run is not waiting, a call id is unknown or the decision does
+    not validate.
+    """
+    flow_run = await resolve_run(ref)
+    waiting = await waiting_for(flow_run)
+    if waiting is None:
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise RunError(f"Run {flow_run.id} is not waiting for approval (its state is {state}).")
+    values = decision_values(
+        waiting.calls, deny=None if deny is None else set(deny), message=message, results=results
+    )
+    approvals = [c for c in waiting.calls if c.kind == "approval"]
+    decision = Decision(
+        run_id=str(flow_run.id),
+        calls=waiting.calls,
+        approved=[c.call_id for n, c in enumerate(waiting.calls, 1) if values.get(f"call_{n}_approve")],
+        denied=[
+            c.call_id
+            for n, c in enumerate(waiting.calls, 1)
+            if c in approvals and not values[f"call_{n}_approve"]
+        ],
+    )
+    if waiting.mode == "pause" or flow_run.deployment_id is not None:
+        async with get_client() as client:  # the waiting process, or Prefect's scheduler, takes it from here
+            response = await client.resume_flow_run(flow_run.id, run_input=values)
+        if response.status.value != "ACCEPT":
+            raise RunError(f"Prefect refused the decision for run {flow_run.id}: {response.details}")
+        return decision
+    await give_decision(flow_run, waiting, values)
+    decision.continued = True
+    try:
+        result = await resume_run(str(flow_run.id), entrypoint=entrypoint)
+    except WaitSuspended as again:  # a later call of the same run needs a decision too
+        decision.awaiting = again.calls
+        return decision
+    decision.output = getattr(result, "output", result)
+    return decision

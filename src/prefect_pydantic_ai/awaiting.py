@@ -1,0 +1,302 @@
+"""Waiting for a human: a durable run whose model asked for calls that need approval (or an external result)
+waits at the flow level, between steps, with a typed Prefect input form for the pending calls.
+
+Prefect cannot pause from inside a task, so the wait happens where pydantic-ai hands deferred calls to its
+capabilities (`handle_deferred_tool_calls`), in the flow run itself. The wait has a key derived from the run's
+journal identity and the pending call ids, so when the flow run executes again after the decision (every step
+before the wait replays from the journal, so the same calls come back with the same ids), the same wait finds
+the decision already given and returns it instead of waiting again. A second wait later in the same run has
+other calls, hence another key.
+
+- `suspend` (the default) frees everything: the flow run becomes Suspended (a deployment's run, which Prefect
+  reschedules once the input arrives) or Paused (a script's run, which `approve` continues in place), and the
+  process leaves the run.
+- `pause` keeps the process waiting (polling Prefect) until the decision arrives or the timeout expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, cast
+
+import anyio
+from prefect import get_client
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import Pause
+from prefect.input import RunInput
+from prefect.input.actions import acreate_flow_run_input, aread_flow_run_input
+from prefect.input.run_input import keyset_from_paused_state
+from prefect.states import Paused, Suspended
+from prefect.utilities.engine import propose_state
+from pydantic import BaseModel, Field, create_model
+from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
+
+from .errors import DurabilityConfigError, RunError
+
+ApprovalMode = Literal["suspend", "pause"]
+
+_PENDING = "prefect-pydantic-ai-pending"
+"""The flow run input (suffixed with the wait's key) that holds the pending calls of a wait."""
+_POLL_SECONDS = 2.0
+
+
+class AwaitingApproval(RunError):
+    """The run stopped to wait for a decision on calls that need one; nothing holds it while it waits."""
+
+    def __init__(self, flow_run_id: str, calls: list[PendingCall]) -> None:
+        self.flow_run_id = flow_run_id
+        self.calls = calls
+        super().__init__(
+            f"Run {flow_run_id} is awaiting approval: {', '.join(c.describe() for c in calls)}. Decide with "
+            f"`prefect-pydantic-ai approve {flow_run_id}` (or --deny), or in the Prefect UI."
+        )
+
+
+class WaitSuspended(Pause):
+    """The flow engine's signal that this attempt ends here (the run is suspended, not failed), carrying what
+    the run waits for so the caller of a bare run can say so."""
+
+    def __init__(self, state: State[Any], flow_run_id: str, calls: list[PendingCall]) -> None:
+        super().__init__(state=state)
+        self.flow_run_id = flow_run_id
+        self.calls = calls
+
+
+@contextmanager
+def awaiting_approval_of_bare_run() -> Iterator[None]:
+    """Outside any flow, a run that suspended to wait ends its caller's `run()` with `AwaitingApproval`; inside
+    a flow the engine's `Pause` signal must reach the flow engine, so it passes unchanged."""
+    try:
+        yield
+    except WaitSuspended as waiting:
+        if FlowRunContext.get() is not None:
+            raise
+        raise AwaitingApproval(waiting.flow_run_id, waiting.calls) from None
+
+
+class ApprovalTimeout(RunError):
+    """Nobody decided on the pending calls of a run waiting in `pause` mode before its timeout."""
+
+
+class PendingCall(BaseModel):
+    """One call waiting for a decision: an approval, or a result given from outside (`external`)."""
+
+    call_id: str
+    tool: str
+    args: Any
+    kind: Literal["approval", "external"]
+    reason: str | None = None
+
+    def describe(self) -> str:
+        """`refund(order_id=42, amount=10.0)`: the call as a person reads it."""
+        args = self.args if isinstance(self.args, dict) else {"args": self.args}
+        shown = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in args.items())
+        return f"{self.tool}({shown})"
+
+
+class Waiting(BaseModel):
+    """What a waiting run waits for (stored with the run, read by `runs`, `show` and `approve`)."""
+
+    key: str
+    mode: ApprovalMode
+    calls: list[PendingCall]
+
+
+def pending_calls(requests: DeferredToolRequests) -> list[PendingCall]:
+    """The calls of `requests`, in the order the model made them, with the reason a tool gave (metadata)."""
+
+    def reason(call_id: str) -> str | None:
+        meta = requests.metadata.get(call_id) or {}
+        found = meta.get("reason")
+        return None if found is None else str(found)
+
+    found = [
+        PendingCall(
+            call_id=c.tool_call_id,
+            tool=c.tool_name,
+            args=c.args_as_dict(),
+            kind="approval",
+            reason=reason(c.tool_call_id),
+        )
+        for c in requests.approvals
+    ]
+    found += [
+        PendingCall(
+            call_id=c.tool_call_id,
+            tool=c.tool_name,
+            args=c.args_as_dict(),
+            kind="external",
+            reason=reason(c.tool_call_id),
+        )
+        for c in requests.calls
+    ]
+    return found
+
+
+def approval_form(calls: list[PendingCall]) -> type[RunInput]:
+    """The typed input form of a wait: per call, approve (or not) and a message for the model if denied; for an
+    external call, its result. Fields are flat (`call_1_approve`, ...) so the Prefect UI renders plain inputs."""
+    fields: dict[str, Any] = {}
+    for n, call in enumerate(calls, 1):
+        title = call.describe()
+        if call.kind == "approval":
+            fields[f"call_{n}_approve"] = (
+                bool,
+                Field(
+                    default=True,
+                    title=f"Approve {title}",
+                    description=call.reason or f"call id {call.call_id}",
+                ),
+            )
+            fields[f"call_{n}_message"] = (
+                str,
+                Field(default="", title=f"Message to the model if {call.tool} is denied"),
+            )
+        else:
+            fields[f"call_{n}_result"] = (
+                str,
+                Field(title=f"Result of {title}", description=call.reason or f"call id {call.call_id}"),
+            )
+    form = create_model("ApprovalDecision", __base__=RunInput, **fields)
+    description = "**Awaiting approval**\n\n" + "\n".join(f"- `{c.describe()}`" for c in calls)
+    return form.with_initial_data(description=description)
+
+
+def decision_values(
+    calls: list[PendingCall],
+    *,
+    deny: set[str] | None,
+    message: str | None,
+    results: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The form values of a decision: every approval call approved except those in `deny` (all when `deny` is
+    empty), `message` told to the model for each denied call, `results` for external calls. Validated."""
+    values: dict[str, Any] = {}
+    known = {c.call_id for c in calls}
+    unknown = sorted((set(deny or ()) | set(results or ())) - known)
+    if unknown:
+        raise RunError(
+            f"No pending call has id {unknown[0]!r}; pending: {', '.join(c.call_id for c in calls)}."
+        )
+    for n, call in enumerate(calls, 1):
+        if call.kind == "approval":
+            denied = deny is not None and (not deny or call.call_id in deny)
+            values[f"call_{n}_approve"] = not denied
+            values[f"call_{n}_message"] = (message or "") if denied else ""
+        elif results is not None and call.call_id in results:
+            values[f"call_{n}_result"] = results[call.call_id]
+    try:
+        approval_form(calls).model_validate(values)
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise RunError(f"The decision does not fit the pending calls: {' '.join(first[:3])}") from None
+    return values
+
+
+def tool_results(calls: list[PendingCall], decision: BaseModel) -> DeferredToolResults:
+    """The `DeferredToolResults` pydantic-ai continues with: approvals, denials (with their message), results."""
+    values = decision.model_dump()
+    results = DeferredToolResults()
+    for n, call in enumerate(calls, 1):
+        if call.kind == "approval":
+            if values[f"call_{n}_approve"]:
+                results.approvals[call.call_id] = True
+            else:
+                results.approvals[call.call_id] = ToolDenied(
+                    values[f"call_{n}_message"] or "The call was denied."
+                )
+        else:
+            results.calls[call.call_id] = values[f"call_{n}_result"]
+    return results
+
+
+def wait_key(identity: str, calls: list[PendingCall]) -> str:
+    """The key of one wait: the run's journal identity and the pending call ids (stable across attempts)."""
+    material = "\x1f".join([identity, *sorted(c.call_id for c in calls)])
+    return "ppa-" + hashlib.sha256(material.encode()).hexdigest()[:24]
+
+
+def _waiting_state(
+    flow_run: FlowRun, key: str, mode: ApprovalMode, timeout: int | None, note: str
+) -> State[Any]:
+    """The state a wait proposes. Prefect reschedules a Suspended run, which needs a deployment to run it."""
+    if mode == "suspend" and flow_run.deployment_id is not None:
+        state: State[Any] = Suspended(pause_key=key)
+    else:
+        state = Paused(timeout_seconds=timeout if mode == "pause" else None, reschedule=False, pause_key=key)
+    state.message = f"awaiting approval: {note}"
+    state.state_details.run_input_keyset = cast(dict[str, str], keyset_from_paused_state(state))
+    return state
+
+
+async def await_decision(
+    requests: DeferredToolRequests, *, identity: str, mode: ApprovalMode, timeout_seconds: int
+) -> DeferredToolResults:
+    """Wait at the flow level for a decision on `requests`; the decision as pydantic-ai's `DeferredToolResults`.
+
+    Raises `WaitSuspended` (a `prefect.exceptions.Pause`) when the run is suspended (the flow engine ends this
+    attempt without failing it), `ApprovalTimeout` when nobody decided within `timeout_seconds` in `pause` mode.
+    """
+    flow_ctx = FlowRunContext.get()
+    if TaskRunContext.get() is not None or flow_ctx is None or flow_ctx.flow_run is None:
+        raise DurabilityConfigError(
+            "A run inside a step (a sub-agent run in a tool) cannot wait for approval: Prefect waits only between "
+            "steps of a flow run. Give the delegating agent the tool that needs approval instead."
+        )
+    flow_run = flow_ctx.flow_run
+    calls = pending_calls(requests)
+    key = wait_key(identity, calls)
+    form = approval_form(calls)
+    note = ", ".join(c.describe() for c in calls)
+    proposed = _waiting_state(flow_run, key, mode, timeout_seconds, note)
+    keyset = keyset_from_paused_state(proposed)
+    async with get_client() as client:
+        state = await propose_state(client=client, state=proposed, flow_run_id=flow_run.id)
+        if state.is_running():  # this wait happened in an earlier attempt and was decided
+            return tool_results(calls, await form.aload(keyset, flow_run_id=flow_run.id))
+        if not state.is_paused():
+            raise RunError(
+                f"Run {flow_run.id} cannot wait for approval: Prefect answered {state.type.value}."
+            )
+        await form.asave(keyset, flow_run_id=flow_run.id)
+        waiting = Waiting(key=key, mode=mode, calls=calls)
+        await acreate_flow_run_input(
+            key=f"{_PENDING}-{key}", value=waiting.model_dump(mode="json"), flow_run_id=flow_run.id
+        )
+        if mode == "suspend":
+            raise WaitSuspended(state, str(flow_run.id), calls)
+        with anyio.move_on_after(timeout_seconds):
+            while True:
+                await anyio.sleep(_POLL_SECONDS)
+                current = await client.read_flow_run(flow_run.id)
+                if current.state is not None and current.state.is_running():
+                    return tool_results(calls, await form.aload(keyset, flow_run_id=flow_run.id))
+    raise ApprovalTimeout(
+        f"Run {flow_run.id} waited {timeout_seconds} s for approval of {note} and nobody decided; it failed. "
+        f"Run it again to ask again."
+    )
+
+
+async def waiting_for(flow_run: FlowRun) -> Waiting | None:
+    """What `flow_run` waits for, if it is paused at a wait of ours."""
+    state = flow_run.state
+    if state is None or not state.is_paused() or not state.state_details.pause_key:
+        return None
+    key = state.state_details.pause_key
+    try:
+        stored = await aread_flow_run_input(key=f"{_PENDING}-{key}", flow_run_id=flow_run.id)
+    except Exception:
+        return None
+    return None if stored is None else Waiting.model_validate(stored)
+
+
+async def give_decision(flow_run: FlowRun, waiting: Waiting, values: dict[str, Any]) -> None:
+    """Store the decision where the waiting run reads it (the wait's input response), without changing state."""
+    assert flow_run.state is not None
+    keyset = flow_run.state.state_details.run_input_keyset
+    assert keyset is not None
+    await acreate_flow_run_input(key=keyset["response"], value=values, flow_run_id=flow_run.id)
