@@ -33,6 +33,7 @@ from prefect.input.run_input import keyset_from_paused_state
 from prefect.states import Paused, Suspended
 from prefect.utilities.engine import propose_state
 from pydantic import BaseModel, Field, create_model
+from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
 
 from .errors import DurabilityConfigError, RunError
@@ -114,25 +115,20 @@ def pending_calls(requests: DeferredToolRequests) -> list[PendingCall]:
         found = meta.get("reason")
         return None if found is None else str(found)
 
+    kinds: list[tuple[Literal["approval", "external"], list[ToolCallPart]]] = [
+        ("approval", requests.approvals),
+        ("external", requests.calls),
+    ]
     found = [
         PendingCall(
             call_id=c.tool_call_id,
             tool=c.tool_name,
             args=c.args_as_dict(),
-            kind="approval",
+            kind=kind,
             reason=reason(c.tool_call_id),
         )
-        for c in requests.approvals
-    ]
-    found += [
-        PendingCall(
-            call_id=c.tool_call_id,
-            tool=c.tool_name,
-            args=c.args_as_dict(),
-            kind="external",
-            reason=reason(c.tool_call_id),
-        )
-        for c in requests.calls
+        for kind, calls in kinds
+        for c in calls
     ]
     return found
 

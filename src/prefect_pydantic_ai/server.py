@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .locks import process_alive
 from .settings import Settings
 
 ADDRESS_FILE = "prefect-pydantic-ai-server.json"
@@ -269,12 +270,8 @@ def _healthy(url: str) -> bool:
 
 def _is_server_process(pid: int) -> bool:
     """Whether `pid` is alive and (where /proc tells) a Prefect server, not a process that reused the pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
     with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/stat") as f:
             if f.read().rpartition(")")[2].split()[0] == "Z":  # a zombie of ours, not yet reaped
