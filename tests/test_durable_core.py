@@ -37,6 +37,7 @@ from prefect_pydantic_ai import (
     idempotency_key,
     ledger_of,
 )
+from prefect_pydantic_ai.capability import durability_of
 
 pytestmark = pytest.mark.anyio
 
@@ -71,6 +72,7 @@ class Keyed:
 
     def __init__(self, agent: Agent[Any, str]) -> None:
         self.agent = agent
+        self.durability = durability_of(agent)  # what a flow holding this wrapper is checked by
 
     async def run(self, user_prompt: str, *, idempotency_key: str | None = None, **kwargs: Any) -> Any:
         with within_key(idempotency_key):
@@ -426,9 +428,10 @@ async def test_agent_without_model_is_a_clear_error() -> None:
         await PrefectAgent(Agent(name="modelless")).run("go")
 
 
-async def test_two_different_agents_with_one_name_in_one_flow_is_a_clear_error(form: Form) -> None:
-    first = two_tool_agent(Calls(), name="twin", form=form)
-    second = two_tool_agent(Calls(), name="twin", form=form)
+async def test_two_different_agents_with_one_name_in_one_flow_is_refused_before_any_call(form: Form) -> None:
+    calls = Calls()
+    first = two_tool_agent(calls, name="twin", form=form)
+    second = two_tool_agent(calls, name="twin", form=form)
 
     @flow
     async def twins() -> None:
@@ -437,6 +440,7 @@ async def test_two_different_agents_with_one_name_in_one_flow_is_a_clear_error(f
 
     with pytest.raises(DurabilityConfigError, match="Two different agents are named 'twin'"):
         await twins()
+    assert calls.counts == Counter()  # refused before the first agent paid for anything
 
 
 @dataclass

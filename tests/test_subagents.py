@@ -369,14 +369,14 @@ def test_the_show_table_prints_a_sub_agents_steps_indented_under_the_delegating_
     ]
     console = Console(width=120, record=True)
     console.print(timeline_table("Attempt 1", step_tree(flat)))
-    rows = [line for line in console.export_text().splitlines() if "call:" in line]
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│")]
     assert [row.split("│")[3].rstrip() for row in rows] == [
-        " Model call: coordinator-scripted",
-        " Tool call: delegate",
-        " └ researcher: Model call: researcher-scripted",
-        " └ researcher: Tool call: verify",
-        "   └ fact_checker: Model call: checker-scripted",
-        " Model call: coordinator-scripted",
+        " model #1: coordinator-scripted",
+        " tool #2: delegate",
+        " └ researcher: model #3: researcher-scripted",
+        " └ researcher: tool #4: verify",
+        "   └ fact_checker: model #5: checker-scripted",
+        " model #6: coordinator-scripted",
     ]
 
 

@@ -10,6 +10,7 @@ over this capability; both forms give the same guarantees.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import inspect
@@ -270,6 +271,8 @@ class PrefectDurability(AbstractCapability[Any]):
         root = await _root_flow_run_id(flow_run)
         scope = (root, flow_run.run_count)
         _forget_old_scopes()
+        if scope not in _owners:  # the attempt's first agent run: refuse twins before anything is paid for
+            _refuse_twins(getattr(flow_ctx.flow, "fn", None), flow_run.name)
         owner = _owners.setdefault(scope, {}).setdefault(name, id(self._agent))
         if owner != id(self._agent):
             raise DurabilityConfigError(
@@ -503,7 +506,8 @@ def _function_tool_names(agent: AbstractAgent[Any, Any]) -> set[str]:
 
 
 def durability_of(agent: object) -> PrefectDurability | None:
-    """The `PrefectDurability` bound to `agent` (a `PrefectAgent`, or an agent built with the capability)."""
+    """The `PrefectDurability` bound to `agent`: an agent built with the capability, or anything exposing one as
+    `.durability` (a `PrefectAgent`)."""
     own = getattr(agent, "durability", None)
     if isinstance(own, PrefectDurability):
         return own
@@ -577,6 +581,29 @@ async def _earlier_attempts(key: str) -> str | None:
             if completed is None and done and RECALL_TAG not in flow_run.tags:
                 completed = str(flow_run.id)
         return completed
+
+
+def _refuse_twins(flow_fn: Any, flow_run_name: str) -> None:
+    """Fail if the flow function refers to two different durable agents with one name (their steps would share
+    journal keys), before its first agent runs: found among the globals its code names and its closure."""
+    if flow_fn is None or not hasattr(flow_fn, "__code__"):
+        return
+    names = set(flow_fn.__code__.co_names)
+    referred = [value for key, value in getattr(flow_fn, "__globals__", {}).items() if key in names]
+    for cell in flow_fn.__closure__ or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            referred.append(cell.cell_contents)
+    agents: dict[str, int] = {}
+    for value in referred:
+        durability = durability_of(value)  # an agent, a PrefectAgent, or anything exposing `.durability`
+        if durability is None or durability._agent is None:
+            continue
+        name = durability.agent_name
+        if agents.setdefault(name, id(durability._agent)) != id(durability._agent):
+            raise DurabilityConfigError(
+                f"Two different agents are named {name!r} in flow run {flow_run_name!r}; their steps would "
+                "share journal keys. Give each agent its own name."
+            )
 
 
 def _forget_old_scopes() -> None:
