@@ -429,18 +429,7 @@ class StepTasks:
                     overwrite = True
                 else:
                     self._record_replay(name, key, storage, ordinal)
-                    if _observers:
-                        _notify(
-                            StepEvent(
-                                self.agent,
-                                self.kind,
-                                name,
-                                True,
-                                0,
-                                time.perf_counter() - started,
-                                ordinal=ordinal,
-                            )
-                        )
+                    self._report(name, ordinal, True, 0, started)
                     return StepResult(data=data, replayed=True, attempts=0)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
@@ -457,19 +446,7 @@ class StepTasks:
                         else f"after {attempts} attempt(s)"
                     )
                     exc.add_note(f"in {self.kind} step {name!r}, {retried}")
-                if _observers:
-                    _notify(
-                        StepEvent(
-                            self.agent,
-                            self.kind,
-                            name,
-                            False,
-                            attempts,
-                            time.perf_counter() - started,
-                            f"{type(exc).__name__}: {exc}",
-                            ordinal,
-                        )
-                    )
+                self._report(name, ordinal, False, attempts, started, f"{type(exc).__name__}: {exc}")
                 raise
             finally:
                 _PENDING.pop(key, None)
@@ -484,18 +461,7 @@ class StepTasks:
                 continue
             if guarded and attempts:
                 await _set_marker(storage, key, _FINISHED)  # journaled now: the effect is verified
-            if _observers:
-                _notify(
-                    StepEvent(
-                        self.agent,
-                        self.kind,
-                        name,
-                        result.replayed,
-                        attempts,
-                        time.perf_counter() - started,
-                        ordinal=ordinal,
-                    )
-                )
+            self._report(name, ordinal, result.replayed, attempts, started)
             return result
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
@@ -523,6 +489,24 @@ class StepTasks:
         if record.expiration is not None and record.expiration <= now("UTC"):
             return None
         return record.result
+
+    def _report(
+        self, name: str, ordinal: int, replayed: bool, attempts: int, started: float, error: str | None = None
+    ) -> None:
+        """Tell the progress observers, if any, how this step ended."""
+        if _observers:
+            _notify(
+                StepEvent(
+                    self.agent,
+                    self.kind,
+                    name,
+                    replayed,
+                    attempts,
+                    time.perf_counter() - started,
+                    error,
+                    ordinal,
+                )
+            )
 
     def _record_replay(self, name: str, key: str, storage: Any, ordinal: int) -> None:
         """Note that this step was answered from the journal; `record_replays()` tells Prefect."""
