@@ -28,7 +28,7 @@ from pydantic_ai.messages import (
 from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 from pydantic_ai.tools import RunContext
 
-from prefect_pydantic_ai import PrefectAgent, TaskConfig, idempotency_key
+from prefect_pydantic_ai import PrefectAgent, StreamRetryEvent, TaskConfig, idempotency_key
 
 pytestmark = pytest.mark.anyio
 
@@ -112,7 +112,32 @@ async def test_run_stream_with_an_idempotency_key_streams_live_and_replays() -> 
     assert len(requests) == 1
 
 
-async def test_a_stream_failing_midway_is_retried_in_new_parts_and_the_output_is_the_retry_alone() -> None:
+async def _events_of(durable: PrefectAgent[None, str], entry: str) -> tuple[str, list[Any]]:
+    """The output of one run through `entry` (one of pydantic-ai's streaming entry points), and its events."""
+    events: list[Any] = []
+    if entry == "handler":
+
+        async def handler(ctx: RunContext[None], stream_events: AsyncIterable[AgentStreamEvent]) -> None:
+            events.extend([event async for event in stream_events])
+
+        result = await durable.run("hi", idempotency_key=_key(), event_stream_handler=handler)
+        return result.output, events
+    if entry == "run_stream_events":
+        with idempotency_key(_key()):
+            async with durable.run_stream_events("hi") as stream_events:
+                events.extend([event async for event in stream_events])
+        return events[-1].result.output, events
+    async with durable.iter("hi", idempotency_key=_key()) as run:
+        async for node in run:
+            if Agent.is_model_request_node(node):
+                async with node.stream(run.ctx) as node_events:
+                    events.extend([event async for event in node_events])
+    assert run.result is not None
+    return run.result.output, events
+
+
+@pytest.mark.parametrize("entry", ["handler", "run_stream_events", "iter"])
+async def test_a_stream_failing_midway_is_retried_in_new_parts_after_telling_the_consumer(entry: str) -> None:
     attempts: list[int] = []
 
     async def stream(messages: list[ModelMessage], info: AgentInfo) -> AsyncIterator[str]:
@@ -122,19 +147,19 @@ async def test_a_stream_failing_midway_is_retried_in_new_parts_and_the_output_is
             raise ConnectionError("connection reset mid-stream")
         yield "answer"
 
-    events: list[Any] = []
-
-    async def handler(ctx: RunContext[None], stream_events: AsyncIterable[AgentStreamEvent]) -> None:
-        events.extend([event async for event in stream_events])
-
     durable = PrefectAgent(
         Agent(FunctionModel(stream_function=stream), name=f"retry_{uuid.uuid4().hex[:6]}"),
         model_task_config=TaskConfig(retries=1),
     )
-    result = await durable.run("hi", idempotency_key=_key(), event_stream_handler=handler)
+    output, events = await _events_of(durable, entry)
     assert len(attempts) == 2
-    assert result.output == "partial answer"  # the retry's text only, not "partial partial answer"
+    assert output == "partial answer"  # the retry's text only, not "partial partial answer"
     assert _text(events) == "0: partial  | 1: partial answer"  # the retry is a new part, not more of part 0
+    # and the consumer is told, before the retry's first part, that part 0 is discarded
+    [retry] = [i for i, event in enumerate(events) if isinstance(event, StreamRetryEvent)]
+    assert events[retry].attempt == 2 and events[retry].discarded_parts == [0]
+    starts = [i for i, event in enumerate(events) if isinstance(event, PartStartEvent)]
+    assert [events[i].index for i in starts] == [0, 1] and starts[0] < retry < starts[1]
 
 
 async def test_tool_call_events_stream_live_and_the_tool_runs_once() -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .errors import RunError as RunError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
+    from .model_step import StreamRetryEvent as StreamRetryEvent
     from .report import ledger_of as ledger_of
     from .resume import Rescheduled as Rescheduled
     from .resume import resume_run as resume_run
@@ -50,6 +51,7 @@ _EXPORTS = {
     "Rescheduled": "resume",
     "resume_run": "resume",
     "show_run": "show",
+    "StreamRetryEvent": "model_step",
     "step_idempotency_key": "steps",
 }
 

@@ -373,7 +373,8 @@ class PrefectDurability(AbstractCapability[Any]):
         handler: Callable[[ModelRequestContext], Awaitable[Any]],
     ) -> Any:
         steps = self._steps().model_steps
-        steps.begin(ctx.messages, request_context.model_request_parameters)
+        steps.begin(ctx.messages, request_context.model_request_parameters, emit=ctx.emit)
+        await steps.prefetch(request_context.model.model_name)
         response = await handler(request_context)
         steps.end(response)
         return response
@@ -555,7 +556,7 @@ async def _finish(
     record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
 ) -> Ledger:
     """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
-    record_replays()
+    record_replays(wait=True)
     attempt = await _record_attempt(
         record, log, "failed" if error is not None else "completed", output=output, error=error
     )

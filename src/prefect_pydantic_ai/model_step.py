@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from pydantic_ai._parts_manager import ModelResponsePartsManager
 from pydantic_ai._utils import now_utc as _now
 from pydantic_ai.messages import (
+    CapabilityEvent,
     ModelMessage,
     ModelResponse,
     ModelResponsePart,
@@ -190,10 +192,18 @@ class ModelSteps:
         self._attempt = 0
         self._step_digest = ""
         self.tool_call_positions: dict[str, int] = {}
+        self.emit: Callable[[CapabilityEvent], Awaitable[Any]] | None = None
 
-    def begin(self, messages: Sequence[ModelMessage], parameters: ModelRequestParameters) -> None:
-        """Start request step N: absorb the new messages and what the model is offered (tools, output schema)."""
+    def begin(
+        self,
+        messages: Sequence[ModelMessage],
+        parameters: ModelRequestParameters,
+        emit: Callable[[CapabilityEvent], Awaitable[Any]] | None = None,
+    ) -> None:
+        """Start request step N: absorb the new messages and what the model is offered (tools, output schema).
+        `emit` puts one of our events into the run's event stream (the capability's `RunContext.emit`)."""
         self.number += 1
+        self.emit = emit
         self._attempt = 0
         conversation = self.digest.absorb(messages)
         offered = hashlib.sha256(canonical_json(_parameters_fingerprint(parameters))).hexdigest()
@@ -202,7 +212,19 @@ class ModelSteps:
     def next_key(self) -> str:
         """The key of the next attempt in this step (a hook may re-attempt on another model)."""
         self._attempt += 1
-        return self.key("model", f"{self.number}.{self._attempt}", self._step_digest)
+        return self._attempt_key(self._attempt)
+
+    def _attempt_key(self, attempt: int) -> str:
+        return self.key("model", f"{self.number}.{attempt}", self._step_digest)
+
+    async def prefetch(self, model_name: str) -> None:
+        """Look up the journal entry of this step's next attempt: `replaying` tells whether it will be replayed."""
+        await self.tasks.prefetch(model_name, self._attempt_key(self._attempt + 1))
+
+    @property
+    def replaying(self) -> bool:
+        """Whether the next attempt of this step will come from the journal (`prefetch` found its entry)."""
+        return self.tasks.journaled_ahead(self._attempt_key(self._attempt + 1))
 
     def key(self, kind: StepKind, step: str, digest: str, tool_name: str = "") -> str:
         """A step key of this run: its identity plus the step's own ordinal, kind, tool name and digest."""
@@ -275,6 +297,15 @@ class DurableModel(WrapperModel):
             lambda: self.wrapped.request(messages, model_settings, model_request_parameters),
         )
 
+    def prepare_messages(
+        self, messages: list[ModelMessage], model_request_parameters: ModelRequestParameters | None = None
+    ) -> list[ModelMessage]:
+        """The wrapped model's preparation of the history, skipped for a step the journal answers: no request is
+        sent, and preparing a long history is most of what a replayed step would cost."""
+        if self._steps().replaying:
+            return messages
+        return super().prepare_messages(messages, model_request_parameters)
+
     @asynccontextmanager
     async def request_stream(
         self,
@@ -283,7 +314,10 @@ class DurableModel(WrapperModel):
         model_request_parameters: ModelRequestParameters,
         run_context: RunContext[Any] | None = None,
     ) -> AsyncGenerator[StreamedResponse]:
-        stream = _LiveStream(model_request_parameters=model_request_parameters, model=self.wrapped)
+        steps = self._steps()
+        stream = _LiveStream(
+            model_request_parameters=model_request_parameters, model=self.wrapped, emit=steps.emit
+        )
 
         async def attempt() -> ModelResponse:
             async with self.wrapped.request_stream(
@@ -291,14 +325,26 @@ class DurableModel(WrapperModel):
             ) as inner:
                 return await stream.forward(inner)
 
-        stream.start(self._steps().request(self.wrapped, attempt))
+        stream.start(steps.request(self.wrapped, attempt))
         try:
             yield stream
         finally:
             await stream.close()
 
 
+logger = logging.getLogger(__name__)
 _END = object()
+
+
+@dataclass(kw_only=True)
+class StreamRetryEvent(CapabilityEvent, namespace="prefect_pydantic_ai"):
+    """A streamed model step is being retried after its failed attempt had streamed parts: those parts are
+    discarded (the run continues with the retry's response alone), and the retry streams new ones."""
+
+    attempt: int
+    """The attempt that is starting (2 for the first retry)."""
+    discarded_parts: list[int]
+    """The indices of the parts the consumer was shown and must drop."""
 
 
 class _LiveStream(StreamedResponse):
@@ -310,9 +356,17 @@ class _LiveStream(StreamedResponse):
     the run continues with is the journaled one, the successful attempt's alone.
     """
 
-    def __init__(self, *, model_request_parameters: ModelRequestParameters, model: Model) -> None:
+    def __init__(
+        self,
+        *,
+        model_request_parameters: ModelRequestParameters,
+        model: Model,
+        emit: Callable[[CapabilityEvent], Awaitable[Any]] | None = None,
+    ) -> None:
         super().__init__(model_request_parameters=model_request_parameters)
         self._model = model
+        self._emit = emit
+        self._attempts = 0
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._step: asyncio.Task[ModelResponse] | None = None
         self._response: ModelResponse | None = None
@@ -335,7 +389,12 @@ class _LiveStream(StreamedResponse):
         """One attempt of the step, inside its task: pass each event of `inner` on, return what it streamed."""
         parts = self._parts_manager
         assert isinstance(parts, _ChainedParts)
-        self._earlier.extend(parts.current.get_parts())
+        self._attempts += 1
+        discarded = parts.current.get_parts()
+        if discarded:
+            first = len(self._earlier)
+            await self._discarded(list(range(first, first + len(discarded))))
+        self._earlier.extend(discarded)
         parts.current = inner._parts_manager
         offset = len(self._earlier)
         async for event in inner:
@@ -343,6 +402,17 @@ class _LiveStream(StreamedResponse):
                 self._forwarded = True
                 self._queue.put_nowait(dataclasses.replace(event, index=event.index + offset))
         return inner.get()
+
+    async def _discarded(self, indices: list[int]) -> None:
+        """Tell the consumer that the parts a failed attempt streamed are discarded: the retry streams anew."""
+        logger.warning(
+            "Model %s: a failed attempt had streamed %d part(s); they are discarded, attempt %d streams anew.",
+            self._model.model_name,
+            len(indices),
+            self._attempts,
+        )
+        if self._emit is not None:
+            await self._emit(StreamRetryEvent(attempt=self._attempts, discarded_parts=indices))
 
     async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
         assert self._step is not None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import os
 import socket
 import sys
@@ -20,8 +19,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.filesystems import LocalFileSystem
-from prefect.results import get_default_result_storage
+from prefect.results import aget_default_result_storage
 from pydantic import BaseModel, Field
 
 from .errors import RunError
@@ -120,12 +120,26 @@ async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecor
     return found
 
 
+_storage_of_flow_run: dict[Any, Any] = {}
+
+
 async def _storage() -> Any:
     """Prefect's default result storage (written atomically when it is a local directory): every machine that
-    runs or resumes a run must see the same one (`PREFECT_DEFAULT_RESULT_STORAGE_BLOCK`, docs/scale-out.md)."""
-    storage: Any = get_default_result_storage()
-    storage = await storage if inspect.isawaitable(storage) else storage
-    return await journal_storage(storage) or storage
+    runs or resumes a run must see the same one (`PREFECT_DEFAULT_RESULT_STORAGE_BLOCK`, docs/scale-out.md).
+
+    Resolving it asks the server for its default storage block, so inside a flow run it is resolved once per
+    attempt: a run writes its record after every executed model step."""
+    context = FlowRunContext.get()
+    attempt = (context.flow_run.id, context.flow_run.run_count) if context and context.flow_run else None
+    if attempt is not None and (known := _storage_of_flow_run.get(attempt)) is not None:
+        return known
+    default: Any = await aget_default_result_storage()
+    storage = await journal_storage(default) or default
+    if attempt is not None:
+        if len(_storage_of_flow_run) >= 64:
+            del _storage_of_flow_run[next(iter(_storage_of_flow_run))]  # the oldest attempt: long finished
+        _storage_of_flow_run[attempt] = storage
+    return storage
 
 
 async def record_storage_name() -> str:

@@ -21,6 +21,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -325,6 +326,7 @@ class StepTasks:
         self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
         self._tasks: dict[tuple[str, bool, int], Task[Any, Any]] = {}
         self._storage: tuple[Any, Any] | None = None  # (the flow run's result store, the storage steps use)
+        self._prefetched: tuple[str, Any] | None = None  # (a step key, its verified journal entry's data)
 
     async def storage(self) -> Any:
         """The result storage of this flow run's step tasks: a `JournalFileSystem` where entries go to a local
@@ -419,18 +421,23 @@ class StepTasks:
 
         overwrite = False
         ordinal = _next_ordinal()
-        if self.journaled and self.config.cache_policy is None and storage is not None:
-            entry = await self._journaled_entry(name, key, storage)
-            if entry is not None:
-                try:
-                    data = unseal(entry, self.kind)
-                except JournalCorruptError as exc:
-                    self._warn_corrupt(name, exc)
-                    overwrite = True
-                else:
-                    self._record_replay(name, key, storage, ordinal)
-                    self._report(name, ordinal, True, 0, started)
-                    return StepResult(data=data, replayed=True, attempts=0)
+        if self._instant(storage):
+            if self.journaled_ahead(key):
+                assert self._prefetched is not None
+                data, self._prefetched = self._prefetched[1], None
+            else:
+                entry = await self._journaled_entry(name, key, storage)
+                data = _NOTHING
+                if entry is not None:
+                    try:
+                        data = unseal(entry, self.kind)
+                    except JournalCorruptError as exc:
+                        self._warn_corrupt(name, exc)
+                        overwrite = True
+            if data is not _NOTHING:
+                self._record_replay(name, key, storage, ordinal)
+                self._report(name, ordinal, True, 0, started)
+                return StepResult(data=data, replayed=True, attempts=0)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
@@ -466,6 +473,31 @@ class StepTasks:
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    def _instant(self, storage: Any) -> bool:
+        """Whether a journaled step of these tasks is answered from the journal without a task run: the journal is
+        on, under our step keys alone (a user cache policy decides for itself), in a known storage."""
+        return self.journaled and self.config.cache_policy is None and storage is not None
+
+    async def prefetch(self, name: str, key: str) -> None:
+        """Read and verify the journal entry of step `key` before the step runs, so that its caller can skip work
+        only an executed step needs (`journaled_ahead`); `run` then replays it without reading it again. A
+        corrupt or missing entry is not kept: `run` finds it as before."""
+        self._prefetched = None
+        storage = await self.storage() if self.journaled else None
+        if not self._instant(storage):
+            return
+        entry = await self._journaled_entry(name, key, storage)
+        if entry is None:
+            return
+        try:
+            self._prefetched = (key, unseal(entry, self.kind))
+        except JournalCorruptError:
+            return
+
+    def journaled_ahead(self, key: str) -> bool:
+        """Whether `prefetch` found a valid journal entry for step `key`: the step will be replayed."""
+        return self._prefetched is not None and self._prefetched[0] == key
 
     def _warn_corrupt(self, name: str, exc: JournalCorruptError) -> None:
         logger.warning(
@@ -547,6 +579,9 @@ class StepTasks:
         )
 
 
+_NOTHING: Any = object()  # no journal entry to replay
+
+
 @dataclass(frozen=True)
 class _Replay:
     """A step answered from the journal, not yet recorded in Prefect."""
@@ -563,17 +598,34 @@ class _Replay:
 _replays: list[_Replay] = []
 
 
-def record_replays() -> None:
+_recorder: ThreadPoolExecutor | None = None
+_recording: list[Future[None]] = []
+
+
+def record_replays(*, wait: bool = False) -> None:
     """Record the steps replayed since the last call as "Cached" task runs, as Prefect records one: one task-run
     state event each (the event Prefect's task engine sends), queued for Prefect's background events worker.
 
-    Called before a step executes and when a run ends, not at each replay: sending events competes with the
-    run for this process's CPU (and the server's), so a resume reaches its first executed step at the cost of
-    reading the journal alone, and the records follow in one burst. A process killed during a stretch of
-    replays loses their records (the journal, and so the next attempt, is unaffected).
+    Called before a step executes and when a run ends (`wait=True`: until every batch is queued), not at each
+    replay. Building the events costs about as much CPU as replaying the steps, so a batch is built in a
+    background thread while the run goes on (the executing step mostly waits on the network); each record
+    carries the moment of its replay, so Prefect's timeline keeps the steps in order. A process killed during a
+    stretch of replays loses their records (the journal, and so the next attempt, is unaffected).
     """
-    while _replays:
-        replay = _replays.pop(0)
+    global _recorder
+    if _replays:
+        batch = list(_replays)
+        _replays.clear()
+        if _recorder is None:
+            _recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-pydantic-ai-replays")
+        _recording.append(_recorder.submit(contextvars.copy_context().run, _record, batch))
+    if wait:
+        while _recording:
+            _recording.pop(0).result()
+
+
+def _record(batch: list[_Replay]) -> None:
+    for replay in batch:
         inputs: dict[str, Any] = {}
         if replay.parent is not None:
             inputs["__parents__"] = [TaskRunResult(id=replay.parent)]
@@ -592,10 +644,10 @@ def record_replays() -> None:
         )
         details = StateDetails(task_run_id=task_run.id, flow_run_id=task_run.flow_run_id)
         pending: State[Any] = Pending(state_details=details)
-        pending.timestamp = replay.at
         cached: State[Any] = Completed(
             name="Cached", state_details=details.model_copy(update={"cache_key": replay.key})
         )
+        pending.timestamp = cached.timestamp = replay.at
         task_run.state, task_run.state_id = cached, cached.id
         task_run.state_type, task_run.state_name = cached.type, cached.name
         emit_task_run_state_change_event(task_run=task_run, initial_state=pending, validated_state=cached)
