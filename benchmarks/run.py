@@ -44,6 +44,7 @@ class Plan:
     long_steps: int  # resume, memory and profile: one long run of N steps ...
     long_size: int  # ... with outputs of this size
     kill_at: int  # resume: the tool call that SIGKILLs the first attempt
+    resume_reps: int  # resume: repetitions (medians are reported)
     coldstart_steps: int
     coldstart_no_server: tuple[str, ...]  # the variants also started with no server configured (~25 s each)
 
@@ -54,6 +55,7 @@ FULL = Plan(
     long_steps=200,
     long_size=10_000,
     kill_at=150,
+    resume_reps=3,
     coldstart_steps=5,
     coldstart_no_server=("competitor", "ours"),
 )
@@ -63,6 +65,7 @@ QUICK = Plan(
     long_steps=50,
     long_size=10_000,
     kill_at=40,
+    resume_reps=1,
     coldstart_steps=5,
     coldstart_no_server=("ours",),
 )
@@ -165,31 +168,59 @@ def _bytes(size: int) -> str:
 
 
 def resume(plan: Plan, env: dict[str, str], session: Path) -> dict[str, Any]:
-    """Kill a run inside tool call K, run it again in a new process; count and time what precedes step K."""
-    results: dict[str, Any] = {"steps": plan.long_steps, "kill_at": plan.kill_at, "bytes": plan.long_size}
-    for variant in ("ours", "competitor"):
-        args = ["--variant", variant, "--steps", plan.long_steps, "--sizes", plan.long_size]
-        if variant == "ours":  # the competitor has no way to name a run across processes: it starts afresh
-            args += ["--key", f"bench-resume-{uuid.uuid4().hex[:10]}"]
-        logs = [session / f"resume-{variant}-{attempt}.log" for attempt in (1, 2)]
-        settle(_server_pid(env))
-        kill_env = {**env, "BENCH_CALL_LOG": str(logs[0]), "BENCH_KILL_AT": str(plan.kill_at)}
-        killed = spawn(["run", "--out", os.devnull, *args], kill_env, check=False)
-        if killed != -9:
-            raise RuntimeError(f"the {variant} run was to be SIGKILLed, but exited with {killed}")
-        rerun = worker("run", {**env, "BENCH_CALL_LOG": str(logs[1])}, *args)
-        first, second = (_read_log(log) for log in logs)
-        results[variant] = {
-            "first_attempt_seconds_to_step": _seconds_to_tool(first, plan.kill_at),
-            "resumed_seconds_to_step": _seconds_to_tool(second, plan.kill_at),
-            "resumed_total_seconds": rerun["seconds"],
-            "reexecuted_before_step": sum(
-                1
-                for _, kind, k in second
-                if (kind == "model" and k <= plan.kill_at) or (kind == "tool" and k < plan.kill_at)
-            ),
-            "completed_before_kill": sum(1 for _, kind, _ in first if kind in ("model", "tool")) - 1,
-        }
+    """Kill a run inside tool call K, run it again in a new process; count and time what precedes step K.
+
+    Each repetition also runs the plain agent, killed at the same tool call: the time pydantic-ai's own agent
+    loop needs to get there (each model request prepares the whole history so far), which a replay that goes
+    through the agent loop cannot undercut. The medians of `resume_reps` repetitions are reported.
+    """
+    k = plan.kill_at
+    results: dict[str, Any] = {"steps": plan.long_steps, "kill_at": k, "bytes": plan.long_size}
+    results["replayed_steps"] = 2 * k - 1  # model requests 1..K and tool calls 1..K-1
+    samples: dict[str, list[dict[str, float]]] = {"ours": [], "competitor": [], "plain": []}
+    for rep in range(plan.resume_reps):
+        for variant in ("ours", "competitor", "plain"):
+            args = ["--variant", variant, "--steps", plan.long_steps, "--sizes", plan.long_size]
+            if (
+                variant == "ours"
+            ):  # the competitor has no way to name a run across processes: it starts afresh
+                args += ["--key", f"bench-resume-{uuid.uuid4().hex[:10]}"]
+            logs = [session / f"resume-{variant}-{rep}-{attempt}.log" for attempt in (1, 2)]
+            settle(_server_pid(env))
+            kill_env = {**env, "BENCH_CALL_LOG": str(logs[0]), "BENCH_KILL_AT": str(k)}
+            killed = spawn(["run", "--out", os.devnull, *args], kill_env, check=False)
+            if killed != -9:
+                raise RuntimeError(f"the {variant} run was to be SIGKILLed, but exited with {killed}")
+            first = _read_log(logs[0])
+            sample = {
+                "first_attempt_seconds_to_step": _seconds_to_tool(first, k),
+                "completed_before_kill": sum(1 for _, kind, _ in first if kind in ("model", "tool")) - 1,
+            }
+            if variant != "plain":
+                rerun = worker("run", {**env, "BENCH_CALL_LOG": str(logs[1])}, *args)
+                second = _read_log(logs[1])
+                sample |= {
+                    "resumed_seconds_to_step": _seconds_to_tool(second, k),
+                    "resumed_total_seconds": rerun["seconds"],
+                    "reexecuted_before_step": sum(
+                        1
+                        for _, kind, step in second
+                        if (kind == "model" and step <= k) or (kind == "tool" and step < k)
+                    ),
+                }
+            samples[variant].append(sample)
+    results["samples"] = samples
+    for variant, rows in samples.items():
+        results[variant] = {field: statistics.median(row[field] for row in rows) for field in rows[0]}
+    ours, plain = results["ours"], results["plain"]["first_attempt_seconds_to_step"]
+    replayed = results["replayed_steps"]
+    results["derived"] = {
+        "speedup_over_first_attempt": ours["first_attempt_seconds_to_step"] / ours["resumed_seconds_to_step"],
+        "ms_per_replayed_step": 1000 * ours["resumed_seconds_to_step"] / replayed,
+        "plain_agent_seconds_to_step": plain,
+        "ms_per_replayed_step_over_plain": 1000 * (ours["resumed_seconds_to_step"] - plain) / replayed,
+        "best_possible_speedup": ours["first_attempt_seconds_to_step"] / plain,
+    }
     return results
 
 
@@ -204,8 +235,11 @@ def _seconds_to_tool(log: list[tuple[float, str, int]], step: int) -> float:
 
 
 def resume_table(r: dict[str, Any]) -> Table:
-    k = r["kill_at"]
-    table = Table(title=f"Resume: {r['steps']}-step run SIGKILLed in tool call {k}, then run again")
+    k, reps = r["kill_at"], len(r["samples"]["ours"])
+    table = Table(
+        title=f"Resume: {r['steps']}-step run SIGKILLed in tool call {k}, then run again "
+        f"(medians of {reps}; {r['replayed_steps']} steps precede tool call {k})"
+    )
     for column in (
         "variant",
         "completed before kill",
@@ -215,16 +249,30 @@ def resume_table(r: dict[str, Any]) -> Table:
         "resumed run total s",
     ):
         table.add_column(column, justify="right")
-    for variant in ("ours", "competitor"):
+    for variant in ("ours", "competitor", "plain"):
         v = r[variant]
-        table.add_row(
-            variant,
-            str(v["completed_before_kill"]),
-            str(v["reexecuted_before_step"]),
-            f"{v['resumed_seconds_to_step']:.2f}",
-            f"{v['first_attempt_seconds_to_step']:.2f}",
-            f"{v['resumed_total_seconds']:.2f}",
+        resumed = (
+            [
+                str(v["reexecuted_before_step"]),
+                f"{v['resumed_seconds_to_step']:.2f}",
+            ]
+            if variant != "plain"
+            else ["-", "-"]
         )
+        table.add_row(
+            variant if variant != "plain" else "plain agent (no replay: the floor)",
+            str(v["completed_before_kill"]),
+            *resumed,
+            f"{v['first_attempt_seconds_to_step']:.2f}",
+            f"{v['resumed_total_seconds']:.2f}" if variant != "plain" else "-",
+        )
+    d = r["derived"]
+    table.caption = (
+        f"ours: resumed {d['speedup_over_first_attempt']:.1f}× faster than the first attempt "
+        f"(at most {d['best_possible_speedup']:.1f}× while the plain agent needs "
+        f"{d['plain_agent_seconds_to_step']:.2f} s); {d['ms_per_replayed_step']:.2f} ms per replayed step, "
+        f"{d['ms_per_replayed_step_over_plain']:+.2f} ms over the plain agent's"
+    )
     return table
 
 
@@ -350,7 +398,7 @@ def goals(configs: list[dict[str, Any]], clock: str) -> list[dict[str, Any]]:
     checks: list[tuple[str, float, str, bool]] = []
     for (n, size), m in sorted(by.items()):
         checks.append(
-            (f"ours/bare N={n} P={_bytes(size)}", m["ours_over_bare"], "≤ 1.6", m["ours_over_bare"] <= 1.6)
+            (f"ours/bare N={n} P={_bytes(size)}", m["ours_over_bare"], "≤ 1.2", m["ours_over_bare"] <= 1.2)
         )
     for (n, size), m in sorted(by.items()):
         if n == 50 or (n, size) == (200, 10_000):

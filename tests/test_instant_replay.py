@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect import get_client
@@ -14,12 +15,27 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowR
 from prefect.client.schemas.objects import TaskRun
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of, show_run
 from prefect_pydantic_ai.steps import StepEvent, observe_steps
 
 pytestmark = pytest.mark.anyio
+
+
+class _PreparingModel(FunctionModel):
+    """A FunctionModel that notes each preparation of the history ("prepare"): a model sending a request does it."""
+
+    def __init__(self, function: Any, calls: list[str]) -> None:
+        super().__init__(function)
+        self._calls = calls
+
+    def prepare_messages(
+        self, messages: list[ModelMessage], model_request_parameters: ModelRequestParameters | None = None
+    ) -> list[ModelMessage]:
+        self._calls.append("prepare")
+        return super().prepare_messages(messages, model_request_parameters)
 
 
 def _agent(
@@ -34,7 +50,7 @@ def _agent(
             return ModelResponse(parts=[ToolCallPart("lookup", {"n": len(done)})])
         return ModelResponse(parts=[TextPart(f"found {done[0].content} and {done[1].content}")])
 
-    agent: Agent[None, str] = Agent(FunctionModel(model), name=name)
+    agent: Agent[None, str] = Agent(_PreparingModel(model, calls), name=name)
 
     @agent.tool_plain
     def lookup(n: int) -> int:
@@ -73,7 +89,7 @@ async def test_replayed_steps_start_no_task_and_are_still_shown() -> None:
     key = f"instant-{uuid.uuid4().hex[:6]}"
     with pytest.raises(ConnectionError):
         await durable.run("go", idempotency_key=key)
-    assert calls == ["model", "lookup", "model", "lookup"]
+    assert calls == ["prepare", "model", "lookup", "prepare", "model", "lookup"]
 
     calls.clear()
     events: list[StepEvent] = []
@@ -83,7 +99,8 @@ async def test_replayed_steps_start_no_task_and_are_still_shown() -> None:
     finally:
         stop()
     assert resumed.output == "found 0 and 10"
-    assert calls == ["lookup", "model"]  # the first three steps are not re-requested
+    # the first three steps are not re-requested, and the replayed model steps do not prepare the history
+    assert calls == ["lookup", "prepare", "model"]
     assert [(e.kind, e.replayed, e.attempts) for e in events] == [
         ("model", True, 0),
         ("tool", True, 0),
@@ -141,7 +158,7 @@ async def test_a_corrupt_entry_on_the_fast_path_re_executes(
     with caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"):
         result = await durable.run("go", idempotency_key=key)
     assert result.output == "found 0 and 10"
-    assert calls == ["lookup", "model"]
+    assert calls == ["lookup", "prepare", "model"]  # the re-executed model request is prepared as usual
     assert sum("corrupt" in r.getMessage() for r in caplog.records) == 2
 
     calls.clear()
