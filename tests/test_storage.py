@@ -53,3 +53,50 @@ async def test_missing_entries_and_paths_outside_the_base_are_errors(tmp_path: P
     with pytest.raises(ValueError, match="outside of the base path"):
         await journal.awrite_path("../escaped", b"x")
     assert not (tmp_path / "escaped").exists()
+
+
+async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill_is_skipped() -> None:
+    from datetime import UTC, datetime
+    from uuid import uuid4
+
+    from prefect_pydantic_ai.ledger import Ledger, UsageTotals
+    from prefect_pydantic_ai.records import (
+        AttemptRecord,
+        RunRecord,
+        _storage,
+        read_record,
+        record_path,
+        write_progress,
+        write_record,
+    )
+
+    record = RunRecord(flow_run_id=str(uuid4()), agent="progress", ordinal=0)
+    await write_record(record)
+
+    def running(calls: int) -> AttemptRecord:
+        spent = UsageTotals(model_calls=calls)
+        return AttemptRecord(
+            run_count=1, state="running", finished_at=datetime.now(UTC), ledger=Ledger(spent=spent)
+        )
+
+    for calls in (1, 2, 3):
+        await write_progress(record, running(calls))
+    storage = await _storage()
+    assert isinstance(storage, JournalFileSystem)
+    path = record_path(record.flow_run_id, "progress", 0).removesuffix(".json") + ".progress.jsonl"
+    storage.append_path(path, b"\n" + running(4).model_dump_json().encode()[:40])  # killed mid-write
+    read = await read_record(record.flow_run_id, "progress", 0)
+    assert read is not None and [(a.state, a.ledger.spent.model_calls) for a in read.attempts] == [
+        ("running", 3)
+    ]
+
+    await write_progress(record, running(5))  # the next line is whole, even after a torn one
+    read = await read_record(record.flow_run_id, "progress", 0)
+    assert read is not None and [a.ledger.spent.model_calls for a in read.attempts] == [5]
+
+    record.attempts = [running(5).model_copy(update={"state": "completed"})]
+    await write_record(record)  # the attempt ended: its final state wins over its progress lines
+    read = await read_record(record.flow_run_id, "progress", 0)
+    assert read is not None and [(a.state, a.ledger.spent.model_calls) for a in read.attempts] == [
+        ("completed", 5)
+    ]

@@ -55,6 +55,7 @@ from .records import (
     entrypoint_of,
     read_record,
     rehydrate_deps,
+    write_progress,
     write_record,
 )
 from .report import ledger_markdown, remember_ledger
@@ -548,7 +549,7 @@ async def _record_attempt(
         ledger=log.spent if state == "running" else log.ledger(),
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
-    await write_record(record)
+    await (write_progress(record, attempt) if state == "running" else write_record(record))
     return attempt
 
 

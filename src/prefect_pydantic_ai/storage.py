@@ -58,6 +58,20 @@ class JournalFileSystem(LocalFileSystem):
         except (FileNotFoundError, IsADirectoryError):
             raise ValueError(f"Path {target} does not exist or is not a file.") from None
 
+    def append_path(self, path: str, content: bytes) -> None:
+        """Append `content` to the file at `path` (created with its directories if needed), in one write."""
+        target = self._resolve_path(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        try:
+            fd = os.open(target, flags, 0o666)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, flags, 0o666)
+        try:
+            os.write(fd, content)
+        finally:
+            os.close(fd)
+
     async def awrite_path(self, path: str, content: bytes) -> str:
         target = self._resolve_path(path)
         if len(content) <= _INLINE_BYTES:
