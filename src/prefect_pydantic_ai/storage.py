@@ -60,13 +60,7 @@ class JournalFileSystem(LocalFileSystem):
 
     def append_path(self, path: str, content: bytes) -> None:
         """Append `content` to the file at `path` (created with its directories if needed), in one write."""
-        target = self._resolve_path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        try:
-            fd = os.open(target, flags, 0o666)
-        except FileNotFoundError:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, flags, 0o666)
+        fd = _open_creating(self._resolve_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             os.write(fd, content)
         finally:
@@ -81,16 +75,20 @@ class JournalFileSystem(LocalFileSystem):
         return str(target)
 
 
+def _open_creating(path: Path, flags: int) -> int:
+    """`os.open(path, flags)` with the usual permissions, creating the missing directories on the way."""
+    try:
+        return os.open(path, flags, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o666)
+
+
 def _write_atomically(target: Path, content: bytes) -> None:
     """Write `content` to a temporary file beside `target` (one per process and thread, so no two writers share
     it; created with the usual permissions), then rename it over `target`."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    try:
-        fd = os.open(temporary, flags, 0o666)
-    except FileNotFoundError:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temporary, flags, 0o666)
+    fd = _open_creating(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
