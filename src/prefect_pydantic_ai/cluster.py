@@ -137,8 +137,6 @@ class ClusterConfig:
     crash_within: float = 90.0
     worker_limit: int | None = 10
     poll_seconds: float = 1.0
-    worker_env: Mapping[str, str] = field(default_factory=dict)
-    """Extra environment of every worker (and so of every flow run it executes)."""
 
 
 # -- up ---------------------------------------------------------------------------------------------------------
@@ -525,7 +523,6 @@ def _start_worker(name: str, cluster: Cluster, config: ClusterConfig, logs: Path
         "PREFECT_WORKER_QUERY_SECONDS": f"{config.poll_seconds:g}",
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "PREFECT_PYDANTIC_AI_CLUSTER_WORKER": name,
-        **config.worker_env,
     }
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", cluster.pool]
     command += ["--type", "process", "--name", name]
@@ -631,8 +628,10 @@ def cluster_down(directory: Path, timeout: float = 20.0, *, keep_logs: bool = Fa
         shutil.rmtree(cluster.postgres_data, ignore_errors=True)
     if keep_logs:
         for path in directory.iterdir():
-            if path.name != "logs":
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir() and path.name != "logs":
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file():
+                path.unlink(missing_ok=True)
     else:
         shutil.rmtree(directory, ignore_errors=True)
     return running
