@@ -44,13 +44,19 @@ STEPS = 2 * TOOL_CALLS + 1
 
 
 class _Retries(logging.Handler):
+    """The retries Prefect's client announces (at debug level, before each back-off), by cause."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.count = 0
+        self.causes: dict[str, int] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
-        if "Another attempt will be made" in record.getMessage():
-            self.count += 1
+        message = record.getMessage()
+        if "Another attempt will be made" in message:
+            cause = message.partition(". Another attempt")[0]
+            if record.exc_info and record.exc_info[1] is not None:
+                cause += f" ({type(record.exc_info[1]).__name__})"
+            self.causes[cause] = self.causes.get(cause, 0) + 1
 
 
 async def _client(variant: str, runs: int) -> dict[str, Any]:
@@ -83,7 +89,7 @@ async def _client(variant: str, runs: int) -> dict[str, Any]:
     results = await asyncio.gather(*(timed() for _ in range(runs)))
     return {
         "runs": [{"started": s, "finished": f, "error": e} for s, f, e in results],
-        "retries": retries.count,
+        "retries": retries.causes,
     }
 
 
@@ -168,9 +174,18 @@ def _measure(
         "runs_per_minute": 60 * len(done) / wall,
         "p50_s": statistics.median(latencies) if latencies else None,
         "p95_s": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-        "retries": sum(output["retries"] for output in outputs),
+        "retries": sum(sum(output["retries"].values()) for output in outputs),
+        "retry_causes": _merged([output["retries"] for output in outputs]),
         "latencies_s": latencies,
     }
+
+
+def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for cause, n in count.items():
+            merged[cause] = merged.get(cause, 0) + n
+    return merged
 
 
 def _overheads(waves: list[dict[str, Any]]) -> None:
@@ -207,7 +222,9 @@ def _table(results: dict[str, list[dict[str, Any]]], runs: int) -> None:
     for backend, waves in results.items():
         for wave in waves:
             for error in wave["errors"]:
-                print(f"{backend} {wave['variant']}: {error}")
+                print(f"{backend} {wave['variant']} failed: {error}")
+            for cause, n in wave["retry_causes"].items():
+                print(f"{backend} {wave['variant']} retried {n}x: {cause}")
 
 
 def main() -> None:

@@ -79,7 +79,6 @@ class Cluster:
     pool: str
     postgres_data: str
     own_hostnames: bool
-    messaging: str
     components: list[Component] = field(default_factory=list)
 
     @property
@@ -109,7 +108,6 @@ class Cluster:
             "work_pool": self.pool,
             "journal": self.journal,
             "own_hostnames": self.own_hostnames,
-            "messaging": self.messaging,
             "env": self.client_env(),
             "components": [
                 {
@@ -175,7 +173,6 @@ def cluster_up(
         pool=config.pool,
         postgres_data=str(pg_root),
         own_hostnames=False,
-        messaging="redis",
         components=components,
     )
     _write_state(cluster)  # from now on `down` can clean up whatever was started
