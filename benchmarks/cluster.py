@@ -97,15 +97,15 @@ async def _client(variant: str, runs: int) -> dict[str, Any]:
 
 
 @contextmanager
-def _sqlite_server() -> Any:
+def _sqlite_server(locks: dict[str, str]) -> Any:
     from server import local_prefect_server
 
     with local_prefect_server() as (env, _session):
-        yield env, int(env["BENCH_SERVER_PID"])
+        yield {**env, **locks}, int(env["BENCH_SERVER_PID"])
 
 
 @contextmanager
-def _postgres_cluster() -> Any:
+def _postgres_cluster(locks: dict[str, str]) -> Any:
     from server import isolated_env
 
     from prefect_pydantic_ai.cluster import ClusterConfig, cluster_down, cluster_up
@@ -114,7 +114,7 @@ def _postgres_cluster() -> Any:
     directory = session / "cluster"
     try:
         cluster = cluster_up(directory, ClusterConfig(workers=0), progress=lambda line: print(f"  {line}"))
-        env = {**isolated_env(session, cluster.api_url), **cluster.client_env()}
+        env = {**isolated_env(session, cluster.api_url), **cluster.client_env(), **locks}
         [server] = [c for c in cluster.components if c.name == "prefect server"]
         yield env, server.pid
     finally:
@@ -235,6 +235,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=["sqlite", "postgres"], default=["sqlite", "postgres"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--locks",
+        choices=["setup", "file"],
+        default="setup",
+        help="our step locks: as each setup runs (files locally, Redis on the cluster), or files on both",
+    )
     parser.add_argument("--client", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -246,7 +252,8 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for backend in args.only:
         print(f"{backend}: starting", flush=True)
-        with backends[backend]() as (env, server_pid):
+        locks = {"PREFECT_PYDANTIC_AI_LOCKS": "file"} if args.locks == "file" else {}
+        with backends[backend](locks) as (env, server_pid):
             waves = []
             for variant in variants:
                 wave = _wave(env, server_pid, variant, args.runs, args.clients)
@@ -259,11 +266,12 @@ def main() -> None:
             _overheads(waves)
             results[backend] = waves
     _table(results, args.runs)
-    out = HERE / "results" / "cluster.json"
+    out = HERE / "results" / ("cluster.json" if args.locks == "setup" else "cluster-file-locks.json")
     out.parent.mkdir(exist_ok=True)
     document = {
         "runs": args.runs,
         "clients": args.clients,
+        "locks": args.locks,
         "steps": STEPS,
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),
