@@ -25,6 +25,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def _postgres_cluster(locks: dict[str, str]) -> Any:
         yield env, server.pid
     finally:
         cluster_down(directory)
+        shutil.rmtree(session, ignore_errors=True)
 
 
 def _wave(env: dict[str, str], server_pid: int, variant: str, runs: int, clients: int) -> dict[str, Any]:
