@@ -7,6 +7,8 @@ runs reuse it and reinstall only when `pyproject.toml` changes or a command need
 `uv` (seconds instead of a minute or more), reading the package indexes from this machine's pip configuration;
 when uv cannot be used, pip does the install. Any other arguments are passed on: `python3 dev.py demo --kill`,
 `python3 dev.py test -k resume`, `python3 dev.py cli runs --json`, `python3 dev.py bench`.
+`python3 dev.py cluster up|status|env|down` is `prefect-pydantic-ai cluster ...`: PostgreSQL, Redis, a Prefect
+server and two workers on this machine, its state in `.cluster/` of the clone (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed-from"
 LOG = VENV / "install.log"
-NEEDS_DEV = {"test", "check", "bench"}
+NEEDS_DEV = {"test", "check", "bench", "cluster"}  # the cluster needs prefect-redis (in the extra)
 
 # pip settings uv has an equivalent for; any other setting in the pip configuration makes us install with pip.
 _PIP_TO_UV = {
@@ -196,6 +198,7 @@ def main(argv: list[str]) -> int:
     commands = {
         "demo": [str(BIN / "prefect-pydantic-ai"), "demo", *rest],
         "cli": [str(BIN / "prefect-pydantic-ai"), *rest],
+        "cluster": [str(BIN / "prefect-pydantic-ai"), "cluster", *rest],
         "test": [str(PYTHON), "-m", "pytest", *rest],
         "bench": [str(PYTHON), str(ROOT / "benchmarks" / "run.py"), *rest],
         "check": [str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples"],
@@ -208,7 +211,7 @@ def main(argv: list[str]) -> int:
     except subprocess.CalledProcessError:
         return 1
     env = dict(os.environ)
-    if command in {"demo", "cli"}:  # their hints then name a command that works from the clone
+    if command in {"demo", "cli", "cluster"}:  # their hints then name a command that works from the clone
         env["PREFECT_PYDANTIC_AI_CLI"] = "python3 dev.py cli"
     return subprocess.call(commands[command], cwd=ROOT, env=env)
 

@@ -30,6 +30,7 @@ def cli(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
 
 COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["server"]]
 COMMANDS += [["server", name] for name in ("status", "start", "stop")]
+COMMANDS += [["cluster"], *(["cluster", name] for name in ("up", "status", "env", "down"))]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
@@ -64,6 +65,10 @@ def test_version() -> None:
             "error: Invalid value for '--limit': Input should be greater than or equal to 1 (see --help)",
         ),
         (["demo", "--kill", "--no-failure"], "error: --kill needs a failure to inject; drop --no-failure."),
+        (
+            ["cluster", "status", "--dir", "/nonexistent/cluster"],
+            "error: No cluster in /nonexistent/cluster; start one with `cluster up`.",
+        ),
         (
             ["runs", "--state", "sleeping"],
             "error: Unknown state 'sleeping'; use one of: completed, failed, "

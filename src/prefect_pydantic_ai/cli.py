@@ -8,13 +8,16 @@ import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
 
 from .display import STATE_STYLE, console, errors, print_detail, print_step, seconds, when
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 _API_HELP = (
     "Commands talk to the Prefect API in PREFECT_API_URL when it is set, else to the persistent local Prefect "
@@ -558,3 +561,120 @@ def install_automations_command(
         f"{'Created' if created else 'Updated'} automation [bold]{CRASH_AUTOMATION}[/bold] ({automation_id}): "
         f"a flow run with no heartbeat for {seconds_:g}s is marked Crashed."
     )
+
+
+# -- a production-shaped cluster on this machine (docs/scale-out.md) -------------------------------------------
+
+cluster_app = typer.Typer(
+    help="A Prefect cluster on this machine: PostgreSQL, Redis, a Prefect server, a process work pool and "
+    "workers that each act as their own machine (docs/scale-out.md).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(cluster_app, name="cluster")
+
+_DirOption = Annotated[
+    Path, typer.Option("--dir", help="The cluster's directory: state, logs, journal.", show_default=True)
+]
+
+
+def _cluster_errors(fn: Callable[[], _T]) -> _T:
+    """Call `fn`; a cluster that cannot be started, found or stopped is a one-line error with exit code 2."""
+    from .cluster import ClusterError
+
+    try:
+        return fn()
+    except ClusterError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@cluster_app.command("up")
+def cluster_up_command(
+    directory: _DirOption = Path(".cluster"),
+    workers: Annotated[int, typer.Option(min=0, max=26, help="How many workers (machines).")] = 2,
+    limit: Annotated[int, typer.Option(min=1, help="Flow runs each worker runs at once.")] = 10,
+    within: Annotated[
+        float, typer.Option(min=35, help="Seconds without a heartbeat before a run is crashed.")
+    ] = 90.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as `cluster status --json`).")] = False,
+) -> None:
+    """Start the cluster and wait until every part answers; prints the UI address."""
+    from .cluster import ClusterConfig, cluster_up
+    from .server import cli_name
+
+    config = ClusterConfig(workers=workers, worker_limit=limit, crash_within=within)
+    say = (lambda line: None) if as_json else (lambda line: errors.print(f"[dim]{line} ...[/dim]"))
+    cluster = _cluster_errors(lambda: cluster_up(directory, config, progress=say))
+    if as_json:
+        print(json.dumps(cluster.to_json(), indent=2))
+        return
+    _print_cluster(cluster)
+    console.print(
+        f'Use it from a shell: eval "$({cli_name()} cluster env --dir {directory})"; '
+        f"stop everything with `{cli_name()} cluster down --dir {directory}`.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _print_cluster(cluster: Cluster) -> None:
+    console.print(f"Prefect UI: [bold]{cluster.ui_url}[/bold]  (API {cluster.api_url})", highlight=False)
+    table = Table(title_justify="left", padding=(0, 1), pad_edge=False, box=None)
+    for column in ("Component", "State", "Pid", "Address"):
+        table.add_column(column, no_wrap=column != "Address", overflow="fold")
+    for component in cluster.components:
+        alive = component.alive()
+        where = component.address + (f", hostname {component.hostname}" if component.hostname else "")
+        state = "[green]alive[/green]" if alive else "[red]dead[/red]"
+        table.add_row(component.name, state, str(component.pid), where)
+    console.print(table)
+    hostnames = (
+        "each worker has its own hostname and PREFECT_HOME"
+        if cluster.own_hostnames
+        else "workers have their own PREFECT_HOME but share this hostname (own hostnames need root)"
+    )
+    console.print(
+        f"Work pool {cluster.pool}; {hostnames}; journal {cluster.journal}; step locks {cluster.locks_url}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@cluster_app.command("status")
+def cluster_status_command(
+    directory: _DirOption = Path(".cluster"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
+) -> None:
+    """Each part of the cluster, alive or dead, with its address; exit 1 if one is dead."""
+    from .cluster import cluster_status
+
+    cluster = _cluster_errors(lambda: cluster_status(directory))
+    if as_json:
+        print(json.dumps(cluster.to_json(), indent=2))
+    else:
+        _print_cluster(cluster)
+    if not all(c.alive() for c in cluster.components):
+        raise typer.Exit(1)
+
+
+@cluster_app.command("env")
+def cluster_env_command(directory: _DirOption = Path(".cluster")) -> None:
+    """Print the `export` lines that make this shell's runs use the cluster."""
+    import shlex
+
+    from .cluster import cluster_status
+
+    cluster = _cluster_errors(lambda: cluster_status(directory))
+    for name, value in cluster.client_env().items():
+        print(f"export {name}={shlex.quote(value)}")
+
+
+@cluster_app.command("down")
+def cluster_down_command(directory: _DirOption = Path(".cluster")) -> None:
+    """Stop every process the cluster started and remove its directory."""
+    from .cluster import cluster_down
+
+    stopped = _cluster_errors(lambda: cluster_down(directory))
+    names = ", ".join(c.name for c in stopped) or "nothing was running"
+    console.print(f"Stopped {names}; removed {directory.resolve()}.", highlight=False, soft_wrap=True)
