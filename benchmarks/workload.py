@@ -26,11 +26,13 @@ import signal
 import statistics
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic_ai import Agent
 from pydantic_ai.durable_exec.prefect import PrefectAgent as CompetitorAgent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
@@ -39,6 +41,7 @@ from pydantic_ai.usage import RequestUsage, UsageLimits
 from server import cpu_seconds, settle
 
 from prefect_pydantic_ai import PrefectAgent
+from prefect_pydantic_ai.steps import step_lock_manager
 
 VARIANTS = ("plain", "competitor", "ours")
 NO_LIMITS = UsageLimits(request_limit=None)  # 200 steps are more than pydantic-ai's default of 50 requests
@@ -114,6 +117,25 @@ async def bare_task_loop(count: int) -> None:
         await noop(i)
 
 
+_JOURNALED = CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: parameters["key"]).configure(
+    isolation_level="SERIALIZABLE", lock_manager=step_lock_manager()
+)
+
+
+@task(persist_result=True, cache_policy=_JOURNALED, result_serializer="json")
+async def journaled_noop(key: str, i: int) -> int:
+    return i
+
+
+@flow(name="bare-journaled-task-loop")
+async def journaled_task_loop(count: int) -> None:
+    """`count` trivial tasks, each as durable as Prefect makes one: its result persisted under its own cache key,
+    under a SERIALIZABLE lock (the lock manager our steps use). The floor for a journaled step."""
+    run = uuid.uuid4().hex
+    for i in range(count):
+        await journaled_noop(f"{run}-{i}", i)
+
+
 async def _timed(kind: str, steps: int, size: int) -> tuple[float, float]:
     """Wall-clock and CPU seconds (this process, all threads) of one run of `kind`, started on an idle server."""
     settle()
@@ -125,7 +147,7 @@ async def _timed(kind: str, steps: int, size: int) -> tuple[float, float]:
 
 async def overhead(steps: list[int], sizes: list[int], reps: int) -> dict[str, Any]:
     """Seconds per run of each variant and of the bare loop (2N+1 tasks), interleaved in rotating order."""
-    kinds = [*VARIANTS, "bare"]
+    kinds = [*VARIANTS, "bare", "journaled"]
     for kind in kinds:  # warm up imports, schema builds and connections
         await _run_kind(kind, 3, 100)
     configs = []
@@ -148,6 +170,8 @@ async def overhead(steps: list[int], sizes: list[int], reps: int) -> dict[str, A
 async def _run_kind(kind: str, steps: int, size: int) -> None:
     if kind == "bare":
         await bare_task_loop(2 * steps + 1)
+    elif kind == "journaled":
+        await journaled_task_loop(2 * steps + 1)
     else:
         await run_variant(kind, steps, size)
 
