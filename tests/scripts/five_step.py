@@ -40,6 +40,12 @@ def _call(name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     if number == int(os.environ.get("FIVE_STEP_KILL_IN_TOOL", "0")):
+        # In the middle of the call, as a crash finds a tool: once Prefect has heard that the step is running.
+        # That news travels as an event from a background thread, which a kill in the call's first millisecond
+        # can outrun (then no task run of the step exists anywhere to be shown as crashed).
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=30)
         os.kill(os.getpid(), signal.SIGKILL)
     if number == int(os.environ.get("FIVE_STEP_HANG_IN_TOOL", "0")):
         time.sleep(60)
