@@ -164,3 +164,20 @@ async def test_a_corrupt_entry_on_the_fast_path_re_executes(
     calls.clear()
     assert (await durable.run("go", idempotency_key=key)).output == "found 0 and 10"
     assert calls == []  # the re-executed steps overwrote the bad entries
+
+
+async def test_concurrent_resumes_of_one_agent_each_replay_their_own_steps() -> None:
+    """Runs of one agent in one process share its step tasks; what one reads ahead never answers another."""
+    calls: list[str] = []
+    durable = _agent(calls, f"instant_many_{uuid.uuid4().hex[:6]}", fail_second_lookup=[True])
+    keys = [f"instant-many-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+    with pytest.raises(ConnectionError):
+        await durable.run("go", idempotency_key=keys[0])
+    for key in keys[1:]:  # the other two get through: only the first run's second lookup fails
+        await durable.run("go", idempotency_key=key)
+
+    calls.clear()
+    results = await asyncio.gather(*(durable.run("go", idempotency_key=key) for key in keys))
+    assert [r.output for r in results] == ["found 0 and 10"] * 3
+    # only the first run had anything left to do: its second lookup and last model request
+    assert sorted(calls) == sorted(["lookup", "prepare", "model"])

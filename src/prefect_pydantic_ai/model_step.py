@@ -41,7 +41,7 @@ from .journal import (
 )
 from .ledger import Ledger, StepUsage
 from .step_logs import install as install_step_logs
-from .steps import StepResult, StepTasks
+from .steps import NOTHING, StepResult, StepTasks
 
 install_step_logs()  # every process that runs steps logs their failed attempts on one line each
 
@@ -193,6 +193,7 @@ class ModelSteps:
         self._step_digest = ""
         self.tool_call_positions: dict[str, int] = {}
         self.emit: Callable[[CapabilityEvent], Awaitable[Any]] | None = None
+        self._ahead: tuple[str, Any] | None = None  # (an attempt's key, its journal entry's data, read ahead)
 
     def begin(
         self,
@@ -218,13 +219,15 @@ class ModelSteps:
         return self.key("model", f"{self.number}.{attempt}", self._step_digest)
 
     async def prefetch(self, model_name: str) -> None:
-        """Look up the journal entry of this step's next attempt: `replaying` tells whether it will be replayed."""
-        await self.tasks.prefetch(model_name, self._attempt_key(self._attempt + 1))
+        """Read the journal entry of this step's next attempt: `replaying` tells whether it will be replayed."""
+        key = self._attempt_key(self._attempt + 1)
+        data = await self.tasks.prefetch(model_name, key)
+        self._ahead = None if data is NOTHING else (key, data)
 
     @property
     def replaying(self) -> bool:
         """Whether the next attempt of this step will come from the journal (`prefetch` found its entry)."""
-        return self.tasks.journaled_ahead(self._attempt_key(self._attempt + 1))
+        return self._ahead is not None and self._ahead[0] == self._attempt_key(self._attempt + 1)
 
     def key(self, kind: StepKind, step: str, digest: str, tool_name: str = "") -> str:
         """A step key of this run: its identity plus the step's own ordinal, kind, tool name and digest."""
@@ -256,7 +259,10 @@ class ModelSteps:
         async def execute() -> Any:
             return seal("model", dump_response(await work()))
 
-        result: StepResult = await self.tasks.run(model.model_name, self.next_key(), execute)
+        key = self.next_key()
+        ahead, self._ahead = self._ahead, None
+        journaled = ahead[1] if ahead is not None and ahead[0] == key else NOTHING
+        result: StepResult = await self.tasks.run(model.model_name, key, execute, journaled=journaled)
         response = load_response(result.data)
         self.log.model(response, result.replayed)
         if not result.replayed and self.on_executed is not None:

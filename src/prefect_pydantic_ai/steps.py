@@ -316,6 +316,10 @@ class StepResult:
     attempts: int
 
 
+NOTHING: Any = object()
+"""What `StepTasks.prefetch` returns when there is no journal entry to replay."""
+
+
 class StepTasks:
     """The Prefect tasks of one kind of step, one per name (`model: gpt-4o`, `tool: search`), built once."""
 
@@ -326,7 +330,6 @@ class StepTasks:
         self.journaled = config.persist_result is not False and config.cache_policy is not NO_CACHE
         self._tasks: dict[tuple[str, bool, int], Task[Any, Any]] = {}
         self._storage: tuple[Any, Any] | None = None  # (the flow run's result store, the storage steps use)
-        self._prefetched: tuple[str, Any] | None = None  # (a step key, its verified journal entry's data)
 
     async def storage(self) -> Any:
         """The result storage of this flow run's step tasks: a `JournalFileSystem` where entries go to a local
@@ -384,12 +387,14 @@ class StepTasks:
         work: Callable[[], Awaitable[Any]],
         *,
         unverified: Callable[[], Awaitable[Any]] | None = None,
+        journaled: Any = NOTHING,
     ) -> StepResult:
         """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store.
 
         With `unverified` (a step that must not silently happen twice), each attempt leaves a "started" marker
         beside the journal until it finishes; an attempt that finds one left behind (its predecessor was killed
         or abandoned at its timeout) runs `unverified` instead, which returns the entry to store or `RUN_AGAIN`.
+        `journaled` is the step's entry as `prefetch` read it, when the caller read ahead: it is replayed.
         """
         attempts = 0
         started = time.perf_counter()
@@ -422,19 +427,16 @@ class StepTasks:
         overwrite = False
         ordinal = _next_ordinal()
         if self._instant(storage):
-            if self.journaled_ahead(key):
-                assert self._prefetched is not None
-                data, self._prefetched = self._prefetched[1], None
-            else:
+            data = journaled
+            if data is NOTHING:
                 entry = await self._journaled_entry(name, key, storage)
-                data = _NOTHING
                 if entry is not None:
                     try:
                         data = unseal(entry, self.kind)
                     except JournalCorruptError as exc:
                         self._warn_corrupt(name, exc)
                         overwrite = True
-            if data is not _NOTHING:
+            if data is not NOTHING:
                 self._record_replay(name, key, storage, ordinal)
                 self._report(name, ordinal, True, 0, started)
                 return StepResult(data=data, replayed=True, attempts=0)
@@ -479,25 +481,20 @@ class StepTasks:
         on, under our step keys alone (a user cache policy decides for itself), in a known storage."""
         return self.journaled and self.config.cache_policy is None and storage is not None
 
-    async def prefetch(self, name: str, key: str) -> None:
-        """Read and verify the journal entry of step `key` before the step runs, so that its caller can skip work
-        only an executed step needs (`journaled_ahead`); `run` then replays it without reading it again. A
-        corrupt or missing entry is not kept: `run` finds it as before."""
-        self._prefetched = None
+    async def prefetch(self, name: str, key: str) -> Any:
+        """The verified data of step `key`'s journal entry, read before the step runs so that its caller can skip
+        work only an executed step needs; passed to `run(journaled=)`, the step replays it without reading it
+        again. `NOTHING` when there is none to replay instantly (a corrupt one: `run` finds it as before)."""
         storage = await self.storage() if self.journaled else None
         if not self._instant(storage):
-            return
+            return NOTHING
         entry = await self._journaled_entry(name, key, storage)
         if entry is None:
-            return
+            return NOTHING
         try:
-            self._prefetched = (key, unseal(entry, self.kind))
+            return unseal(entry, self.kind)
         except JournalCorruptError:
-            return
-
-    def journaled_ahead(self, key: str) -> bool:
-        """Whether `prefetch` found a valid journal entry for step `key`: the step will be replayed."""
-        return self._prefetched is not None and self._prefetched[0] == key
+            return NOTHING
 
     def _warn_corrupt(self, name: str, exc: JournalCorruptError) -> None:
         logger.warning(
@@ -577,9 +574,6 @@ class StepTasks:
             self.kind,
             name,
         )
-
-
-_NOTHING: Any = object()  # no journal entry to replay
 
 
 @dataclass(frozen=True)
