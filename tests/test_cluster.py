@@ -30,6 +30,8 @@ import pytest
 from prefect_pydantic_ai.cluster import Cluster, marked_processes, read_cluster, using_api
 from prefect_pydantic_ai.testing import CallLog, CallLogEntry
 
+from .test_multihost import _process_tree
+
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -258,22 +260,6 @@ async def test_fifty_concurrent_runs_all_complete_on_both_workers_each_step_once
     if cluster.own_hostnames:  # each machine ran its runs under its own hostname
         assert all(e.args["host"] == e.args["worker"] for entries in executed.values() for e in entries)
     print(f"steps executed per worker: {dict(workers)}")
-
-
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (a worker starts each flow run in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(current := todo.pop())
-        todo += children.get(current, [])
-    return tree
 
 
 @pytest.mark.timeout(900)
