@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,13 +145,23 @@ def client_retries() -> Iterator[list[str]]:
 
 
 def _retries_in_worker_logs(cluster: Cluster) -> list[str]:
-    """The client retries the flow runs announced (their output goes to their worker's log)."""
-    return [
-        line
-        for worker in cluster.workers
-        for line in Path(worker.log).read_text(errors="replace").splitlines()
-        if "Another attempt will be made" in line
-    ]
+    """The client retries the flow runs announced (their output goes to their worker's log), each with the
+    exception that caused it when there was one (the last line of the traceback logged after it)."""
+    retries = []
+    for worker in cluster.workers:
+        lines = Path(worker.log).read_text(errors="replace").splitlines()
+        for at, line in enumerate(lines):
+            if "Another attempt will be made" in line:
+                cause = next(
+                    (
+                        later
+                        for later in lines[at + 1 : at + 200]
+                        if re.match(r"[\w.]+(Error|Timeout)\b", later)
+                    ),
+                    "",
+                )
+                retries.append(f"{line} {cause}".strip())
+    return retries
 
 
 async def _submit(deployment: UUID, labels: list[str], **parameters: Any) -> dict[str, UUID]:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from prefect_pydantic_ai.server import ADDRESS_FILE
+from prefect_pydantic_ai.server import ADDRESS_FILE, KEEP_ALIVE_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +218,35 @@ def test_opting_out_keeps_prefects_temporary_server_behaviour(home: Home) -> Non
     assert _api(opted_out) == "None"
     assert home.recorded() is None
     assert home.processes() == []
+
+
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(prefect_server: str) -> None:
+    """Every server we start keeps an idle connection longer than Prefect's client keeps one (25 s). Under uvicorn's
+    default (5 s), a request sent just as the server closed the connection failed with `ReadError` or
+    `RemoteProtocolError` and was retried after a back-off: seen once in the 50-run cluster test."""
+    assert KEEP_ALIVE_SECONDS > 25
+    host, port = prefect_server.removeprefix("http://").removesuffix("/api").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        assert _health(connection, host) == b"true"
+        time.sleep(6)  # past uvicorn's default keep-alive, which would close the connection here
+        assert _health(connection, host) == b"true"
+
+
+def _health(connection: socket.socket, host: str) -> bytes:
+    """GET /api/health on an open keep-alive connection; the response body (the connection stays open)."""
+    connection.sendall(f"GET /api/health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        assert chunk, f"the server closed the connection: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return body

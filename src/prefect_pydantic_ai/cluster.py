@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .server import free_port
+from .server import free_port, server_command
 
 STATE_FILE = "cluster.json"
 CLUSTER_MARKER = "PREFECT_PYDANTIC_AI_CLUSTER"
@@ -446,7 +446,7 @@ def _start_prefect_server(
     }
     return _spawn(
         "prefect server",
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server_command(port),
         logs,
         env,
         address=url.removesuffix("/api"),

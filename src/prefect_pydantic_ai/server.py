@@ -233,7 +233,7 @@ def _spawn(home: Path) -> ServerAddress:
     }
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server_command(port),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -360,6 +360,20 @@ class _Progress:
 # -- a temporary server (tests, benchmarks, the demo against a given port) --------------------------------------
 
 
+# Prefect's client keeps an idle connection up to 25 s (`keepalive_expiry` in `PrefectClient`), and uvicorn closes
+# one after 5 s by default: a request sent on a connection the server is closing fails with a transport error that
+# the client retries after a back-off. A server keeping connections longer than the client never races it.
+KEEP_ALIVE_SECONDS = 30
+
+
+def server_command(port: int) -> list[str]:
+    """`prefect server start` on 127.0.0.1:`port`, keeping idle connections longer than Prefect's client does."""
+    return [
+        *(sys.executable, "-m", "prefect", "server", "start"),
+        *("--host", "127.0.0.1", "--port", str(port), "--keep-alive-timeout", str(KEEP_ALIVE_SECONDS)),
+    ]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -377,7 +391,7 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{port}/api"
         self.log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            server_command(port),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={
