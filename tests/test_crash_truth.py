@@ -102,3 +102,28 @@ def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spen
     assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
     assert earlier[-1]["attempts"] == 0
     assert calls(log).count("tool:detect_anomalies") == 2  # interrupted, then run again: nothing else twice
+
+
+def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_died_in(tmp_path: Path) -> None:
+    """Prefect hears of a step from events sent in the background, which a kill in the step's first instant
+    outruns: its task run may never exist, nor the completion of the step before. The run record's progress log,
+    written before the step's work begins, still says which step it died in and which completed."""
+    log = tmp_path / "calls.log"
+    key = f"at-once-{uuid.uuid4().hex[:8]}"
+    env = {"FIVE_STEP_LOG": str(log), **own_agent()}
+    killed = script(FIVE, key, {**env, "FIVE_STEP_KILL_AT_ONCE_IN_TOOL": "4"})
+    assert killed.returncode == -signal.SIGKILL
+
+    detail = show(key)
+    assert detail["state"] == "crashed"
+    assert [(s["title"], s["status"]) for s in detail["steps"]] == [
+        ("model #1: function:analyst: → calculate_statistics", "executed"),
+        ("tool #2: calculate_statistics", "executed"),
+        ("model #3: function:analyst: → detect_anomalies", "executed"),
+        ("tool #4: detect_anomalies", "crashed"),
+    ]
+
+    assert script(FIVE, key, env).returncode == 0
+    earlier = show(key)["earlier_attempts"][0]
+    assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
+    assert calls(log).count("model") == 3 and calls(log).count("tool:detect_anomalies") == 2

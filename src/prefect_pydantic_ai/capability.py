@@ -57,10 +57,11 @@ from .records import (
     rehydrate_deps,
     write_progress,
     write_record,
+    write_step_mark,
 )
 from .report import ledger_markdown, remember_ledger
 from .server import ensure_api
-from .steps import RunningStep, StepTasks, record_replays, running_step
+from .steps import RunningStep, StepPhase, StepTasks, record_replays, running_step
 from .tool_step import ToolSteps, ToolTasks
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
@@ -300,8 +301,24 @@ class PrefectDurability(AbstractCapability[Any]):
             if parent_spent is not None:
                 await parent_spent()
 
+        executing: list[str] = []
+
+        async def in_steps(title: str, phase: StepPhase) -> None:  # and so do the steps it was killed in
+            if phase == "started":
+                if title in executing:  # a retry of the step
+                    return
+                executing.append(title)
+            elif title in executing:
+                executing.remove(title)
+            await write_step_mark(record, _run_count(), executing, title if phase == "completed" else None)
+
         model_steps = ModelSteps(
-            identity, self._model_tasks, ConversationDigest(inputs.seed(name)), log, on_executed=spent
+            identity,
+            self._model_tasks,
+            ConversationDigest(inputs.seed(name)),
+            log,
+            on_executed=spent,
+            on_step=in_steps,
         )
         return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks))
 
@@ -534,8 +551,7 @@ async def _record_attempt(
     error: BaseException | None = None,
 ) -> AttemptRecord:
     """Write this attempt into the run record: while it runs (what it spent so far), and how it ended."""
-    flow_ctx = FlowRunContext.get()
-    run_count = flow_ctx.flow_run.run_count if flow_ctx and flow_ctx.flow_run else 1
+    run_count = _run_count()
     try:
         stored_output = to_journal_json(output, what="the run output")
     except NotJournalableError:
@@ -551,6 +567,12 @@ async def _record_attempt(
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
     await (write_progress(record, attempt) if state == "running" else write_record(record))
     return attempt
+
+
+def _run_count() -> int:
+    """The attempt (flow run count) running in this context."""
+    flow_ctx = FlowRunContext.get()
+    return flow_ctx.flow_run.run_count if flow_ctx and flow_ctx.flow_run else 1
 
 
 async def _finish(

@@ -41,7 +41,7 @@ from .journal import (
 )
 from .ledger import Ledger, StepUsage
 from .step_logs import install as install_step_logs
-from .steps import NOTHING, StepResult, StepTasks
+from .steps import NOTHING, StepPhase, StepResult, StepTasks
 
 install_step_logs()  # every process that runs steps logs their failed attempts on one line each
 
@@ -181,13 +181,16 @@ class ModelSteps:
         digest: ConversationDigest,
         log: StepLog,
         on_executed: Callable[[], Awaitable[None]] | None = None,
+        on_step: Callable[[str, StepPhase], Awaitable[None]] | None = None,
     ) -> None:
-        """`on_executed()` runs after every executed (not replayed) model step: the attempt's spend is recorded."""
+        """`on_executed()` runs after every executed (not replayed) model step: the attempt's spend is recorded.
+        `on_step` hears every model and tool step of the run start and end executing (`StepTasks.run`)."""
         self.identity = identity
         self.tasks = tasks
         self.digest = digest
         self.log = log
         self.on_executed = on_executed
+        self.on_step = on_step
         self.number = 0
         self._attempt = 0
         self._step_digest = ""
@@ -262,7 +265,9 @@ class ModelSteps:
         key = self.next_key()
         ahead, self._ahead = self._ahead, None
         journaled = ahead[1] if ahead is not None and ahead[0] == key else NOTHING
-        result: StepResult = await self.tasks.run(model.model_name, key, execute, journaled=journaled)
+        result: StepResult = await self.tasks.run(
+            model.model_name, key, execute, journaled=journaled, on_step=self.on_step
+        )
         response = load_response(result.data)
         self.log.model(response, result.replayed)
         if not result.replayed and self.on_executed is not None:

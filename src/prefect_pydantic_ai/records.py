@@ -50,6 +50,22 @@ class AttemptRecord(BaseModel):
     output: Any = None
     error: str | None = None
     ledger: Ledger = Field(default_factory=Ledger)
+    in_steps: list[str] = Field(default_factory=list, exclude=True)
+    """While the attempt runs: the steps it is executing (task run names, `tool #4: search @ analyst`; several
+    for parallel tool calls). A killed attempt keeps the steps it died in, even those Prefect never heard of."""
+    completed_steps: list[str] = Field(default_factory=list, exclude=True)
+    """The steps the attempt completed, as its progress log says (a killed process's last task-run events may
+    never have reached Prefect). Both lists are read back from the log (`StepMark`), not written here."""
+
+
+class StepMark(BaseModel):
+    """A progress-log line: the steps attempt `run_count` is executing now, as one starts or ends (`completed`:
+    the one that just completed)."""
+
+    run_count: int
+    in_steps: list[str]
+    completed: str | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 class RunRecord(BaseModel):
@@ -111,6 +127,23 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
     storage.append_path(_progress_path(path), b"\n" + attempt.model_dump_json().encode())
 
 
+async def write_step_mark(
+    record: RunRecord, run_count: int, in_steps: list[str], completed: str | None = None
+) -> None:
+    """Record the steps attempt `run_count` is executing now (their task run names), as one starts or ends;
+    `completed` names the step that just completed.
+
+    Prefect hears of a step's task run from events its client sends in the background, so a process killed in
+    a step's first milliseconds can take that step with it; this line, appended before the step's work begins,
+    still says where it died. Only a local directory can take a line this cheaply (an append, no flush), so
+    other storages record no marks."""
+    storage = await _storage()
+    if isinstance(storage, JournalFileSystem):
+        path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
+        mark = StepMark(run_count=run_count, in_steps=in_steps, completed=completed)
+        storage.append_path(_progress_path(path), b"\n" + mark.model_dump_json().encode())
+
+
 def _progress_path(path: str) -> str:
     return path.removesuffix(".json") + ".progress.jsonl"
 
@@ -134,23 +167,47 @@ async def read_record(
 
 
 def _merge_progress(record: RunRecord, log: Path) -> None:
-    """Add to `record` the progress its log holds of attempts that have not ended (their last line each)."""
+    """Add to `record` what its progress log holds of attempts that have not ended: the last spend line of each,
+    and the steps its last mark says it was in."""
     try:
         lines = log.read_bytes().splitlines()
     except FileNotFoundError:
         return
     ended = {a.run_count for a in record.attempts if a.state != "running"}
     latest: dict[int, AttemptRecord] = {}
+    marks: dict[int, StepMark] = {}
+    completed: dict[int, list[str]] = {}
     for line in lines:
-        try:
-            attempt = AttemptRecord.model_validate_json(line)
-        except ValueError:
-            continue  # empty, or torn by a kill mid-write
-        if attempt.run_count not in ended:
-            latest[attempt.run_count] = attempt
+        entry = _progress_entry(line)
+        if entry is None or entry.run_count in ended:
+            continue
+        if isinstance(entry, StepMark):
+            marks[entry.run_count] = entry
+            if entry.completed is not None:
+                completed.setdefault(entry.run_count, []).append(entry.completed)
+        else:
+            latest[entry.run_count] = entry
+    for run_count, mark in marks.items():
+        attempt = latest.get(run_count) or next(
+            (a for a in record.attempts if a.run_count == run_count),
+            AttemptRecord(run_count=run_count, state="running", finished_at=mark.at),
+        )
+        latest[run_count] = attempt.model_copy(
+            update={"in_steps": mark.in_steps, "completed_steps": completed.get(run_count, [])}
+        )
     if latest:
         record.attempts = [a for a in record.attempts if a.run_count not in latest] + list(latest.values())
         record.attempts.sort(key=lambda a: a.run_count)
+
+
+def _progress_entry(line: bytes) -> AttemptRecord | StepMark | None:
+    """A progress-log line read back: a spend line or a step mark; None for an empty line or one torn by a kill."""
+    for kind in (AttemptRecord, StepMark):
+        try:
+            return kind.model_validate_json(line)
+        except ValueError:
+            continue
+    return None
 
 
 async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecord]:

@@ -14,7 +14,15 @@ from .awaiting import PendingCall, waiting_for
 from .ledger import Ledger
 from .records import RECALL_TAG, TAG, read_records, tag_values
 from .runs import RunState, flow_runs, resolve_run, state_of
-from .timeline import StepView, completed_before_the_kill, not_reached, step_tree, task_runs, timeline
+from .timeline import (
+    StepView,
+    completed_before_the_kill,
+    not_reached,
+    step_tree,
+    task_runs,
+    timeline,
+    with_steps_died_in,
+)
 
 
 class RunDetail(BaseModel):
@@ -65,12 +73,21 @@ async def show_run(ref: str) -> RunDetail:
     agents = tag_values(flow_run, "agent:")
     records = await read_records(str(flow_run.id), agents)
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
+    executing = {a.run_count: a.in_steps for r in records for a in r.attempts if a.in_steps}
+    completed: dict[int, set[str]] = {}
+    for attempt_record in (a for r in records for a in r.attempts):
+        completed.setdefault(attempt_record.run_count, set()).update(attempt_record.completed_steps)
     attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
     for fr in runs:
         for count in range(1, fr.run_count + 1):
             last = fr.id == flow_run.id and count == fr.run_count
             died = state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
-            steps = timeline(steps_by_run[fr.id], count, state_of(fr) == "crashed" or not last)
+            over = state_of(fr) == "crashed" or not last
+            steps = timeline(
+                steps_by_run[fr.id], count, over, completed.get(count, set()) if fr.id == flow_run.id else ()
+            )
+            if fr.id == flow_run.id and died and over:  # the steps it was killed in, recorded or not
+                steps = with_steps_died_in(steps, executing.get(count, []))
             if steps or last or died:  # a killed attempt may have lost every task-run event
                 attempts.append((steps, died and not last))
     latest = attempts[-1][0]

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 from uuid import UUID
 
 from prefect import Task
@@ -62,6 +62,8 @@ logger = logging.getLogger("prefect_pydantic_ai")
 
 _PENDING: dict[str, Callable[[], Awaitable[Any]]] = {}
 _TASK_RUN_NAMES: dict[str, str] = {}  # step key -> the name its task run takes when it starts
+StepPhase = Literal["started", "completed", "stopped"]
+"""What `StepTasks.run(on_step=)` hears of an executing step: it started, completed, or stopped without a result."""
 RUN_AGAIN = object()
 """What a step's `unverified` callback returns to have the step's work run again (instead of an entry)."""
 
@@ -388,6 +390,7 @@ class StepTasks:
         *,
         unverified: Callable[[], Awaitable[Any]] | None = None,
         journaled: Any = NOTHING,
+        on_step: Callable[[str, StepPhase], Awaitable[None]] | None = None,
     ) -> StepResult:
         """Run `work` as the step `key`, or replay its journal entry; `work` returns the entry to store.
 
@@ -395,6 +398,8 @@ class StepTasks:
         beside the journal until it finishes; an attempt that finds one left behind (its predecessor was killed
         or abandoned at its timeout) runs `unverified` instead, which returns the entry to store or `RUN_AGAIN`.
         `journaled` is the step's entry as `prefetch` read it, when the caller read ahead: it is replayed.
+        `on_step(title, phase)` hears the step (`title`: its task run name) start executing, before `work`, and
+        then complete or stop (fail, be cancelled or suspended). A replayed step calls it for neither.
         """
         attempts = 0
         started = time.perf_counter()
@@ -409,7 +414,9 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
-            with within_step(key, task_run_name(self.kind, ordinal, name, self.agent)):
+            with within_step(key, title):
+                if on_step is not None:
+                    await on_step(title, "started")
                 try:
                     if guarded:
                         assert unverified is not None
@@ -426,6 +433,7 @@ class StepTasks:
 
         overwrite = False
         ordinal = _next_ordinal()
+        title = task_run_name(self.kind, ordinal, name, self.agent)
         if self._instant(storage):
             data = journaled
             if data is NOTHING:
@@ -443,11 +451,13 @@ class StepTasks:
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
-            _TASK_RUN_NAMES[key] = task_run_name(self.kind, ordinal, name, self.agent)
+            _TASK_RUN_NAMES[key] = title
             try:
                 with _own_transaction():
                     entry = await self.task(name, storage, overwrite=overwrite)(key)
             except BaseException as exc:
+                if attempts and on_step is not None:
+                    await on_step(title, "stopped")
                 if isinstance(exc, Exception):
                     retried = (
                         "not retried: retrying cannot fix it"
@@ -457,6 +467,9 @@ class StepTasks:
                     exc.add_note(f"in {self.kind} step {name!r}, {retried}")
                 self._report(name, ordinal, False, attempts, started, f"{type(exc).__name__}: {exc}")
                 raise
+            else:
+                if attempts and on_step is not None:
+                    await on_step(title, "completed")
             finally:
                 _PENDING.pop(key, None)
                 _TASK_RUN_NAMES.pop(key, None)

@@ -8,6 +8,7 @@ never reached.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
@@ -75,8 +76,10 @@ def _with_asked_for(views: list[StepView]) -> list[StepView]:
     return views
 
 
-def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
+def _step_status(task_run: TaskRun, attempt_crashed: bool, completed: bool) -> StepStatus:
     state = task_run.state
+    if completed and (state is None or state.type != StateType.COMPLETED):
+        return "retried" if task_run.run_count > 1 else "executed"  # its last events died with the process
     if state is None:
         return "crashed" if attempt_crashed else "failed"
     if state.name == "Cached":
@@ -90,8 +93,11 @@ def _step_status(task_run: TaskRun, attempt_crashed: bool) -> StepStatus:
     return "failed"
 
 
-def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> list[StepView]:
-    """The steps of one attempt of a flow run, in the order they started."""
+def timeline(
+    task_runs: list[TaskRun], attempt: int, attempt_crashed: bool, completed: Collection[str] = ()
+) -> list[StepView]:
+    """The steps of one attempt of a flow run, in the order they started. `completed` names steps the run
+    record says completed: a killed process may have taken the events that say so to Prefect with it."""
     parsed = [
         (task_run, names)
         for task_run in task_runs
@@ -108,7 +114,7 @@ def timeline(task_runs: list[TaskRun], attempt: int, attempt_crashed: bool) -> l
                 kind=kind,
                 name=name,
                 agent=agent,
-                status=_step_status(task_run, attempt_crashed),
+                status=_step_status(task_run, attempt_crashed, task_run.name in completed),
                 attempts=task_run.run_count if task_run.state_name != "Cached" else 0,
                 duration_s=task_run.total_run_time.total_seconds() if task_run.total_run_time else None,
                 parent=_parent_step(task_run, indexes),
@@ -161,6 +167,31 @@ def completed_before_the_kill(steps: list[StepView], following: list[StepView]) 
             )
         )
     return _with_asked_for(shown)
+
+
+def with_steps_died_in(steps: list[StepView], titles: list[str]) -> list[StepView]:
+    """A killed attempt's steps, with those its run record says it was executing (`titles`, task run names) and
+    Prefect never recorded: the process died before the events that create their task runs left it. `crashed`.
+
+    Steps are in ordinal order, so a step whose ordinal is past the last recorded one is missing."""
+    shown = list(steps)
+    for title in titles:
+        parsed = parse_task_run_name(title)
+        if parsed is None or parsed[1] is None or parsed[1] <= len(shown):
+            continue
+        kind, _, name, agent = parsed
+        shown.append(
+            StepView(
+                index=len(shown) + 1,
+                kind=kind,
+                name=name,
+                agent=agent,
+                status="crashed",
+                attempts=1,
+                duration_s=None,
+            )
+        )
+    return _with_asked_for(shown) if len(shown) > len(steps) else steps
 
 
 def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:

@@ -226,7 +226,13 @@ class ToolSteps:
             )
             return RUN_AGAIN  # through the step's own timeout, like any attempt
 
-        step = await tasks.run(call.tool_name, key, work, unverified=None if policy is None else unverified)
+        step = await tasks.run(
+            call.tool_name,
+            key,
+            work,
+            unverified=None if policy is None else unverified,
+            on_step=self._model_steps.on_step,
+        )
         log.tool(call.tool_name, step.replayed)
         if step.replayed:
             for data in step.data.get("sub_runs", ()):

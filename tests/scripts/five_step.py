@@ -2,7 +2,8 @@
 
 Every model and tool call appends a line to $FIVE_STEP_LOG before doing its work, so tests count calls across
 processes. $FIVE_STEP_KILL_BEFORE=N SIGKILLs the process just before call N starts (a step boundary);
-$FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4); $FIVE_STEP_HANG_IN_TOOL=N
+$FIVE_STEP_KILL_IN_TOOL=N SIGKILLs it in the middle of call N (a tool call: 2 or 4), once Prefect has heard the
+step started; $FIVE_STEP_KILL_AT_ONCE_IN_TOOL=N in the first instant of call N; $FIVE_STEP_HANG_IN_TOOL=N
 makes call N sleep for a minute; $FIVE_STEP_FAIL=NAME (`model`, `tool:detect_anomalies`) makes every call of that
 name fail with `ConnectionError` while it is set. $FIVE_STEP_AGENT names the agent (default "five_step"), so a
 test that lists runs by agent sees only its own. Usage is FunctionModel's own estimate. The same agent comes in
@@ -39,6 +40,8 @@ def _call(name: str) -> None:
         f.write(f"{number} {name}\n")
         f.flush()
         os.fsync(f.fileno())
+    if number == int(os.environ.get("FIVE_STEP_KILL_AT_ONCE_IN_TOOL", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
     if number == int(os.environ.get("FIVE_STEP_KILL_IN_TOOL", "0")):
         # In the middle of the call, as a crash finds a tool: once Prefect has heard that the step is running.
         # That news travels as an event from a background thread, which a kill in the call's first millisecond
