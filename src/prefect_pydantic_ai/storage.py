@@ -34,6 +34,8 @@ class JournalFileSystem(LocalFileSystem):
         if "/" not in path and "\\" not in path and path not in (".", ".."):
             return base / path  # a plain entry name (a step key) cannot leave the base path
         candidate = Path(path)
+        if not candidate.is_absolute() and not any(p == ".." or p.startswith("~") for p in candidate.parts):
+            return base / candidate  # a relative path below the base (a run record's): no resolving needed
         if candidate.parent == base and candidate.name not in (".", ".."):
             return candidate  # an entry's full path, as Prefect passes it back
         return super()._resolve_path(path)
