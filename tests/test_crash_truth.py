@@ -104,7 +104,9 @@ def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spen
     assert calls(log).count("tool:detect_anomalies") == 2  # interrupted, then run again: nothing else twice
 
 
-def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_died_in(tmp_path: Path) -> None:
+def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_died_in(
+    tmp_path: Path,
+) -> None:
     """Prefect hears of a step from events sent in the background, which a kill in the step's first instant
     outruns: its task run may never exist, nor the completion of the step before. The run record's progress log,
     written before the step's work begins, still says which step it died in and which completed."""

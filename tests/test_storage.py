@@ -100,3 +100,45 @@ async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill
     assert read is not None and [(a.state, a.ledger.spent.model_calls) for a in read.attempts] == [
         ("completed", 5)
     ]
+
+
+async def test_step_marks_say_which_steps_a_killed_attempt_was_in_and_which_it_completed() -> None:
+    from uuid import uuid4
+
+    from prefect_pydantic_ai.records import (
+        RunRecord,
+        _storage,
+        read_record,
+        record_path,
+        write_record,
+        write_step_mark,
+    )
+
+    record = RunRecord(flow_run_id=str(uuid4()), agent="marks", ordinal=0)
+    await write_record(record)
+    model, search, fetch = "model #1: m @ marks", "tool #2: search @ marks", "tool #3: fetch @ marks"
+    await write_step_mark(record, 1, [model])
+    await write_step_mark(record, 1, [], completed=model)
+    await write_step_mark(record, 1, [search])  # two tool calls in parallel
+    await write_step_mark(record, 1, [search, fetch])
+    await write_step_mark(record, 1, [fetch], completed=search)
+    storage = await _storage()
+    assert isinstance(storage, JournalFileSystem)
+    path = record_path(record.flow_run_id, "marks", 0).removesuffix(".json") + ".progress.jsonl"
+    storage.append_path(path, b'\n{"run_count":1,"in_steps":[]')  # killed mid-write: the line is skipped
+
+    read = await read_record(record.flow_run_id, "marks", 0)
+    assert read is not None
+    [attempt] = read.attempts  # the attempt never recorded any spend: its marks alone make it known
+    assert (attempt.run_count, attempt.state) == (1, "running")
+    assert (attempt.in_steps, attempt.completed_steps) == ([fetch], [model, search])
+    assert (
+        "in_steps" not in attempt.model_dump_json()
+    )  # read back from the log, never written into the record
+
+    await write_step_mark(record, 2, [model])  # the next attempt, killed in its first step
+    read = await read_record(record.flow_run_id, "marks", 0)
+    assert read is not None and [(a.run_count, a.in_steps) for a in read.attempts] == [
+        (1, [fetch]),
+        (2, [model]),
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterable
@@ -178,6 +179,8 @@ def _merge_progress(record: RunRecord, log: Path) -> None:
     marks: dict[int, StepMark] = {}
     completed: dict[int, list[str]] = {}
     for line in lines:
+        if (count := _RUN_COUNT.match(line)) is not None and int(count[1]) in ended:
+            continue  # an ended attempt's line: the record has its final state (most lines, read cheaply)
         entry = _progress_entry(line)
         if entry is None or entry.run_count in ended:
             continue
@@ -198,6 +201,10 @@ def _merge_progress(record: RunRecord, log: Path) -> None:
     if latest:
         record.attempts = [a for a in record.attempts if a.run_count not in latest] + list(latest.values())
         record.attempts.sort(key=lambda a: a.run_count)
+
+
+_RUN_COUNT = re.compile(rb'\{"run_count":(\d+),')
+"""The start of every progress-log line (pydantic writes a model's fields in order; `run_count` is first)."""
 
 
 def _progress_entry(line: bytes) -> AttemptRecord | StepMark | None:
