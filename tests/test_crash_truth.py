@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from .test_cli import FIVE, calls, cli, script, show, task_run_states
 
@@ -124,8 +125,41 @@ def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_d
         ("model #3: function:analyst: → detect_anomalies", "executed"),
         ("tool #4: detect_anomalies", "crashed"),
     ]
+    states = sorted(task_run_states(detail["run_id"]).values())  # tool #4's task run may never have existed
+    assert states in (["COMPLETED"] * 3, ["COMPLETED"] * 3 + ["CRASHED"])  # settled as the record says
 
     assert script(FIVE, key, env).returncode == 0
     earlier = show(key)["earlier_attempts"][0]
     assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
     assert calls(log).count("model") == 3 and calls(log).count("tool:detect_anomalies") == 2
+
+
+@pytest.mark.anyio
+async def test_settling_a_dead_runs_steps_completes_those_its_record_says_completed() -> None:
+    """The killed process's last events may be all Prefect lacks: a step its progress log says completed is set
+    Completed, one it was still in is set Crashed."""
+    from prefect import Flow, Task, get_client
+    from prefect.states import Pending, Running
+
+    from prefect_pydantic_ai.crashes import crash_unfinished_task_runs
+
+    def step() -> None: ...
+
+    async with get_client() as client:
+        flow_run = await client.create_flow_run(Flow(step, name=f"settle-{uuid.uuid4().hex[:6]}"))
+        await client.set_flow_run_state(flow_run.id, Running(), force=True)  # attempt 1
+        names = ["model #1: m @ a", "tool #2: t @ a"]
+        for name in names:  # Running through orchestration, which records the flow run's attempt on it
+            task_run = await client.create_task_run(
+                Task(step), flow_run.id, dynamic_key=name, name=name, state=Pending()
+            )
+            await client.set_task_run_state(task_run.id, Running())
+        settled = await crash_unfinished_task_runs(client, flow_run.id, "gone", {(1, names[0])})
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    assert settled == 2
+    assert {t.name: (t.state_type.value if t.state_type else None) for t in task_runs} == {
+        names[0]: "COMPLETED",
+        names[1]: "CRASHED",
+    }
