@@ -2,10 +2,11 @@
 it left running.
 
 A SIGKILLed process cannot report its own end, so Prefect keeps showing its flow run, and the step it was in,
-as Running (and a step it completed just before, when the events saying so died with it). Whoever finds such a run first (listing, `show`, `resume`, or a new attempt of the same idempotency
-key) settles it here, so Prefect's records are true for everyone who reads them afterwards. Only a run of this
-host can be judged by its pid; a run whose machine died is set Crashed by the Prefect server itself, through the
-heartbeat automation (`automations`, `prefect-pydantic-ai install-automations`).
+as Running (and a step it completed just before, when the events saying so died with it). Whoever finds such a
+run first (listing, `show`, `resume`, or a new attempt of the same idempotency key) settles it here, so Prefect's
+records are true for everyone who reads them afterwards. Only a run of this host can be judged by its pid; a run
+whose machine died is set Crashed by the Prefect server itself, through the heartbeat automation (`automations`,
+`prefect-pydantic-ai install-automations`).
 """
 
 from __future__ import annotations

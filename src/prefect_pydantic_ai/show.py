@@ -73,9 +73,12 @@ async def show_run(ref: str) -> RunDetail:
     agents = tag_values(flow_run, "agent:")
     records = await read_records(str(flow_run.id), agents)
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
-    executing = {a.run_count: a.in_steps for r in records for a in r.attempts if a.in_steps}
+    executing: dict[
+        int, list[str]
+    ] = {}  # by attempt: the steps its progress log says it was in, and completed
     completed: dict[int, set[str]] = {}
     for attempt_record in (a for r in records for a in r.attempts):
+        executing.setdefault(attempt_record.run_count, []).extend(attempt_record.in_steps)
         completed.setdefault(attempt_record.run_count, set()).update(attempt_record.completed_steps)
     attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
     for fr in runs:
