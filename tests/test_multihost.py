@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,14 +67,13 @@ def _wait_until(ready: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, in a temporary directory, for this module."""
+@contextlib.contextmanager
+def redis_server(port: int, directory: Path) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1:`port` (data in `directory`) while the block runs; its URL."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     import redis
 
-    port, directory = free_port(), tmp_path_factory.mktemp("redis")
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
         stdout=subprocess.DEVNULL,
@@ -94,6 +94,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, in a temporary directory, for this module."""
+    with redis_server(free_port(), tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -459,3 +466,91 @@ async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finis
     print(
         f"crash detected {detected_after:.1f}s after the kill; resumed run finished in {finished_after:.1f}s"
     )
+
+
+FIVE_STEP = SCRIPTS / "five_step.py"
+FIVE_STEP_CALLS = ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies", "model"]
+
+
+class _DroppingPort:
+    """A port where Redis should be that accepts connections and drops them at once (Redis restarting or failing
+    over, as a client sees it), counting the connections."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.connections = 0
+        self._socket = socket.create_server(("127.0.0.1", port))
+        self._socket.settimeout(0.1)
+        self._open = True
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self._open:
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join(timeout=5)
+        self._socket.close()
+
+
+def _five_step_with_locks_at(port: int, key: str, root: Path, lease: float) -> subprocess.Popen[str]:
+    env = {
+        "FIVE_STEP_LOG": str(root / "calls.log"),
+        "PREFECT_PYDANTIC_AI_LOCKS": f"redis://127.0.0.1:{port}/0",
+        "PREFECT_PYDANTIC_AI_LOCK_LEASE_SECONDS": f"{lease:g}",
+        "PREFECT_LOCAL_STORAGE_PATH": str(root / "storage"),
+    }
+    return machine("host-a", root, [str(FIVE_STEP), key], env)
+
+
+def _five_step_calls(root: Path) -> list[str]:
+    log = root / "calls.log"
+    return [line.split(" ", 1)[1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_step_waits_out_a_redis_outage_shorter_than_a_lease_and_each_step_runs_once(tmp_path: Path) -> None:
+    """Redis drops every connection for 8 s, longer than redis-py's own retries last (three, about 7 s at most),
+    shorter than the 12 s lease: the first step waits for it, then the run completes, each call made once."""
+    port, key = free_port(), f"outage-{uuid.uuid4().hex[:8]}"
+    dropping = _DroppingPort(port)
+    try:
+        run = _five_step_with_locks_at(port, key, tmp_path, lease=12)
+        _wait_until(lambda: dropping.connections > 0, "a first connection to the Redis port", timeout=120)
+        time.sleep(8)
+    finally:
+        dropping.close()
+    assert _five_step_calls(tmp_path) == []  # nothing ran while the step could not take its lock
+    with redis_server(port, tmp_path):
+        _finish(run)
+    assert _five_step_calls(tmp_path) == FIVE_STEP_CALLS
+
+
+def test_redis_down_for_a_whole_lease_fails_the_step_in_one_clear_line_and_the_rerun_continues(
+    tmp_path: Path,
+) -> None:
+    port, key = free_port(), f"redis-down-{uuid.uuid4().hex[:8]}"
+    failed = _five_step_with_locks_at(port, key, tmp_path, lease=2)
+    _, stderr = failed.communicate(timeout=180)
+    assert failed.returncode == 1
+    *_, line = [line for line in stderr.splitlines() if line.startswith("prefect_pydantic_ai.leases.")]
+    assert re.fullmatch(
+        r"prefect_pydantic_ai\.leases\.StepLockUnavailableError: Step locks: Redis at "
+        rf"redis://127\.0\.0\.1:{port}/0 did not answer for \d+s \(Error 111 connecting to 127\.0\.0\.1:{port}\. "
+        r"Connect call failed .*\)\. The step did not start; start Redis \(or fix PREFECT_PYDANTIC_AI_LOCKS\) and "
+        r"resume the run: it continues here\.",
+        line,
+    ), line
+    assert _five_step_calls(tmp_path) == []
+
+    with redis_server(port, tmp_path):
+        _finish(_five_step_with_locks_at(port, key, tmp_path, lease=2))
+    assert _five_step_calls(tmp_path) == FIVE_STEP_CALLS

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         """Which step locks are in force, for logs and docs (a password in the URL is not shown)."""
         if self.locks == "file":
             return "files under PREFECT_HOME (this machine only)"
-        url = urlsplit(self.locks)
-        netloc = url.netloc.rpartition("@")[2]
-        return f"Redis at {url.scheme}://{netloc}{url.path} (lease {self.lock_lease_seconds:g}s)"
+        return f"Redis at {without_password(self.locks)} (lease {self.lock_lease_seconds:g}s)"
+
+
+def without_password(url: str) -> str:
+    """`url` with its user and password left out, for messages and logs."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
