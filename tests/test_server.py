@@ -250,3 +250,12 @@ def _health(connection: socket.socket, host: str) -> bytes:
     while len(body) < length:
         body += connection.recv(65536)
     return body
+
+
+def test_a_temporary_server_that_does_not_answer_in_time_is_stopped_not_left_behind() -> None:
+    from prefect_pydantic_ai.server import LocalServer, LocalServerError
+
+    server = LocalServer()
+    with pytest.raises(LocalServerError, match=r"did not start within 0\.5s; see "):
+        server.wait_until_ready(timeout=0.5)  # booting takes seconds
+    assert server.process.poll() is not None

@@ -402,10 +402,14 @@ class LocalServer:
         )
 
     def wait_until_ready(self, timeout: float = BOOT_TIMEOUT) -> None:
+        """Return once the server answers; a server that did not within `timeout` is stopped, not left behind."""
         deadline = time.monotonic() + timeout
         while not _healthy(self.url):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise LocalServerError(f"The local Prefect server did not start; see {self.log.name}.")
+                self.stop()
+                raise LocalServerError(
+                    f"The local Prefect server did not start within {timeout:g}s; see {self.log.name}."
+                )
             time.sleep(0.2)
 
     def stop(self) -> None:
