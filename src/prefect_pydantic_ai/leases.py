@@ -54,8 +54,8 @@ class LeasedRedisLockManager(RedisLockManager):
         self._held: dict[str, str] = {}  # key -> holder, for the locks this process holds
         self._guard = threading.Lock()
         self._renewer: threading.Thread | None = None
-        # Clients that keep trying an unreachable Redis for about one lease (redis-py's default gives up after
-        # three tries, a few seconds), and never wait on a silent one longer than that.
+        # Clients that keep trying an unreachable Redis for about one lease (the ones prefect-redis builds gave up
+        # at the first dropped connection), and wait on a silent one at most 5 s a try.
         backoff = ExponentialBackoff(cap=_BACKOFF_CAP, base=0.05)
         tries = 5 + math.ceil(self.lease_seconds / _BACKOFF_CAP)  # the first five back-offs add up to 1.55 s
         assert self.connection_url is not None
