@@ -120,12 +120,10 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
     (S3, saved blocks) nothing can be appended, so the record itself is rewritten.
     """
     storage = await _storage()
-    if not isinstance(storage, JournalFileSystem):
+    if isinstance(storage, JournalFileSystem):
+        _append_progress(storage, record, attempt)
+    else:
         await write_record(record)
-        return
-    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
-    # A line starts with its newline: one torn by a kill cannot swallow the next attempt's first line.
-    storage.append_path(_progress_path(path), b"\n" + attempt.model_dump_json().encode())
 
 
 async def write_step_mark(
@@ -140,9 +138,16 @@ async def write_step_mark(
     other storages record no marks."""
     storage = await _storage()
     if isinstance(storage, JournalFileSystem):
-        path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
-        mark = StepMark(run_count=run_count, in_steps=in_steps, completed=completed)
-        storage.append_path(_progress_path(path), b"\n" + mark.model_dump_json().encode())
+        _append_progress(
+            storage, record, StepMark(run_count=run_count, in_steps=in_steps, completed=completed)
+        )
+
+
+def _append_progress(storage: JournalFileSystem, record: RunRecord, entry: AttemptRecord | StepMark) -> None:
+    """Append `entry` to the progress log of `record`, as one line."""
+    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
+    # A line starts with its newline: one torn by a kill cannot swallow the next attempt's first line.
+    storage.append_path(_progress_path(path), b"\n" + entry.model_dump_json().encode())
 
 
 def _progress_path(path: str) -> str:

@@ -437,13 +437,10 @@ class StepTasks:
         if self._instant(storage):
             data = journaled
             if data is NOTHING:
-                entry = await self._journaled_entry(name, key, storage)
-                if entry is not None:
-                    try:
-                        data = unseal(entry, self.kind)
-                    except JournalCorruptError as exc:
-                        self._warn_corrupt(name, exc)
-                        overwrite = True
+                data, corrupt = await self._journaled_data(name, key, storage)
+                if corrupt is not None:
+                    self._warn_corrupt(name, corrupt)
+                    overwrite = True
             if data is not NOTHING:
                 self._record_replay(name, key, storage, ordinal)
                 self._report(name, ordinal, True, 0, started)
@@ -501,13 +498,20 @@ class StepTasks:
         storage = await self.storage() if self.journaled else None
         if not self._instant(storage):
             return NOTHING
+        data, _ = await self._journaled_data(name, key, storage)
+        return data
+
+    async def _journaled_data(
+        self, name: str, key: str, storage: Any
+    ) -> tuple[Any, JournalCorruptError | None]:
+        """The verified data of step `key`'s journal entry (`NOTHING` without one), or why the entry is corrupt."""
         entry = await self._journaled_entry(name, key, storage)
         if entry is None:
-            return NOTHING
+            return NOTHING, None
         try:
-            return unseal(entry, self.kind)
-        except JournalCorruptError:
-            return NOTHING
+            return unseal(entry, self.kind), None
+        except JournalCorruptError as exc:
+            return NOTHING, exc
 
     def _warn_corrupt(self, name: str, exc: JournalCorruptError) -> None:
         logger.warning(
