@@ -1,7 +1,7 @@
 """50 concurrent 11-step runs against the SQLite default vs the PostgreSQL cluster, four variants side by side.
 
 `.venv/bin/python benchmarks/cluster.py [--runs 50] [--clients 5]` (~15 min on 2 cores) starts (a) a local
-Prefect server on its default SQLite database (server.py) and (b) the cluster of `prefect_pydantic_ai.cluster`
+Prefect server on its default SQLite database (server.py) and (b) the cluster of `prefect_pydantic_ai.infra.cluster`
 without workers (PostgreSQL, Redis, a Prefect server on them). Against each, one wave per variant: `--clients`
 client processes import, warm up with one run, wait at a barrier, then each starts its share of `--runs` runs at
 once with `asyncio.gather`, so all runs hit the server together. What the database decides is how fast the
@@ -109,7 +109,7 @@ def _sqlite_server(locks: dict[str, str]) -> Any:
 def _postgres_cluster(locks: dict[str, str]) -> Any:
     from server import isolated_env
 
-    from prefect_pydantic_ai.cluster import ClusterConfig, cluster_down, cluster_up
+    from prefect_pydantic_ai.infra.cluster import ClusterConfig, cluster_down, cluster_up
 
     session = Path(tempfile.mkdtemp(prefix="ppa-bench-cluster-"))
     directory = session / "cluster"

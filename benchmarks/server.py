@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect_pydantic_ai.server import LocalServer, free_port
+from prefect_pydantic_ai.infra.server import LocalServer, free_port
 
 QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -41,7 +41,7 @@ from pydantic_ai.usage import RequestUsage, UsageLimits
 from server import cpu_seconds, settle
 
 from prefect_pydantic_ai import PrefectAgent
-from prefect_pydantic_ai.steps import step_lock_manager
+from prefect_pydantic_ai.durable.steps import step_lock_manager
 
 VARIANTS = ("plain", "competitor", "ours")
 NO_LIMITS = UsageLimits(request_limit=None)  # 200 steps are more than pydantic-ai's default of 50 requests

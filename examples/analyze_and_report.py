@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 
 from examples import fault_injection
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
-from prefect_pydantic_ai.analyst import (
+from prefect_pydantic_ai.demo.analyst import (
     DEFAULT_PROMPT,
     DataAnalysis,
     DatasetError,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_pydantic_ai.server import LocalServer, free_port  # imports no Prefect yet
+from prefect_pydantic_ai.infra.server import LocalServer, free_port  # imports no Prefect yet
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ppa-tests-"))
 

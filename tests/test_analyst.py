@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelRe
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RunUsage
 
-from prefect_pydantic_ai.analyst import (
+from prefect_pydantic_ai.demo.analyst import (
     DEFAULT_PROMPT,
     OFFLINE_MODEL_NAME,
     DataAnalysis,

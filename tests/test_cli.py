@@ -302,7 +302,7 @@ async def test_secret_looking_deps_never_reach_parameters_labels_logs_or_records
 def test_a_step_whose_completion_event_died_with_the_process_shows_executed_when_the_next_attempt_replayed_it() -> (
     None
 ):
-    from prefect_pydantic_ai.timeline import StepView, completed_before_the_kill
+    from prefect_pydantic_ai.ops.timeline import StepView, completed_before_the_kill
 
     def view(index: int, status: str) -> StepView:
         return StepView(

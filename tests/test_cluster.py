@@ -28,7 +28,7 @@ from uuid import UUID
 
 import pytest
 
-from prefect_pydantic_ai.cluster import Cluster, marked_processes, read_cluster, using_api
+from prefect_pydantic_ai.infra.cluster import Cluster, marked_processes, read_cluster, using_api
 from prefect_pydantic_ai.testing import CallLog, CallLogEntry
 
 from .test_multihost import _process_tree

@@ -141,7 +141,7 @@ async def test_settling_a_dead_runs_steps_completes_those_its_record_says_comple
     from prefect import Flow, Task, get_client
     from prefect.states import Pending, Running
 
-    from prefect_pydantic_ai.crashes import crash_unfinished_task_runs
+    from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
 
     def step() -> None: ...
 

@@ -37,7 +37,7 @@ from prefect_pydantic_ai import (
     idempotency_key,
     ledger_of,
 )
-from prefect_pydantic_ai.capability import durability_of
+from prefect_pydantic_ai.durable.capability import durability_of
 
 pytestmark = pytest.mark.anyio
 

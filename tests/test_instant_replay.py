@@ -19,7 +19,7 @@ from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of, show_run
-from prefect_pydantic_ai.steps import StepEvent, observe_steps
+from prefect_pydantic_ai.durable.steps import StepEvent, observe_steps
 
 pytestmark = pytest.mark.anyio
 

@@ -1,4 +1,5 @@
-"""The package is layers, not a web: no module imports, however indirectly, a module that imports it.
+"""The package is layers, not a web: no module imports, however indirectly, a module that imports it, and no
+layer imports a layer above it.
 
 Every import inside the package counts, wherever it is written: at module level, inside a function, or under
 `if TYPE_CHECKING:`, relative or absolute. A lazy import only hides a cycle; it does not remove it.
@@ -14,10 +15,20 @@ import pytest
 import prefect_pydantic_ai
 
 PACKAGE = Path(prefect_pydantic_ai.__file__).parent
+README = PACKAGE.parents[1] / "README.md"
+
+# The layers, top down: each imports only from the ones below it. "(root)" is the package's own modules
+# (errors, settings, ledger); the package `__init__` and `__main__` are the entry points above every layer.
+LAYERS = ["demo", "cli", "testing", "ops", "durable", "infra", "store", "(root)"]
+
+# The one import allowed to run upward, and why: the CLI's `demo` command imports the walkthrough (which renders
+# with `cli.display`) only when it runs, so no other command pays for it. It must stay inside a function.
+LAZY_UPWARD = {("prefect_pydantic_ai.cli.app", "prefect_pydantic_ai.demo.walkthrough")}
 
 
-def import_graph(root: Path, package: str) -> dict[str, set[str]]:
-    """Module → the package modules it imports, for every `.py` file under `root` (the package `package`)."""
+def import_graph(root: Path, package: str, *, top_level_only: bool = False) -> dict[str, set[str]]:
+    """Module → the package modules it imports, for every `.py` file under `root` (the package `package`);
+    with `top_level_only`, only the imports that run when the module is imported (not those inside a function)."""
     modules: dict[str, Path] = {}
     for path in sorted(root.rglob("*.py")):
         parts = [package, *path.relative_to(root).with_suffix("").parts]
@@ -27,7 +38,7 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
     for name, path in modules.items():
         here = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _imports(ast.parse(path.read_text(), str(path)), top_level_only):
             if isinstance(node, ast.Import):
                 edges |= {alias.name for alias in node.names if alias.name in modules}
             elif isinstance(node, ast.ImportFrom):
@@ -41,6 +52,38 @@ def import_graph(root: Path, package: str) -> dict[str, set[str]]:
                     edges.add(submodule if submodule in modules else target)
         graph[name] = {edge for edge in edges if edge in modules and edge != name}
     return graph
+
+
+def _imports(tree: ast.Module, top_level_only: bool) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        for child in ast.iter_child_nodes(node):
+            if not (top_level_only and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)):
+                visit(child)
+
+    visit(tree)
+    return found
+
+
+def layer_of(module: str) -> int:
+    """The module's layer as an index into LAYERS (0 is the top); -1 for the package's entry points."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return -1
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else LAYERS.index("(root)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every edge whose target sits in a layer above its importer, as `importer → imported`."""
+    return sorted(
+        f"{module} → {imported}"
+        for module, edges in graph.items()
+        for imported in edges
+        if layer_of(imported) < layer_of(module)
+    )
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -69,8 +112,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle() -> None:
     graph = import_graph(PACKAGE, "prefect_pydantic_ai")
-    assert {"prefect_pydantic_ai.capability", "prefect_pydantic_ai.testing.faults"} <= set(graph)
-    assert "prefect_pydantic_ai.records" in graph["prefect_pydantic_ai.agent"]  # edges are really found
+    assert {"prefect_pydantic_ai.durable.capability", "prefect_pydantic_ai.testing.faults"} <= set(graph)
+    assert (
+        "prefect_pydantic_ai.store.records" in graph["prefect_pydantic_ai.durable.agent"]
+    )  # edges are really found
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " → ".join(cycle or [])
 
@@ -104,3 +149,32 @@ def test_all_is_the_table_of_lazy_exports_and_every_name_resolves() -> None:
         assert getattr(prefect_pydantic_ai, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         _ = prefect_pydantic_ai.nope  # type: ignore[attr-defined]
+
+
+def test_no_layer_imports_a_layer_above_it() -> None:
+    graph = import_graph(PACKAGE, "prefect_pydantic_ai")
+    assert {layer_of(module) for module in graph} == {-1, *range(len(LAYERS))}  # every layer is populated
+    allowed = {f"{low} → {high}" for low, high in LAZY_UPWARD}
+    assert upward_imports(graph) == sorted(allowed), "imports that run upward between layers"
+    eager = import_graph(PACKAGE, "prefect_pydantic_ai", top_level_only=True)
+    assert not set(upward_imports(eager)), "an allowed upward import must stay inside a function"
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
+    root = tmp_path / "prefect_pydantic_ai"
+    for layer in ("durable", "ops"):
+        (root / layer).mkdir(parents=True)
+        (root / layer / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "errors.py").write_text("")
+    (root / "ops" / "runs.py").write_text("from prefect_pydantic_ai.durable import steps\nfrom .. import errors\n")
+    (root / "durable" / "steps.py").write_text("def f():\n    from ..ops.runs import x\n")
+    graph = import_graph(root, "prefect_pydantic_ai")
+    assert upward_imports(graph) == ["prefect_pydantic_ai.durable.steps → prefect_pydantic_ai.ops.runs"]
+    assert upward_imports(import_graph(root, "prefect_pydantic_ai", top_level_only=True)) == []
+
+
+def test_the_readme_lists_the_layers_in_the_tests_order() -> None:
+    section = README.read_text().split("Layout (`src/prefect_pydantic_ai/`)", 1)[1].split("\n\n", 2)[1]
+    listed = [line.split("`")[1].rstrip("/") for line in section.splitlines() if line.startswith("- `")]
+    assert listed == [layer for layer in LAYERS if layer != "(root)"] + ["errors", "settings", "ledger"]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 # Light imports only (no Prefect, no pydantic-ai): every contender process imports this module again.
-from prefect_pydantic_ai.locks import ReclaimingLockManager, process_alive
+from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager, process_alive
 
 if TYPE_CHECKING:
     from prefect_pydantic_ai.testing import FaultPlan
@@ -197,7 +197,7 @@ def _start(
 
 def _locks_of(pid: int) -> list[Path]:
     """The step locks recorded for process `pid` in this session's lock directory."""
-    from prefect_pydantic_ai.steps import step_lock_manager
+    from prefect_pydantic_ai.durable.steps import step_lock_manager
 
     found = []
     for path in step_lock_manager().directory.glob("*.lock"):
@@ -211,7 +211,7 @@ def _locks_of(pid: int) -> list[Path]:
 
 GATED = """
 import os, runpy, sys
-from prefect_pydantic_ai.locks import ReclaimingLockManager
+from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
 
 gate, gated_key, waited = os.environ["LOCK_GATE"], os.environ["LOCK_GATE_KEY"], []
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from prefect_pydantic_ai.server import free_port
+from prefect_pydantic_ai.infra.server import free_port
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
 
 pytestmark = pytest.mark.slow
@@ -285,7 +285,7 @@ def test_an_unverified_call_started_on_a_dead_machine_is_not_repeated_with_the_j
 
 HOLD = """
 import sys, time
-from prefect_pydantic_ai.leases import LeasedRedisLockManager
+from prefect_pydantic_ai.store.redis_locks import LeasedRedisLockManager
 manager = LeasedRedisLockManager(sys.argv[1], lease_seconds=float(sys.argv[2]))
 assert manager.acquire_lock("step-key", holder="machine-a")
 print("held", flush=True)
@@ -296,7 +296,7 @@ time.sleep(600)
 def test_a_lock_whose_holder_machine_died_is_taken_over_after_its_lease(
     tmp_path: Path, redis_url: str
 ) -> None:
-    from prefect_pydantic_ai.leases import LeasedRedisLockManager
+    from prefect_pydantic_ai.store.redis_locks import LeasedRedisLockManager
 
     holder = machine("host-a", tmp_path, ["-c", HOLD, redis_url, str(LEASE)])
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -317,7 +317,7 @@ def test_a_lock_whose_holder_machine_died_is_taken_over_after_its_lease(
 async def test_installing_the_crash_automation_twice_leaves_one() -> None:
     from prefect import get_client
 
-    from prefect_pydantic_ai.automations import CRASH_AUTOMATION, install_crash_automation
+    from prefect_pydantic_ai.infra.automations import CRASH_AUTOMATION, install_crash_automation
 
     first, created = await install_crash_automation(within=600)
     again, created_again = await install_crash_automation(within=900)
@@ -400,7 +400,7 @@ async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finis
     from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 
     from prefect_pydantic_ai import list_runs, show_run
-    from prefect_pydantic_ai.automations import CRASH_AUTOMATION, install_crash_automation
+    from prefect_pydantic_ai.infra.automations import CRASH_AUTOMATION, install_crash_automation
 
     sys.path.insert(0, str(SCRIPTS))
     try:
@@ -541,7 +541,9 @@ def test_redis_down_for_a_whole_lease_fails_the_step_in_one_clear_line_and_the_r
     failed = _five_step_with_locks_at(port, key, tmp_path, lease=2)
     _, stderr = failed.communicate(timeout=180)
     assert failed.returncode == 1
-    *_, line = [line for line in stderr.splitlines() if line.startswith("prefect_pydantic_ai.leases.")]
+    *_, line = [
+        line for line in stderr.splitlines() if line.startswith("prefect_pydantic_ai.store.redis_locks.")
+    ]
     assert re.fullmatch(
         r"prefect_pydantic_ai\.leases\.StepLockUnavailableError: Step locks: Redis at "
         rf"redis://127\.0\.0\.1:{port}/0 did not answer for \d+s \(Error 111 connecting to 127\.0\.0\.1:{port}\. "

@@ -53,9 +53,9 @@ from examples.triage_ticket import (
     triage_ticket,
 )
 from examples.triage_ticket import main as triage_main
-from prefect_pydantic_ai.analyst import DEFAULT_PROMPT, DataAnalysis, build_analyst_agent, sales_dataset
+from prefect_pydantic_ai.demo.analyst import DEFAULT_PROMPT, DataAnalysis, build_analyst_agent, sales_dataset
+from prefect_pydantic_ai.ops.timeline import parse_task_run_name
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
-from prefect_pydantic_ai.timeline import parse_task_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYST_STEPS = [

@@ -42,7 +42,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
-from prefect_pydantic_ai.steps import _retry_after
+from prefect_pydantic_ai.durable.steps import _retry_after
 from prefect_pydantic_ai.testing import (
     CallLog,
     FaultInjection,

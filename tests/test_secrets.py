@@ -37,7 +37,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 import prefect_pydantic_ai
 from prefect_pydantic_ai import PrefectAgent, RunError, TaskConfig
-from prefect_pydantic_ai.records import read_record
+from prefect_pydantic_ai.store.records import read_record
 
 pytestmark = pytest.mark.anyio
 

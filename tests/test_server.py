@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from prefect_pydantic_ai.server import ADDRESS_FILE, KEEP_ALIVE_SECONDS
+from prefect_pydantic_ai.infra.server import ADDRESS_FILE, KEEP_ALIVE_SECONDS
 
 pytestmark = pytest.mark.slow
 
 FIVE_STEP = Path(__file__).parent / "scripts" / "five_step.py"
-ENSURE_API = "from prefect_pydantic_ai.server import ensure_api; print('API', ensure_api())"
+ENSURE_API = "from prefect_pydantic_ai.infra.server import ensure_api; print('API', ensure_api())"
 STARTED_LINE = "started a local Prefect server"
 TIMEOUT = 180  # a hang fails the test instead of stalling the suite
 
@@ -253,7 +253,7 @@ def _health(connection: socket.socket, host: str) -> bytes:
 
 
 def test_a_temporary_server_that_does_not_answer_in_time_is_stopped_not_left_behind() -> None:
-    from prefect_pydantic_ai.server import LocalServer, LocalServerError
+    from prefect_pydantic_ai.infra.server import LocalServer, LocalServerError
 
     server = LocalServer()
     with pytest.raises(LocalServerError, match=r"did not start within 0\.5s; see "):

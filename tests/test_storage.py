@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prefect.filesystems import LocalFileSystem
 
-from prefect_pydantic_ai.storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +60,7 @@ async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill
     from uuid import uuid4
 
     from prefect_pydantic_ai.ledger import Ledger, UsageTotals
-    from prefect_pydantic_ai.records import (
+    from prefect_pydantic_ai.store.records import (
         AttemptRecord,
         RunRecord,
         _storage,
@@ -105,7 +105,7 @@ async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill
 async def test_step_marks_say_which_steps_a_killed_attempt_was_in_and_which_it_completed() -> None:
     from uuid import uuid4
 
-    from prefect_pydantic_ai.records import (
+    from prefect_pydantic_ai.store.records import (
         RunRecord,
         _storage,
         read_record,

@@ -26,11 +26,11 @@ from rich.console import Console
 from examples import FAULT_PLAN_ENV
 from examples.delegate_research_and_writing import delegate_research_and_writing
 from examples.research_and_summarize import research_and_summarize
-from prefect_pydantic_ai.display import show_json, timeline_table
-from prefect_pydantic_ai.records import TAG, RunRecord, read_records, tag_values
-from prefect_pydantic_ai.show import show_run
+from prefect_pydantic_ai.cli.display import show_json, timeline_table
+from prefect_pydantic_ai.ops.show import show_run
+from prefect_pydantic_ai.ops.timeline import StepView, step_tree
+from prefect_pydantic_ai.store.records import TAG, RunRecord, read_records, tag_values
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
-from prefect_pydantic_ai.timeline import StepView, step_tree
 
 SCRIPT = Path(__file__).parent / "scripts" / "delegation.py"
 ONE = [

@@ -22,7 +22,7 @@ ENTRY_BYTES = 256 * 1024 * 1024
 
 WRITER = """
 import asyncio, sys
-from prefect_pydantic_ai.storage import JournalFileSystem
+from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
 
 journal = JournalFileSystem(basepath=sys.argv[1])
 asyncio.run(journal.awrite_path(sys.argv[2], b"x" * int(sys.argv[3])))

@@ -1,11 +1,11 @@
 """The AI Data Analyst example: a Pydantic AI agent that plans, computes statistics, detects anomalies and
 recommends, on the run's pandas DataFrame.
 
-The agent lives in `prefect_pydantic_ai.analyst`; this package re-exports it. Run it once, offline, with
+The agent lives in `prefect_pydantic_ai.demo.analyst`; this package re-exports it. Run it once, offline, with
 ``python -m examples.data_analyst [--csv PATH]``.
 """
 
-from prefect_pydantic_ai.analyst import (
+from prefect_pydantic_ai.demo.analyst import (
     ANALYST_INSTRUCTIONS,
     DEFAULT_PROMPT,
     DEFAULT_THRESHOLD,

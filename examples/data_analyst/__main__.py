@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefect_pydantic_ai.analyst import (
+from prefect_pydantic_ai.demo.analyst import (
     DEFAULT_PROMPT,
     DatasetError,
     build_analyst_agent,

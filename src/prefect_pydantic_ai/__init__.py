@@ -13,46 +13,46 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .agent import PrefectAgent as PrefectAgent
-    from .approvals import approve_run as approve_run
-    from .awaiting import ApprovalTimeout as ApprovalTimeout
-    from .awaiting import AwaitingApproval as AwaitingApproval
-    from .capability import PrefectDurability as PrefectDurability
-    from .capability import idempotency_key as idempotency_key
-    from .config import TaskConfig as TaskConfig
+    from .durable.agent import PrefectAgent as PrefectAgent
+    from .durable.capability import PrefectDurability as PrefectDurability
+    from .durable.capability import idempotency_key as idempotency_key
+    from .durable.model_step import StreamRetryEvent as StreamRetryEvent
+    from .durable.report import ledger_of as ledger_of
+    from .durable.steps import step_idempotency_key as step_idempotency_key
+    from .durable.task_config import TaskConfig as TaskConfig
+    from .durable.wait import ApprovalTimeout as ApprovalTimeout
+    from .durable.wait import AwaitingApproval as AwaitingApproval
     from .errors import DurabilityConfigError as DurabilityConfigError
     from .errors import NotJournalableError as NotJournalableError
     from .errors import RunError as RunError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
-    from .model_step import StreamRetryEvent as StreamRetryEvent
-    from .report import ledger_of as ledger_of
-    from .resume import Rescheduled as Rescheduled
-    from .resume import resume_run as resume_run
-    from .runs import list_runs as list_runs
-    from .show import show_run as show_run
-    from .steps import step_idempotency_key as step_idempotency_key
+    from .ops.approve import approve_run as approve_run
+    from .ops.resume import Rescheduled as Rescheduled
+    from .ops.resume import resume_run as resume_run
+    from .ops.runs import list_runs as list_runs
+    from .ops.show import show_run as show_run
 
 _EXPORTS = {
-    "PrefectAgent": "agent",
-    "approve_run": "approvals",
-    "ApprovalTimeout": "awaiting",
-    "AwaitingApproval": "awaiting",
-    "PrefectDurability": "capability",
-    "idempotency_key": "capability",
-    "TaskConfig": "config",
+    "PrefectAgent": "durable.agent",
+    "approve_run": "ops.approve",
+    "ApprovalTimeout": "durable.wait",
+    "AwaitingApproval": "durable.wait",
+    "PrefectDurability": "durable.capability",
+    "idempotency_key": "durable.capability",
+    "TaskConfig": "durable.task_config",
     "DurabilityConfigError": "errors",
     "NotJournalableError": "errors",
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
-    "ledger_of": "report",
+    "ledger_of": "durable.report",
     "RunError": "errors",
-    "list_runs": "runs",
-    "Rescheduled": "resume",
-    "resume_run": "resume",
-    "show_run": "show",
-    "StreamRetryEvent": "model_step",
-    "step_idempotency_key": "steps",
+    "list_runs": "ops.runs",
+    "Rescheduled": "ops.resume",
+    "resume_run": "ops.resume",
+    "show_run": "ops.show",
+    "StreamRetryEvent": "durable.model_step",
+    "step_idempotency_key": "durable.steps",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -63,6 +63,6 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     if name in ("PrefectAgent", "PrefectDurability"):  # a user's own @flow then runs on the local server too
-        importlib.import_module(".server", __name__).adopt_running_server()
+        importlib.import_module(".infra.server", __name__).adopt_running_server()
     globals()[name] = value
     return value

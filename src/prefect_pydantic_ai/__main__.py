@@ -1,5 +1,5 @@
 """`python -m prefect_pydantic_ai` is the `prefect-pydantic-ai` command."""
 
-from .cli import main
+from prefect_pydantic_ai.cli.app import main
 
 main()

@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent
-from prefect_pydantic_ai.awaiting import AwaitingApproval
+from prefect_pydantic_ai.durable.wait import AwaitingApproval
 from prefect_pydantic_ai.testing import CallLog
 
 

@@ -32,7 +32,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig, ledger_of
-from prefect_pydantic_ai.steps import StepEvent, observe_steps
+from prefect_pydantic_ai.durable.steps import StepEvent, observe_steps
 from prefect_pydantic_ai.testing import FaultPlan
 
 PLAN = FaultPlan.from_env()

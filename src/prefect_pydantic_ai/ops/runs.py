@@ -18,11 +18,11 @@ from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
-from .awaiting import waiting_for
-from .crashes import settle_if_dead
-from .errors import RunError
-from .records import RECALL_TAG, TAG, tag_values
-from .timeline import task_runs, timeline
+from prefect_pydantic_ai.durable.wait import waiting_for
+from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.ops.timeline import task_runs, timeline
+from prefect_pydantic_ai.store.crashes import settle_if_dead
+from prefect_pydantic_ai.store.records import RECALL_TAG, TAG, tag_values
 
 RunState = Literal["completed", "failed", "crashed", "running", "paused", "cancelled", "pending"]
 

@@ -25,9 +25,9 @@ from prefect.filesystems import LocalFileSystem
 from prefect.results import aget_default_result_storage
 from pydantic import BaseModel, Field
 
-from .errors import RunError
-from .ledger import Ledger
-from .storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.ledger import Ledger
+from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
 
 TAG = "prefect-pydantic-ai"
 RECALL_TAG = "prefect-pydantic-ai:recall"

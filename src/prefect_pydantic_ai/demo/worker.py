@@ -13,9 +13,16 @@ import os
 from prefect.logging.handlers import APILogHandler
 from pydantic_ai.models import Model, infer_model
 
-from . import PrefectAgent, TaskConfig
-from .analyst import DEFAULT_PROMPT, build_analyst_agent, load_csv, offline_analyst_model, sales_dataset
-from .testing import FaultInjection, FaultPlan
+from prefect_pydantic_ai.demo.analyst import (
+    DEFAULT_PROMPT,
+    build_analyst_agent,
+    load_csv,
+    offline_analyst_model,
+    sales_dataset,
+)
+from prefect_pydantic_ai.durable.agent import PrefectAgent
+from prefect_pydantic_ai.durable.task_config import TaskConfig
+from prefect_pydantic_ai.testing import FaultInjection, FaultPlan
 
 PLAN = FaultPlan.from_env()
 MODEL_CONFIG = TaskConfig(retries=2, retry_delay_seconds=[0.5, 1.0], timeout_seconds=60.0)
@@ -34,8 +41,8 @@ analyst = PrefectAgent(
 
 async def first_attempt() -> None:
     """Attempt 1 of the demo: run the analysis under the demo's idempotency key (it may fail or be killed)."""
-    from .display import print_step
-    from .steps import observe_steps
+    from prefect_pydantic_ai.cli.display import print_step
+    from prefect_pydantic_ai.durable.steps import observe_steps
 
     csv = os.environ.get("PPA_DEMO_CSV")
     data = load_csv(csv) if csv else sales_dataset()

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .server import free_port, server_command
+from prefect_pydantic_ai.infra.server import free_port, server_command
 
 STATE_FILE = "cluster.json"
 CLUSTER_MARKER = "PREFECT_PYDANTIC_AI_CLUSTER"
@@ -479,7 +479,7 @@ def _prepare_server(api_url: str, config: ClusterConfig) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from .automations import install_crash_automation
+    from prefect_pydantic_ai.infra.automations import install_crash_automation
 
     async def prepare() -> None:
         async with get_client() as client:

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .locks import process_alive
-from .settings import Settings
+from prefect_pydantic_ai.settings import Settings
+from prefect_pydantic_ai.store.file_locks import process_alive
 
 ADDRESS_FILE = "prefect-pydantic-ai-server.json"
 LOCK_FILE = "prefect-pydantic-ai-server.lock"

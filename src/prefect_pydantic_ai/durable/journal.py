@@ -22,7 +22,7 @@ import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
 
-from .errors import NotJournalableError
+from prefect_pydantic_ai.errors import NotJournalableError
 
 FORMAT = "prefect-pydantic-ai/journal/1"
 

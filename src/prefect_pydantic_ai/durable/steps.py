@@ -18,6 +18,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,12 +52,12 @@ from pydantic_ai.exceptions import (
     UserError,
 )
 
-from .config import TaskConfig
-from .errors import UnverifiedEffectError
-from .journal import JournalCorruptError, StepKind, unseal
-from .locks import ReclaimingLockManager
-from .settings import Settings
-from .storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.durable.journal import JournalCorruptError, StepKind, unseal
+from prefect_pydantic_ai.durable.task_config import TaskConfig
+from prefect_pydantic_ai.errors import UnverifiedEffectError
+from prefect_pydantic_ai.settings import Settings
+from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
+from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
 
 logger = logging.getLogger("prefect_pydantic_ai")
 
@@ -150,7 +151,7 @@ def step_lock_manager() -> LockManager:
             Path(PREFECT_HOME.value()) / "prefect-pydantic-ai" / "locks"
         )
     else:
-        from .leases import LeasedRedisLockManager
+        from prefect_pydantic_ai.store.redis_locks import LeasedRedisLockManager
 
         manager = LeasedRedisLockManager(settings.locks, lease_seconds=settings.lock_lease_seconds)
     logger.debug("Step locks: %s", settings.describe_locks())
@@ -259,8 +260,21 @@ def step_title(kind: StepKind, ordinal: int, name: str) -> str:
 
 def task_run_name(kind: StepKind, ordinal: int, name: str, agent: str) -> str:
     """A step's Prefect task-run name: its title and agent (`model #2: gpt-4o @ analyst`), known when it starts.
-    `timeline.parse_task_run_name` reads it back."""
+    `parse_task_run_name` reads it back."""
     return f"{step_title(kind, ordinal, name)} @ {agent}"
+
+
+_TASK_RUN_NAME = re.compile(r"(model|tool)(?: #(\d+))?: (.+?)(?: @ ([^@]+))?")
+
+
+def parse_task_run_name(name: str) -> tuple[Literal["model", "tool"], int | None, str, str | None] | None:
+    """`(kind, ordinal, model or tool name, agent)` of a step task run's name (`task_run_name`), or None
+    for any other task run. Names recorded before steps had ordinals (`model: gpt-4o @ analyst`) parse too."""
+    match = _TASK_RUN_NAME.fullmatch(name)
+    if match is None:
+        return None
+    kind, ordinal, step, agent = match.groups()
+    return ("model" if kind == "model" else "tool"), int(ordinal) if ordinal else None, step, agent
 
 
 _ordinals: dict[tuple[Any, int], int] = {}

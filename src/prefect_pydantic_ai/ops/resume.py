@@ -16,12 +16,12 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flow_engine import run_flow_async, run_flow_sync
 from prefect.states import AwaitingRetry, Scheduled
 
-from .capability import durability_of
-from .crashes import crash_unfinished_task_runs
-from .errors import RunError
-from .records import load_entrypoint, read_records, record_storage_name, tag_values
-from .runs import resolve_run, state_of
-from .tool_step import unverified_override
+from prefect_pydantic_ai.durable.capability import durability_of
+from prefect_pydantic_ai.durable.tool_step import unverified_override
+from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.ops.runs import resolve_run, state_of
+from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
+from prefect_pydantic_ai.store.records import load_entrypoint, read_records, record_storage_name, tag_values
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError, LockError, RedisError, TimeoutErro
 from redis.lock import Lock
 from redis.retry import Retry
 
-from .settings import without_password
+from prefect_pydantic_ai.settings import without_password
 
 logger = logging.getLogger("prefect_pydantic_ai")
 

@@ -6,10 +6,10 @@ import json
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from .ledger import Ledger, UsageTotals, format_usd
+from prefect_pydantic_ai.ledger import Ledger, UsageTotals, format_usd
 
 if TYPE_CHECKING:
-    from .records import AttemptRecord
+    from prefect_pydantic_ai.store.records import AttemptRecord
 
 _ledgers: dict[int, Ledger] = {}
 

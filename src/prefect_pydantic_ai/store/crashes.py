@@ -26,8 +26,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.states import Completed, Crashed
 
-from .locks import process_alive
-from .records import HOST, read_records, tag_values
+from prefect_pydantic_ai.store.file_locks import process_alive
+from prefect_pydantic_ai.store.records import HOST, read_records, tag_values
 
 _UNFINISHED = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
 

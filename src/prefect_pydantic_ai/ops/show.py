@@ -10,11 +10,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
-from .awaiting import PendingCall, waiting_for
-from .ledger import Ledger
-from .records import RECALL_TAG, TAG, read_records, tag_values
-from .runs import RunState, flow_runs, resolve_run, state_of
-from .timeline import (
+from prefect_pydantic_ai.durable.wait import PendingCall, waiting_for
+from prefect_pydantic_ai.ledger import Ledger
+from prefect_pydantic_ai.ops.runs import RunState, flow_runs, resolve_run, state_of
+from prefect_pydantic_ai.ops.timeline import (
     StepView,
     completed_before_the_kill,
     not_reached,
@@ -23,6 +22,7 @@ from .timeline import (
     timeline,
     with_steps_died_in,
 )
+from prefect_pydantic_ai.store.records import RECALL_TAG, TAG, read_records, tag_values
 
 
 class RunDetail(BaseModel):

@@ -40,14 +40,29 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunContext, ToolDefinition
 from pydantic_ai.toolsets import FunctionToolset
 
-from .awaiting import ApprovalMode, WaitSuspended, await_decision, awaiting_approval_of_bare_run
-from .config import TaskConfig, TaskConfigLike, tool_config_from_metadata
-from .crashes import settle_if_dead
-from .errors import DurabilityConfigError, NotJournalableError, RunError
-from .journal import ConversationDigest, RunInputs, to_journal_json
-from .ledger import Ledger
-from .model_step import DurableModel, ModelSteps, RunIdentity, StepLog, attach_sub_run
-from .records import (
+from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
+from prefect_pydantic_ai.durable.model_step import (
+    DurableModel,
+    ModelSteps,
+    RunIdentity,
+    StepLog,
+    attach_sub_run,
+)
+from prefect_pydantic_ai.durable.report import ledger_markdown, remember_ledger
+from prefect_pydantic_ai.durable.steps import RunningStep, StepPhase, StepTasks, record_replays, running_step
+from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike, tool_config_from_metadata
+from prefect_pydantic_ai.durable.tool_step import ToolSteps, ToolTasks
+from prefect_pydantic_ai.durable.wait import (
+    ApprovalMode,
+    WaitSuspended,
+    await_decision,
+    awaiting_approval_of_bare_run,
+)
+from prefect_pydantic_ai.errors import DurabilityConfigError, NotJournalableError, RunError
+from prefect_pydantic_ai.infra.server import ensure_api
+from prefect_pydantic_ai.ledger import Ledger
+from prefect_pydantic_ai.store.crashes import settle_if_dead
+from prefect_pydantic_ai.store.records import (
     RECALL_TAG,
     TAG,
     AttemptRecord,
@@ -59,10 +74,6 @@ from .records import (
     write_record,
     write_step_mark,
 )
-from .report import ledger_markdown, remember_ledger
-from .server import ensure_api
-from .steps import RunningStep, StepPhase, StepTasks, record_replays, running_step
-from .tool_step import ToolSteps, ToolTasks
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
 
@@ -123,7 +134,7 @@ class PrefectDurability(AbstractCapability[Any]):
 
     - `approvals`: how a run waits for a decision on calls that need approval (or are deferred) when the
       output type does not include `DeferredToolRequests`: `"suspend"` (default) frees the process, `"pause"`
-      keeps it waiting up to `approval_timeout_seconds`. See `awaiting`.
+      keeps it waiting up to `approval_timeout_seconds`. See `wait`.
     """
 
     _model_tasks: StepTasks

@@ -12,10 +12,16 @@ from typing import Any
 
 from prefect import get_client
 
-from .awaiting import PendingCall, WaitSuspended, decision_values, give_decision, waiting_for
-from .errors import RunError
-from .resume import resume_run
-from .runs import resolve_run
+from prefect_pydantic_ai.durable.wait import (
+    PendingCall,
+    WaitSuspended,
+    decision_values,
+    give_decision,
+    waiting_for,
+)
+from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.ops.resume import resume_run
+from prefect_pydantic_ai.ops.runs import resolve_run
 
 
 @dataclass

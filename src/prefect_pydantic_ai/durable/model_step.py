@@ -30,7 +30,7 @@ from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 
-from .journal import (
+from prefect_pydantic_ai.durable.journal import (
     ConversationDigest,
     StepKind,
     canonical_json,
@@ -39,9 +39,9 @@ from .journal import (
     seal,
     step_key,
 )
-from .ledger import Ledger, StepUsage
-from .step_logs import install as install_step_logs
-from .steps import NOTHING, StepPhase, StepResult, StepTasks
+from prefect_pydantic_ai.durable.step_logs import install as install_step_logs
+from prefect_pydantic_ai.durable.steps import NOTHING, StepPhase, StepResult, StepTasks
+from prefect_pydantic_ai.ledger import Ledger, StepUsage
 
 install_step_logs()  # every process that runs steps logs their failed attempts on one line each
 

@@ -71,8 +71,8 @@ def _walk(steps: list[Any], depth: int) -> Iterator[tuple[Any, int]]:
 
 def show_json(detail: Any) -> dict[str, Any]:
     """The documented `show --json` document."""
-    from .ledger import Ledger
-    from .report import usage_json
+    from prefect_pydantic_ai.durable.report import usage_json
+    from prefect_pydantic_ai.ledger import Ledger
 
     document = detail.model_dump(mode="json", exclude={"ledger", "attempt_ledgers"})
     document.update(usage_json(detail.ledger or Ledger()))
@@ -80,7 +80,7 @@ def show_json(detail: Any) -> dict[str, Any]:
 
 
 def print_ledger(ledger: Any) -> None:
-    from .report import usd
+    from prefect_pydantic_ai.durable.report import usd
 
     table = Table(title="What replay saved", title_justify="left")
     table.add_column("")

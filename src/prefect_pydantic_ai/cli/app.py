@@ -14,10 +14,18 @@ import typer
 from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
 
-from .display import STATE_STYLE, console, errors, print_detail, print_step, seconds, when
+from prefect_pydantic_ai.cli.display import (
+    STATE_STYLE,
+    console,
+    errors,
+    print_detail,
+    print_step,
+    seconds,
+    when,
+)
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from prefect_pydantic_ai.infra.cluster import Cluster
 
 _API_HELP = (
     "Commands talk to the Prefect API in PREFECT_API_URL when it is set, else to the persistent local Prefect "
@@ -41,7 +49,7 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
     def wrapper(*args: Any, **kwargs: Any) -> _T:
         from pydantic_ai.exceptions import UserError
 
-        from .errors import RunError
+        from prefect_pydantic_ai.errors import RunError
 
         try:
             return fn(*args, **kwargs)
@@ -54,7 +62,7 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a command's Prefect work, first pointing Prefect at its configured API or the local server."""
-    from .server import ensure_api
+    from prefect_pydantic_ai.infra.server import ensure_api
 
     _server_call(ensure_api)
     return asyncio.run(coro)
@@ -77,8 +85,8 @@ def runs_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """List agent runs, newest first. A run whose process died is marked crashed."""
-    from .display import dumps
-    from .runs import list_runs
+    from prefect_pydantic_ai.cli.display import dumps
+    from prefect_pydantic_ai.ops.runs import list_runs
 
     if state is not None:
         if state.lower() not in _STATES:
@@ -137,8 +145,8 @@ def show_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """Show a run's steps: ✓ executed, ⚡ replayed, ↻ retried, ✗ failed, ⊘ not reached."""
-    from .display import show_json
-    from .show import show_run
+    from prefect_pydantic_ai.cli.display import show_json
+    from prefect_pydantic_ai.ops.show import show_run
 
     detail = _run(show_run(run))
     if as_json:
@@ -152,7 +160,7 @@ def _ui_footer(run_id: str | None) -> None:
     """Where to see it in the Prefect UI: the run's page, or the UI's list of runs."""
     from prefect.settings import get_current_settings
 
-    from .server import run_url
+    from prefect_pydantic_ai.infra.server import run_url
 
     ui = get_current_settings().ui_url
     if ui:
@@ -177,7 +185,7 @@ def resume_command(
     ] = None,
 ) -> None:
     """Run a crashed or failed run again in place: completed steps replay, the rest executes."""
-    from .runs import list_runs
+    from prefect_pydantic_ai.ops.runs import list_runs
 
     if (run is None) == (not all_crashed):
         raise ValueError("Give a RUN to resume, or --all-crashed (not both).")
@@ -199,10 +207,10 @@ def resume_command(
 
 
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
-    from .errors import RunError
-    from .resume import Rescheduled, resume_run
-    from .show import show_run
-    from .steps import observe_steps
+    from prefect_pydantic_ai.durable.steps import observe_steps
+    from prefect_pydantic_ai.errors import RunError
+    from prefect_pydantic_ai.ops.resume import Rescheduled, resume_run
+    from prefect_pydantic_ai.ops.show import show_run
 
     before = _run(show_run(ref))
     if before.state == "completed":
@@ -240,9 +248,9 @@ def costs_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Totals across runs by agent and model: spent, saved by replay, and the share of work replay avoided."""
-    from .costs import ledgers_since
-    from .ledger import Ledger, parse_since
-    from .report import usage_json, usd
+    from prefect_pydantic_ai.durable.report import usage_json, usd
+    from prefect_pydantic_ai.ledger import Ledger, parse_since
+    from prefect_pydantic_ai.ops.costs import ledgers_since
 
     found = _run(ledgers_since(parse_since(since), agent))
     by_agent: dict[str, Ledger] = {}
@@ -330,11 +338,11 @@ def demo_command(
     if kill and no_failure:
         raise ValueError("--kill needs a failure to inject; drop --no-failure.")
 
-    from .server import LocalServer, start_api
+    from prefect_pydantic_ai.infra.server import LocalServer, start_api
 
     started = time.monotonic()
     api = _server_call(start_api)  # finds or boots the local server while the demo's imports run
-    from .demo import run_demo
+    from prefect_pydantic_ai.demo.walkthrough import run_demo
 
     server = None if _server_call(api) is not None else LocalServer()  # opted out: a temporary server
     try:
@@ -369,7 +377,7 @@ def approve_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """Approve (or --deny) the calls a waiting run awaits; a script's run then continues here."""
-    from .approvals import approve_run
+    from prefect_pydantic_ai.ops.approve import approve_run
 
     denied = [] if deny_all else deny
     decision = _run(approve_run(run, deny=denied, message=message, entrypoint=entrypoint))
@@ -431,7 +439,7 @@ def _options(
 
 def _server_call(fn: Callable[[], _T]) -> _T:
     """Call `fn`; a local server that cannot start is a one-line error with exit code 2."""
-    from .server import LocalServerError
+    from prefect_pydantic_ai.infra.server import LocalServerError
 
     try:
         return fn()
@@ -449,7 +457,7 @@ app.add_typer(server_app, name="server")
 
 
 def _home_and_configured() -> tuple[Path, str | None]:
-    from .server import configured_api, prefect_home
+    from prefect_pydantic_ai.infra.server import configured_api, prefect_home
 
     return prefect_home(), configured_api()
 
@@ -477,7 +485,7 @@ def server_status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """Whether the local server of this PREFECT_HOME runs: its URL, UI, pid and PREFECT_HOME."""
-    from .server import running_server, status_json
+    from prefect_pydantic_ai.infra.server import running_server, status_json
 
     home, configured = _home_and_configured()
     document = status_json(running_server(home), home)
@@ -490,7 +498,7 @@ def server_start_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as `server status --json`).")] = False,
 ) -> None:
     """Start the local server of this PREFECT_HOME (or find it running) and wait until it answers."""
-    from .server import find_or_start, status_json
+    from prefect_pydantic_ai.infra.server import find_or_start, status_json
 
     home, configured = _home_and_configured()
     if configured is not None:
@@ -509,7 +517,7 @@ def server_start_command(
 @server_app.command("stop")
 def server_stop_command() -> None:
     """Stop the local server of this PREFECT_HOME and forget its address."""
-    from .server import prefect_home, stop_server
+    from prefect_pydantic_ai.infra.server import prefect_home, stop_server
 
     home = prefect_home()
     stopped = stop_server(home)
@@ -553,7 +561,11 @@ def install_automations_command(
     ] = None,
 ) -> None:
     """Install the Prefect automation that marks a run Crashed when its heartbeats stop (docs/scale-out.md)."""
-    from .automations import CRASH_AUTOMATION, default_within, install_crash_automation
+    from prefect_pydantic_ai.infra.automations import (
+        CRASH_AUTOMATION,
+        default_within,
+        install_crash_automation,
+    )
 
     automation_id, created = _run(install_crash_automation(within))
     seconds_ = default_within() if within is None else within
@@ -580,7 +592,7 @@ _DirOption = Annotated[
 
 def _cluster_errors(fn: Callable[[], _T]) -> _T:
     """Call `fn`; a cluster that cannot be started, found or stopped is a one-line error with exit code 2."""
-    from .cluster import ClusterError
+    from prefect_pydantic_ai.infra.cluster import ClusterError
 
     try:
         return fn()
@@ -600,8 +612,8 @@ def cluster_up_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (as `cluster status --json`).")] = False,
 ) -> None:
     """Start the cluster and wait until every part answers; prints the UI address."""
-    from .cluster import ClusterConfig, cluster_up
-    from .server import cli_name
+    from prefect_pydantic_ai.infra.cluster import ClusterConfig, cluster_up
+    from prefect_pydantic_ai.infra.server import cli_name
 
     config = ClusterConfig(workers=workers, worker_limit=limit, crash_within=within)
     say = (lambda line: None) if as_json else (lambda line: errors.print(f"[dim]{line} ...[/dim]"))
@@ -647,7 +659,7 @@ def cluster_status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (documented in docs/cli.md).")] = False,
 ) -> None:
     """Each part of the cluster, alive or dead, with its address; exit 1 if one is dead."""
-    from .cluster import cluster_status
+    from prefect_pydantic_ai.infra.cluster import cluster_status
 
     cluster = _cluster_errors(lambda: cluster_status(directory))
     if as_json:
@@ -663,7 +675,7 @@ def cluster_env_command(directory: _DirOption = Path(".cluster")) -> None:
     """Print the `export` lines that make this shell's runs use the cluster."""
     import shlex
 
-    from .cluster import cluster_status
+    from prefect_pydantic_ai.infra.cluster import cluster_status
 
     cluster = _cluster_errors(lambda: cluster_status(directory))
     for name, value in cluster.client_env().items():
@@ -673,7 +685,7 @@ def cluster_env_command(directory: _DirOption = Path(".cluster")) -> None:
 @cluster_app.command("down")
 def cluster_down_command(directory: _DirOption = Path(".cluster")) -> None:
     """Stop every process the cluster started and remove its directory."""
-    from .cluster import cluster_down
+    from prefect_pydantic_ai.infra.cluster import cluster_down
 
     stopped = _cluster_errors(lambda: cluster_down(directory))
     names = ", ".join(c.name for c in stopped) or "nothing was running"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from .timeline import parse_task_run_name
+from prefect_pydantic_ai.durable.steps import parse_task_run_name
 
 
 class StepFailureOnOneLine(logging.Filter):

@@ -23,8 +23,8 @@ from typing import Any
 
 from rich.table import Table
 
-from .display import SYMBOLS, console, print_step
-from .server import LocalServer, cli_name, local_api, prefect_api, run_url
+from prefect_pydantic_ai.cli.display import SYMBOLS, console, print_step
+from prefect_pydantic_ai.infra.server import LocalServer, cli_name, local_api, prefect_api, run_url
 
 # The seed's five steps, by name and by number, mapped to the fault plan's step names and call numbers.
 STEPS: dict[str, tuple[str, int]] = {
@@ -48,7 +48,7 @@ def _step(fail_at: str) -> tuple[str, int]:
 
 def _fault_title(fail_at: str, model_name: str) -> str:
     """The step `--fail-at` names, as the timelines will call it (`model #3: offline-analyst (scripted)`)."""
-    from .steps import step_title
+    from prefect_pydantic_ai.durable.steps import step_title
 
     ordinal = int(fail_at) if fail_at.isdigit() else list(STEPS).index(fail_at) + 1
     name, _ = _step(fail_at)
@@ -69,7 +69,7 @@ def run_demo(
     # The demo prints its own progress; Prefect's run logs still go to the API (the UI shows them).
     from prefect.logging.configuration import setup_logging
 
-    from .analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
+    from prefect_pydantic_ai.demo.analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
 
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     setup_logging(incremental=False)
@@ -125,7 +125,7 @@ def run_demo(
 
 
 def _fault_plan(scratch: Path, name: str, call: int, *, kill: bool, inject: bool) -> Any:
-    from .testing.faults import FaultPlan
+    from prefect_pydantic_ai.testing.faults import FaultPlan
 
     plan = FaultPlan(state_file=scratch / "fault-calls.jsonl")
     if not inject:
@@ -144,17 +144,17 @@ def _fault_plan(scratch: Path, name: str, call: int, *, kill: bool, inject: bool
 def _walkthrough(
     env: dict[str, str], key: str, fault: str, *, kill: bool, inject: bool, started: float, link: bool
 ) -> int:
-    from .resume import resume_run
-    from .show import show_run
-    from .steps import observe_steps
+    from prefect_pydantic_ai.durable.steps import observe_steps
+    from prefect_pydantic_ai.ops.resume import resume_run
+    from prefect_pydantic_ai.ops.show import show_run
 
     what = "is SIGKILLed at" if kill else "times out beyond its retries at"
     console.print()
     console.rule("Attempt 1" + (f": the process {what} {fault}" if inject else ""))
     os.environ.update(env)  # the worker module reads its fault plan, key, model and data from here
-    from . import _demo_worker
+    from prefect_pydantic_ai.demo import worker
 
-    returncode, reason = _first_attempt_in_child(_demo_worker.first_attempt)
+    returncode, reason = _first_attempt_in_child(worker.first_attempt)
     first_result = time.monotonic() - started
     if returncode == 0:
         console.print(f"Attempt 1 completed ({first_result:.1f}s).")
@@ -258,8 +258,8 @@ REFERENCE_MODEL = "gpt-4o"
 def _cost_table(ledgers: list[Any]) -> Table:
     """What every attempt spent and what replay saved it, in dollars: at the calls' own prices, or at
     `REFERENCE_MODEL`'s (labelled so) for calls genai-prices cannot price, such as the scripted model's."""
-    from .ledger import format_usd, price_totals_as
-    from .report import usd
+    from prefect_pydantic_ai.durable.report import usd
+    from prefect_pydantic_ai.ledger import format_usd, price_totals_as
 
     def unpriced(totals: Any) -> bool:  # no call of these could be priced: the reference price stands in
         return bool(totals.model_calls) and totals.unpriced_model_calls == totals.model_calls

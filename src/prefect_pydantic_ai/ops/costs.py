@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from .ledger import Ledger
-from .records import read_records
-from .runs import list_runs
+from prefect_pydantic_ai.ledger import Ledger
+from prefect_pydantic_ai.ops.runs import list_runs
+from prefect_pydantic_ai.store.records import read_records
 
 
 async def ledgers_since(since: datetime | None, agent: str | None) -> list[tuple[str, Ledger]]:

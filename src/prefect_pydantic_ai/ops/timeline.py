@@ -7,7 +7,6 @@ never reached.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Literal
@@ -18,7 +17,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType, TaskRun, TaskRunResult
 from pydantic import BaseModel, computed_field
 
-from .steps import step_title
+from prefect_pydantic_ai.durable.steps import parse_task_run_name, step_title
 
 StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "not_reached"]
 """`crashed`: the step was running when its process died (interrupted, not failed)."""
@@ -47,19 +46,6 @@ class StepView(BaseModel):
         """The step's name in every view: `model #2: gpt-4o → detect_anomalies`, `tool #3: detect_anomalies`."""
         asked = f" → {', '.join(self.asked_for)}" if self.asked_for else ""
         return f"{step_title(self.kind, self.index, self.name)}{asked}"
-
-
-_TASK_RUN_NAME = re.compile(r"(model|tool)(?: #(\d+))?: (.+?)(?: @ ([^@]+))?")
-
-
-def parse_task_run_name(name: str) -> tuple[Literal["model", "tool"], int | None, str, str | None] | None:
-    """`(kind, ordinal, model or tool name, agent)` of a step task run's name (`steps.task_run_name`), or None
-    for any other task run. Names recorded before steps had ordinals (`model: gpt-4o @ analyst`) parse too."""
-    match = _TASK_RUN_NAME.fullmatch(name)
-    if match is None:
-        return None
-    kind, ordinal, step, agent = match.groups()
-    return ("model" if kind == "model" else "tool"), int(ordinal) if ordinal else None, step, agent
 
 
 def _with_asked_for(views: list[StepView]) -> list[StepView]:

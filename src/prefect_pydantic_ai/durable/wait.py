@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field, create_model
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
 
-from .errors import DurabilityConfigError, RunError
+from prefect_pydantic_ai.errors import DurabilityConfigError, RunError
 
 ApprovalMode = Literal["suspend", "pause"]
 
