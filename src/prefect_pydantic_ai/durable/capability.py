@@ -121,8 +121,9 @@ class PrefectDurability(AbstractCapability[Any]):
     """Durable execution of an agent's runs on Prefect: journaled model and tool steps, resumable runs.
 
     - `model_task_config` / `tool_task_config`: retries, backoff and timeout of model requests and tool calls.
-    - `tool_task_config_by_name`: per tool, overriding the tool default field by field; `None` runs that tool
-      inline, outside the journal.
+    - `tool_task_config_by_name`: per tool, layered over the tool default (`TaskConfig.merged_over`: the fields
+      it sets win, except that setting `retries` also replaces the backoff); `None` runs that tool inline,
+      outside the journal. A layering that does not fit fails here, when the capability is built.
     - `deps_for_resume`: rebuilds deps when `prefect-pydantic-ai resume` re-creates a run whose deps held
       secret-looking values, which are never stored; it receives the stored (redacted) deps JSON.
 
@@ -162,6 +163,8 @@ class PrefectDurability(AbstractCapability[Any]):
             for tool, cfg in (tool_task_config_by_name or {}).items()
         }
         self.mcp_task_config = None if mcp_task_config is None else TaskConfig.of(mcp_task_config)
+        # every per-tool config layered over its default now: one whose fields do not fit fails here, not mid-run
+        ToolTasks(self.tool_task_config, self.tool_task_config_by_name, agent="", mcp=self.mcp_task_config)
         self.deps_for_resume = deps_for_resume
         self.models: dict[str, Model] = dict(models or {})
         self._name = name
@@ -206,7 +209,11 @@ class PrefectDurability(AbstractCapability[Any]):
         bound._bindings = {}
         bound._model_tasks = StepTasks("model", self.model_task_config, agent=name)
         bound._tool_tasks = ToolTasks(
-            self.tool_task_config, self.tool_task_config_by_name, agent=name, mcp=self.mcp_task_config
+            self.tool_task_config,
+            self.tool_task_config_by_name,
+            agent=name,
+            mcp=self.mcp_task_config,
+            metadata=_function_tool_configs(agent),
         )
         self._bindings[id(agent)] = bound
         return bound
@@ -429,7 +436,10 @@ class PrefectDurability(AbstractCapability[Any]):
         if not self._names_checked:
             self._names_checked = True
             assert self._agent is not None
-            self._tool_tasks.check_names({d.name for d in tool_defs} | _function_tool_names(self._agent))
+            function_tools = _function_tool_configs(self._agent)
+            self._tool_tasks.check_names({d.name for d in tool_defs} | set(function_tools))
+            metadata = {d.name: tool_config_from_metadata(d.name, d.metadata) for d in tool_defs}
+            self._tool_tasks.check({**function_tools, **metadata}, function_tools=function_tools)
         return tool_defs
 
     @property
@@ -522,17 +532,19 @@ def realtime_refused(agent_name: str) -> DurabilityConfigError:
     )
 
 
-def _function_tool_names(agent: AbstractAgent[Any, Any]) -> set[str]:
-    """Names of the agent's own function tools, including those a `prepare` function hides from a step."""
-    names: set[str] = set()
+def _function_tool_configs(agent: AbstractAgent[Any, Any]) -> dict[str, TaskConfig | Literal[False] | None]:
+    """The agent's own function tools (including those a `prepare` function hides from a step), each with the
+    config in its metadata."""
+    configs: dict[str, TaskConfig | Literal[False] | None] = {}
 
     def collect(toolset: object) -> None:
         if isinstance(toolset, FunctionToolset):
-            names.update(toolset.tools)
+            for name, tool in toolset.tools.items():
+                configs[name] = tool_config_from_metadata(name, tool.metadata)
 
     for toolset in agent.toolsets:
         toolset.apply(collect)
-    return names
+    return configs
 
 
 def durability_of(agent: object) -> PrefectDurability | None:

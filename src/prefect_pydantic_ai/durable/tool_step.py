@@ -52,9 +52,14 @@ UNVERIFIED_NOTE = (
 class ToolTasks:
     """The step tasks of an agent's tools.
 
-    A tool's config is the tool default (MCP tools: `mcp_task_config` over it), overridden field by field by
-    the config in the tool's metadata (`{"prefect": ...}`), then by its entry in `tool_task_config_by_name`.
+    A tool's config is the tool default (MCP tools: `mcp_task_config` over it), overlaid by the config in the
+    tool's metadata (`{"prefect": ...}`), then by its entry in `tool_task_config_by_name`. Each layer is
+    `TaskConfig.merged_over` the one below: the fields it sets win, the others are inherited, except that a
+    layer setting `retries` brings its own backoff (`retry_delay_seconds`, `retry_jitter_factor`).
     `False` in the metadata or `None` by name runs the tool inline, outside the journal.
+
+    Every config that can be resolved is resolved when this is built (and `check` resolves more), so a layering
+    whose fields do not fit together fails before the run pays for anything.
     """
 
     def __init__(
@@ -64,27 +69,54 @@ class ToolTasks:
         *,
         agent: str,
         mcp: TaskConfig | None = None,
+        metadata: Mapping[str, TaskConfig | Literal[False] | None] | None = None,
     ) -> None:
         self._agent = agent
         self._default = default
-        self._mcp = default if mcp is None else mcp.merged_over(default)
+        self._mcp = default if mcp is None else _layered(mcp, default, "mcp_task_config", "tool_task_config")
+        self._has_mcp = mcp is not None
         self._by_name = dict(by_name)
         self._tasks: list[StepTasks] = []  # one per distinct config
+        self.check(metadata or {}, function_tools=set(metadata or {}))
+
+    def check(
+        self,
+        metadata: Mapping[str, TaskConfig | Literal[False] | None],
+        *,
+        function_tools: Collection[str] = (),
+    ) -> None:
+        """Resolve the config of every tool named in `tool_task_config_by_name` or in `metadata` (a tool's name
+        and the config in its metadata); raises `DurabilityConfigError` for one whose fields do not fit together.
+        A tool not among `function_tools` may come from an MCP toolset: its config must fit over both defaults."""
+        for name in sorted({*self._by_name, *metadata}):
+            mcp_too = self._has_mcp and name not in function_tools
+            for from_mcp in (False, True) if mcp_too else (False,):
+                self.config_of(name, metadata=metadata.get(name), from_mcp=from_mcp)
+
+    def config_of(
+        self, tool_name: str, *, metadata: TaskConfig | Literal[False] | None = None, from_mcp: bool = False
+    ) -> TaskConfig | None:
+        """The effective config of a tool, or None when the tool is configured to run inline."""
+        config, below = (self._mcp, "mcp_task_config") if from_mcp else (self._default, "tool_task_config")
+        if metadata is False and tool_name not in self._by_name:
+            return None
+        if metadata:
+            config = _layered(metadata, config, f"the metadata of tool {tool_name!r}", below)
+            below = f"{below} and the tool's metadata"
+        if tool_name in self._by_name:
+            override = self._by_name[tool_name]
+            if override is None:
+                return None
+            config = _layered(override, config, f"tool_task_config_by_name[{tool_name!r}]", below)
+        return config
 
     def for_tool(
         self, tool_name: str, *, metadata: TaskConfig | Literal[False] | None = None, from_mcp: bool = False
     ) -> StepTasks | None:
         """The step tasks for a tool, or None when the tool is configured to run inline (not as a task)."""
-        config = self._mcp if from_mcp else self._default
-        if metadata is False and tool_name not in self._by_name:
+        config = self.config_of(tool_name, metadata=metadata, from_mcp=from_mcp)
+        if config is None:
             return None
-        if metadata:
-            config = metadata.merged_over(config)
-        if tool_name in self._by_name:
-            override = self._by_name[tool_name]
-            if override is None:
-                return None
-            config = override.merged_over(config)
         for tasks in self._tasks:
             if tasks.config == config:
                 return tasks
@@ -102,6 +134,15 @@ class ToolTasks:
                     f"tool_task_config_by_name names {name!r}, which is not a tool of agent {self._agent!r}{hint}; "
                     f"its tools are: {', '.join(sorted(tools)) or 'none'}."
                 )
+
+
+def _layered(config: TaskConfig, base: TaskConfig, what: str, below: str) -> TaskConfig:
+    """`config` (described by `what`) over `base` (`below`), with both named in an error."""
+    try:
+        return config.merged_over(base)
+    except DurabilityConfigError as exc:
+        reason = str(exc).removeprefix("Invalid TaskConfig: ")
+        raise DurabilityConfigError(f"{what} over {below} gives an invalid TaskConfig: {reason}") from None
 
 
 def from_mcp(ctx: RunContext[Any], tool_name: str) -> bool:
