@@ -31,6 +31,12 @@ PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed-from"
 LOG = VENV / "install.log"
 NEEDS_DEV = {"test", "check", "bench", "cluster"}  # the cluster needs prefect-redis (in the extra)
+# Bumped when the way we install changes, so an existing .venv is reinstalled. 2: bytecode is compiled at install
+# (with PYTHONDONTWRITEBYTECODE=1, as on many CI machines, every process otherwise compiled ~1,150 modules: ~3 s).
+INSTALL_FORMAT = b"install-format-2"
+# The suite's parallel workers: most of a test's time is spent waiting on servers and subprocesses, not on the
+# 2 cores of a small machine. Each worker has its own Prefect server and PREFECT_HOME (tests/conftest.py).
+TEST_WORKERS = "2"
 
 # pip settings uv has an equivalent for; any other setting in the pip configuration makes us install with pip.
 _PIP_TO_UV = {
@@ -52,15 +58,16 @@ _PIP_HARMLESS |= {"progress-bar", "quiet", "verbose", "retries", "trusted-host",
 def _ensure_env(dev: bool) -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs on whatever python3 the user has)
         sys.exit(f"prefect-pydantic-ai needs Python >= 3.11 (this is {sys.version.split()[0]}).")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + INSTALL_FORMAT).hexdigest()
     installed = _read_stamp()
     if PYTHON.exists() and installed.get("pyproject") == wanted and (installed.get("dev") or not dev):
         return
     dev = dev or installed.get("dev") is True  # a reinstall keeps the extra once it was there
     started = time.monotonic()
-    if not PYTHON.exists():
+    if not PYTHON.exists() or not STAMP.exists():  # absent, or left half-made by an interrupted first run
         _with_progress(
-            f"creating {VENV.relative_to(ROOT)}/", lambda: venv.EnvBuilder(with_pip=True).create(VENV)
+            f"creating {VENV.relative_to(ROOT)}/",
+            lambda: venv.EnvBuilder(with_pip=True, clear=True).create(VENV),
         )
     target = f"{ROOT}[dev]" if dev else str(ROOT)
     what = "the project and its test dependencies" if dev else "the project (what the demo needs)"
@@ -82,7 +89,8 @@ def _install_with_uv(target: str, what: str) -> bool:
         env = dict(os.environ)
         if isinstance(cert := options.get("cert"), str):
             env.setdefault("SSL_CERT_FILE", cert)
-        command = [str(uv), "pip", "install", "--python", str(PYTHON), "-e", target, *options["args"]]
+        command = [str(uv), "pip", "install", "--compile-bytecode", "--python", str(PYTHON), "-e", target]
+        command += options["args"]
         _run_step(f"installing {what} with uv", command, env=env)
     except subprocess.CalledProcessError:
         _say("uv could not install it; trying pip")
@@ -178,6 +186,13 @@ def _with_progress(what: str, work: Callable[[], object]) -> None:
         raise failure[0]
 
 
+def _test_workers(args: list[str]) -> list[str]:
+    """pytest-xdist's options for the suite unless the arguments choose (`-n 0` runs in one process)."""
+    if "no:xdist" in args or any(arg == "-n" or arg.startswith(("-n", "--numprocesses")) for arg in args):
+        return []
+    return ["-n", TEST_WORKERS, "--dist", "loadgroup"]
+
+
 def _read_stamp() -> dict[str, object]:
     try:
         stamp = json.loads(STAMP.read_text())
@@ -199,7 +214,7 @@ def main(argv: list[str]) -> int:
         "demo": [str(BIN / "prefect-pydantic-ai"), "demo", *rest],
         "cli": [str(BIN / "prefect-pydantic-ai"), *rest],
         "cluster": [str(BIN / "prefect-pydantic-ai"), "cluster", *rest],
-        "test": [str(PYTHON), "-m", "pytest", *rest],
+        "test": [str(PYTHON), "-m", "pytest", *_test_workers(rest), *rest],
         "bench": [str(PYTHON), str(ROOT / "benchmarks" / "run.py"), *rest],
         "check": [str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples"],
     }

@@ -1,5 +1,10 @@
 """Test session isolation: a private PREFECT_HOME, result storage and Prefect server for this session only.
 
+`python3 dev.py test` runs the suite on parallel pytest-xdist workers (`-n 0` for one process); each worker is
+a session of its own here, with its own server. HEAVY: the tests that load the whole machine (fifty concurrent
+runs, the one-machine cluster, several machines with Redis leases) are marked `xdist_group("heavy")`, so they run
+one after another on one worker and never two at once.
+
 The environment is set at import time, before anything imports Prefect, so the in-process client and every
 subprocess a test starts talk to the same throwaway server and never read a previous run's journal.
 """

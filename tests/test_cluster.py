@@ -33,7 +33,7 @@ from prefect_pydantic_ai.testing import CallLog, CallLogEntry
 
 from .test_multihost import _process_tree
 
-pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.xdist_group("heavy")]  # conftest: HEAVY
 
 SCRIPTS = Path(__file__).parent / "scripts"
 RUNS = 50

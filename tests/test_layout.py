@@ -167,7 +167,9 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
         (root / layer / "__init__.py").write_text("")
     (root / "__init__.py").write_text("")
     (root / "errors.py").write_text("")
-    (root / "ops" / "runs.py").write_text("from prefect_pydantic_ai.durable import steps\nfrom .. import errors\n")
+    (root / "ops" / "runs.py").write_text(
+        "from prefect_pydantic_ai.durable import steps\nfrom .. import errors\n"
+    )
     (root / "durable" / "steps.py").write_text("def f():\n    from ..ops.runs import x\n")
     graph = import_graph(root, "prefect_pydantic_ai")
     assert upward_imports(graph) == ["prefect_pydantic_ai.durable.steps → prefect_pydantic_ai.ops.runs"]

@@ -26,7 +26,7 @@ import pytest
 from prefect_pydantic_ai.infra.server import free_port
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]  # conftest: HEAVY
 
 SCRIPTS = Path(__file__).parent / "scripts"
 MATRIX = SCRIPTS / "matrix_resume.py"
@@ -545,7 +545,7 @@ def test_redis_down_for_a_whole_lease_fails_the_step_in_one_clear_line_and_the_r
         line for line in stderr.splitlines() if line.startswith("prefect_pydantic_ai.store.redis_locks.")
     ]
     assert re.fullmatch(
-        r"prefect_pydantic_ai\.leases\.StepLockUnavailableError: Step locks: Redis at "
+        r"prefect_pydantic_ai\.store\.redis_locks\.StepLockUnavailableError: Step locks: Redis at "
         rf"redis://127\.0\.0\.1:{port}/0 did not answer for \d+s \(Error 111 connecting to 127\.0\.0\.1:{port}\. "
         r"Connect call failed .*\)\. The step did not start; start Redis \(or fix PREFECT_PYDANTIC_AI_LOCKS\) and "
         r"resume the run: it continues here\.",

@@ -368,6 +368,8 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")  # conftest: HEAVY
 async def test_fifty_concurrent_runs_each_get_their_own_output() -> None:
     model_calls: list[str] = []
     tool_calls: list[str] = []
