@@ -213,3 +213,57 @@ async def test_tool_asking_for_approval_itself_runs_its_effect_once_when_approve
     decision = await approve_run(waiting.value.flow_run_id)
     assert decision.output == "wire: wired 5000"
     assert calls.counts() == {"model": 2, "wire": 1}
+
+
+async def test_the_console_script_approves_the_example_from_the_clone_only_once_its_code_imports(
+    tmp_path: Path,
+) -> None:
+    """The installed `prefect-pydantic-ai` (not `python -m`) imports the recorded `examples.approve_refund` from
+    the directory it runs in, as `python -m` would; where the code cannot be imported, nothing is recorded."""
+    root = Path(__file__).resolve().parents[1]
+    started = subprocess.run(
+        [sys.executable, "-m", "examples.approve_refund", "42"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = started.stdout.split()[1]
+    assert started.stdout.startswith(f"Run {run_id} is awaiting approval"), started.stdout
+    console = str(Path(sys.executable).parent / "prefect-pydantic-ai")
+
+    elsewhere = subprocess.run(
+        [console, "approve", run_id], cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert elsewhere.returncode == 2 and len(elsewhere.stderr.strip().splitlines()) == 1, elsewhere.stderr
+    assert "Cannot load the recorded entrypoint 'examples.approve_refund:refund_desk'" in elsewhere.stderr
+    assert await _state(run_id) == "PAUSED"  # no decision was stored: the next approve is not refused
+
+    approved = subprocess.run(
+        [console, "approve", run_id], cwd=root, capture_output=True, text=True, timeout=240
+    )
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert await _state(run_id) == "COMPLETED"
+
+
+async def test_giving_the_same_decision_twice_is_harmless_and_a_different_one_is_refused(
+    tmp_path: Path,
+) -> None:
+    from prefect_pydantic_ai.durable.wait import decision_values, give_decision, waiting_for
+    from prefect_pydantic_ai.errors import RunError
+
+    run_id, env, calls = _start(tmp_path)
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(uuid.UUID(run_id))
+    waiting = await waiting_for(flow_run)
+    assert waiting is not None
+    approve = decision_values(waiting.calls, deny=None, message=None, results=None)
+    await give_decision(flow_run, waiting, approve)
+    await give_decision(flow_run, waiting, approve)  # as a repeated `approve` whose continuation had failed
+    deny = decision_values(waiting.calls, deny=set(), message="no", results=None)
+    with pytest.raises(RunError, match=f"Run {run_id} already has a different decision for this wait"):
+        await give_decision(flow_run, waiting, deny)
+    assert _cli("approve", run_id, env=env).returncode == 0  # continues with the decision given first
+    assert await _state(run_id) == "COMPLETED"
+    assert calls.counts() == {"model": 2, "refund": 1}

@@ -37,6 +37,7 @@ from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
 
 from prefect_pydantic_ai.errors import DurabilityConfigError, RunError
+from prefect_pydantic_ai.infra.server import cli_name
 
 ApprovalMode = Literal["suspend", "pause"]
 
@@ -291,8 +292,18 @@ async def waiting_for(flow_run: FlowRun) -> Waiting | None:
 
 
 async def give_decision(flow_run: FlowRun, waiting: Waiting, values: dict[str, Any]) -> None:
-    """Store the decision where the waiting run reads it (the wait's input response), without changing state."""
+    """Store the decision where the waiting run reads it (the wait's input response), without changing state.
+
+    Giving the same decision again is harmless (an `approve` whose continuation failed can be repeated); a
+    different one raises `RunError`, since the run will act on the first."""
     assert flow_run.state is not None
     keyset = flow_run.state.state_details.run_input_keyset
     assert keyset is not None
-    await acreate_flow_run_input(key=keyset["response"], value=values, flow_run_id=flow_run.id)
+    given = await aread_flow_run_input(key=keyset["response"], flow_run_id=flow_run.id)
+    if given is None:
+        await acreate_flow_run_input(key=keyset["response"], value=values, flow_run_id=flow_run.id)
+    elif given != values:
+        raise RunError(
+            f"Run {flow_run.id} already has a different decision for this wait; it continues with that one "
+            f"(`{cli_name()} resume {flow_run.id}`)."
+        )

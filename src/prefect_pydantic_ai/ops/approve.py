@@ -20,7 +20,7 @@ from prefect_pydantic_ai.durable.wait import (
     waiting_for,
 )
 from prefect_pydantic_ai.errors import RunError
-from prefect_pydantic_ai.ops.resume import resume_run
+from prefect_pydantic_ai.ops.resume import check_resumable_here, resume_run
 from prefect_pydantic_ai.ops.runs import resolve_run
 
 
@@ -87,6 +87,7 @@ async def approve_run(
         if response.status.value != "ACCEPT":
             raise RunError(f"Prefect refused the decision for run {flow_run.id}: {response.details}")
         return decision
+    await check_resumable_here(flow_run, entrypoint)  # a decision is stored only where it can be carried out
     await give_decision(flow_run, waiting, values)
     decision.continued = True
     try:

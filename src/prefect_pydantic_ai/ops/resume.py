@@ -21,7 +21,13 @@ from prefect_pydantic_ai.durable.tool_step import unverified_override
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
 from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
-from prefect_pydantic_ai.store.records import load_entrypoint, read_records, record_storage_name, tag_values
+from prefect_pydantic_ai.store.records import (
+    RunRecord,
+    load_entrypoint,
+    read_records,
+    record_storage_name,
+    tag_values,
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,7 @@ async def resume_run(
 
 async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> Any:
     flow_run = await resolve_run(ref)
-    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
-    if not records:
-        raise RunError(
-            f"Run {flow_run.id} has no run record in this machine's result storage ({await record_storage_name()}), "
-            "so its journal is not visible here: point this machine at the storage its runs share "
-            "(PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=<block type>/<name>, see docs/scale-out.md) and resume again."
-        )
+    records = await _records_of(flow_run)
     if state_of(flow_run) == "running":
         latest = max(records, key=lambda r: r.started_at)
         raise RunError(
@@ -74,13 +74,7 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
         await _back_in_line(flow_run.id, Scheduled(message="Resumed by prefect-pydantic-ai"))
         return Rescheduled(flow_run.id, flow_run.deployment_id, flow_run.work_pool_name)
     first = records[0]
-    target = entrypoint or first.entrypoint
-    if target is None:
-        raise RunError(
-            f"Run {flow_run.id} recorded no import path for its {first.entrypoint_kind} (it was defined inside a "
-            "function or a notebook). Pass --entrypoint module:attribute."
-        )
-    obj = load_entrypoint(target)
+    target, obj = recorded_entrypoint(flow_run, first, entrypoint)
     if first.entrypoint_kind == "flow" or isinstance(obj, Flow):
         if not isinstance(obj, Flow):
             raise RunError(
@@ -101,6 +95,36 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
     return await durability.resume_flow_run(
         obj, await _back_in_line(flow_run.id, AwaitingRetry()), first, inputs
     )
+
+
+def recorded_entrypoint(flow_run: FlowRun, first: RunRecord, entrypoint: str | None) -> tuple[str, Any]:
+    """The import path that re-creates the run's agent or flow (`entrypoint`, else the recorded one) and the
+    object it names; `RunError` when there is none or it cannot be imported here."""
+    target = entrypoint or first.entrypoint
+    if target is None:
+        raise RunError(
+            f"Run {flow_run.id} recorded no import path for its {first.entrypoint_kind} (it was defined inside a "
+            "function or a notebook). Pass --entrypoint module:attribute."
+        )
+    return target, load_entrypoint(target)
+
+
+async def check_resumable_here(flow_run: FlowRun, entrypoint: str | None) -> None:
+    """Raise the `RunError` that resuming `flow_run` in this process would raise for want of its run record or
+    its code, before anything about the run changes."""
+    recorded_entrypoint(flow_run, (await _records_of(flow_run))[0], entrypoint)
+
+
+async def _records_of(flow_run: FlowRun) -> list[RunRecord]:
+    """The run records of `flow_run`'s agent runs; `RunError` when this machine's storage holds none."""
+    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
+    if not records:
+        raise RunError(
+            f"Run {flow_run.id} has no run record in this machine's result storage ({await record_storage_name()}), "
+            "so its journal is not visible here: point this machine at the storage its runs share "
+            "(PREFECT_DEFAULT_RESULT_STORAGE_BLOCK=<block type>/<name>, see docs/scale-out.md) and resume again."
+        )
+    return records
 
 
 async def _back_in_line(flow_run_id: UUID, state: State[Any]) -> FlowRun:

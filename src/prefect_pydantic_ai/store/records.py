@@ -291,6 +291,7 @@ def load_entrypoint(entrypoint: str) -> Any:
         raise RunError(
             f"Invalid entrypoint {entrypoint!r}: use module:attribute or path/to/file.py:attribute."
         )
+    _importable_from(str(Path(target).resolve().parent) if target.endswith(".py") else os.getcwd())
     try:
         if target.endswith(".py"):
             spec = importlib.util.spec_from_file_location("_prefect_pydantic_ai_resumed", target)
@@ -307,6 +308,14 @@ def load_entrypoint(entrypoint: str) -> Any:
             f"Cannot load the recorded entrypoint {entrypoint!r} ({type(exc).__name__}: {exc}). Make it importable "
             "from here (run from the project directory or fix PYTHONPATH), or pass --entrypoint module:attribute."
         ) from None
+
+
+def _importable_from(directory: str) -> None:
+    """Put `directory` first on `sys.path`, as Python does for the code it starts: `python -m pkg.mod` puts the
+    working directory there and `python file.py` the file's own, so its sibling modules import. A console script
+    (`prefect-pydantic-ai`) puts only its own bin directory there, and could not import the recorded code."""
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
 
 
 def rehydrate_deps(deps_type: Any, stored: Any) -> Any:
