@@ -125,3 +125,22 @@ def test_runs_table_fits_80_columns_with_whole_ids_and_states(one_run: tuple[str
     mine = cli("runs", "--agent", name)
     row = next(line for line in mine.stdout.splitlines() if run_id[:12] in line)
     assert " completed " in row and len(row) <= 80, mine.stdout
+
+
+@pytest.mark.parametrize("command", [["runs"], ["show", "some-run"], ["costs"]])
+def test_an_unreachable_api_is_one_line_naming_its_url_with_exit_code_1(command: list[str]) -> None:
+    from prefect_pydantic_ai.infra.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect_pydantic_ai", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PREFECT_API_URL": url, "COLUMNS": "80"},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: Cannot reach the Prefect API at {url} (ConnectError: All connection attempts failed). Start it "
+        "(`prefect-pydantic-ai server start` for the local one) or fix PREFECT_API_URL, then run the command again."
+    )

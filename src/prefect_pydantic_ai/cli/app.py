@@ -10,6 +10,7 @@ from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import httpx
 import typer
 from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
@@ -56,8 +57,29 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
         except (RunError, UserError, ValueError) as exc:  # a bad CSV (DatasetError) is a ValueError too
             errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except httpx.TransportError as exc:  # not the user's input: exit 1, but one line naming the server
+            errors.print(f"[red]error:[/red] {_unreachable(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _unreachable(exc: httpx.TransportError) -> str:
+    """One line for a Prefect API that did not answer: its URL, what failed, and what to do."""
+    from prefect_pydantic_ai.infra.server import cli_name
+
+    from prefect.settings import get_current_settings
+
+    url = str(get_current_settings().api.url or "the configured Prefect API")
+    try:
+        if not str(exc.request.url).startswith(url):  # not the API itself: name what did not answer
+            url = str(exc.request.url.copy_with(query=None))
+    except RuntimeError:  # an error raised outside a request names no URL
+        pass
+    return (
+        f"Cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc or 'no answer'}). Start it "
+        f"(`{cli_name()} server start` for the local one) or fix PREFECT_API_URL, then run the command again."
+    )
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
