@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from pydantic import BaseModel
 from pydantic_ai import Agent
 from pydantic_ai.exceptions import ModelAPIError, ModelConnectionError, ModelHTTPError
@@ -410,7 +411,11 @@ async def test_fifty_concurrent_runs_each_get_their_own_output() -> None:
         async with gate:
             return await durable.run(prompt, idempotency_key=key)
 
-    results = await asyncio.gather(*(run(p, k) for p, k in zip(prompts, keys, strict=True)))
+    # The promise here is isolation, not SQLite's capacity: with the other xdist worker loading both cores, the
+    # session's SQLite server answered '503 database is locked' past the client's 5 default retries (1 run of 50,
+    # once). The client waits longer instead; docs/scale-out.md measures the capacity itself.
+    with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 8}):
+        results = await asyncio.gather(*(run(p, k) for p, k in zip(prompts, keys, strict=True)))
 
     assert [r.output for r in results] == [f"{p} -> {_fingerprint(p)}" for p in prompts]
     # Every run executed its own tool call: none was replayed from another run's journal entry.
