@@ -37,7 +37,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.xdist_group("heav
 
 SCRIPTS = Path(__file__).parent / "scripts"
 RUNS = 50
-CRASH_WITHIN = 60  # two heartbeat intervals: a live run on a busy machine is never crashed by mistake
+CRASH_WITHIN = (
+    45  # 1.5 heartbeat intervals: a live run's heartbeat may come 15 s late before it is crashed by mistake
+)
 STEPS = Counter({("model", n): 1 for n in range(1, 7)} | {("tool", n): 1 for n in range(1, 6)})
 """What one uninterrupted run executes: 6 model requests and 5 tool calls, each once."""
 

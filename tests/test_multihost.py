@@ -389,83 +389,109 @@ async def _state_of(flow_run_id: Any, wanted: str, timeout: float) -> Any:
     return flow_run
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("journal", ["shared directory", "s3"])
-async def test_a_run_whose_worker_machine_died_is_crashed_by_heartbeat_and_finished_by_another_worker(
-    tmp_path: Path, redis_url: str, journal: str, request: pytest.FixtureRequest
-) -> None:
+async def _die_crash_resume(journal: str, root: Path, shared: dict[str, str]) -> dict[str, Any]:
+    """One deployment on a pool of its own: its worker A's machine dies inside `save`, the heartbeat automation
+    crashes the run, machine C resumes it by id and worker B finishes it. Returns what the test checks."""
+    import anyio
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 
-    from prefect_pydantic_ai import list_runs, show_run
-    from prefect_pydantic_ai.infra.automations import CRASH_AUTOMATION, install_crash_automation
+    from prefect_pydantic_ai import list_runs
 
     sys.path.insert(0, str(SCRIPTS))
     try:
         from worker_flow import analyst_flow  # type: ignore[import-not-found]
     finally:
         sys.path.remove(str(SCRIPTS))
-    pool, calls = f"mh-pool-{uuid.uuid4().hex[:6]}", tmp_path / "calls.jsonl"
-    storage = request.getfixturevalue("s3_journal") if journal == "s3" else {}
-    shared = {
-        **_redis_locks(redis_url),
-        **storage,
-        "MH_CALLS": str(calls),
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-    }
+    pool, calls = f"mh-pool-{uuid.uuid4().hex[:6]}", root / "calls.jsonl"
+    shared = {**shared, "MH_CALLS": str(calls)}
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     deployment_id = await (
         await analyst_flow.from_source(source=str(SCRIPTS), entrypoint="worker_flow.py:analyst_flow")
-    ).deploy(name="multihost", work_pool_name=pool, print_next_steps=False, ignore_warnings=True)
-    await install_crash_automation(within=35)  # before the run: it must see the run's first heartbeat
+    ).deploy(name=f"multihost-{pool}", work_pool_name=pool, print_next_steps=False, ignore_warnings=True)
+    # Worker A hangs inside `save` (the plan would kill it after a minute); the test kills the machine first.
+    hang = FaultPlan(state_file=root / "plan.jsonl").kill("tool:save", on_call=1, delay=120)
+    worker_a = _worker("host-a", root, pool, {**shared, **hang.to_env()})
+    flow_run = await run_deployment(deployment_id, timeout=0)
+    await anyio.to_thread.run_sync(_wait_for_call, calls, "tool:save", worker_a)
+    killed_at = time.monotonic()
+    _kill_machine(worker_a)
+
+    crashed = await _state_of(flow_run.id, "CRASHED", timeout=150)
+    detected_after = time.monotonic() - killed_at
+    listed = [r.state for r in await list_runs(agent="worker_flow", limit=10) if r.run_id == str(flow_run.id)]
+
+    worker_b = _worker("host-b", root, pool, shared)
+    resume = machine(
+        "host-c",
+        root,
+        ["-m", "prefect_pydantic_ai", "resume", str(flow_run.id)],
+        {**shared, "COLUMNS": "400"},
+    )
+    stdout, stderr = await anyio.to_thread.run_sync(lambda: resume.communicate(timeout=120))
+    assert resume.returncode == 0, stdout + stderr
+    assert f"Scheduled it again on its deployment; a worker of pool {pool} resumes it." in stdout
+    resumed_at = time.monotonic()
+    await _state_of(flow_run.id, "COMPLETED", timeout=150)
+    finished_after = time.monotonic() - resumed_at
+    _kill_machine(worker_b)
+    print(
+        f"{journal}: crash detected {detected_after:.1f}s after the kill; resumed run finished in {finished_after:.1f}s"
+    )
+    return {"run": str(flow_run.id), "message": crashed.state.message, "listed": listed, "calls": calls}
+
+
+@pytest.mark.anyio
+async def test_runs_whose_worker_machines_died_are_crashed_by_heartbeat_and_finished_by_other_workers(
+    tmp_path: Path, redis_url: str, s3_journal: dict[str, str]
+) -> None:
+    """Both journals at once, so one heartbeat wait serves both: a deployment journalling into a shared
+    directory and one journalling into S3, each on its own pool and machines."""
+    import anyio
+    from prefect import get_client
+    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
+
+    from prefect_pydantic_ai import show_run
+    from prefect_pydantic_ai.infra.automations import CRASH_AUTOMATION, install_crash_automation
+
+    journals = {"shared directory": {}, "s3": s3_journal}
+    found: dict[str, dict[str, Any]] = {}
+    await install_crash_automation(within=35)  # before the runs: it must see their first heartbeat
     try:
-        # Worker A hangs inside `save` (the plan would kill it after a minute); the test kills the machine first.
-        hang = FaultPlan(state_file=tmp_path / "plan.jsonl").kill("tool:save", on_call=1, delay=120)
-        worker_a = _worker("host-a", tmp_path, pool, {**shared, **hang.to_env()})
-        flow_run = await run_deployment(deployment_id, timeout=0)
-        _wait_for_call(calls, "tool:save", worker_a)
-        killed_at = time.monotonic()
-        _kill_machine(worker_a)
 
-        crashed = await _state_of(flow_run.id, "CRASHED", timeout=150)
-        detected_after = time.monotonic() - killed_at
-        assert crashed.state.message == "No heartbeat for 35s: the machine running it stopped."
-        [listed] = [r for r in await list_runs(agent="worker_flow", limit=5) if r.run_id == str(flow_run.id)]
-        assert listed.state == "crashed"  # on this machine, which never ran it: Prefect's state, not a pid
+        async def one(journal: str, storage: dict[str, str]) -> None:
+            root = tmp_path / journal.replace(" ", "-")
+            shared = {**_redis_locks(redis_url), **storage, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+            found[journal] = await _die_crash_resume(journal, root, shared)
 
-        worker_b = _worker("host-b", tmp_path, pool, shared)
-        resume = machine(
-            "host-c",
-            tmp_path,
-            ["-m", "prefect_pydantic_ai", "resume", str(flow_run.id)],
-            {**shared, "COLUMNS": "400"},
-        )
-        stdout, stderr = resume.communicate(timeout=120)
-        assert resume.returncode == 0, stdout + stderr
-        assert f"Scheduled it again on its deployment; a worker of pool {pool} resumes it." in stdout
-        resumed_at = time.monotonic()
-        await _state_of(flow_run.id, "COMPLETED", timeout=150)
-        finished_after = time.monotonic() - resumed_at
-        _kill_machine(worker_b)
+        async with anyio.create_task_group() as group:
+            for journal, storage in journals.items():
+                group.start_soon(one, journal, storage)
     finally:
         async with get_client() as client:
             for automation in await client.read_automations_by_name(CRASH_AUTOMATION):
                 await client.delete_automation(automation.id)
 
-    with temporary_settings(
-        updates={PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: storage.get("PREFECT_DEFAULT_RESULT_STORAGE_BLOCK")}
-    ):  # this machine reads the run's records where the workers wrote them
-        detail = await show_run(str(flow_run.id))
-    assert (detail.state, detail.run_count, detail.output) == ("completed", 2, FULL_OUTPUT.strip('"'))
-    assert _executions(calls) == {"model#1": 1, "tool:fetch": 1, "model#2": 1, "tool:save": 2, "model#3": 1}
-    hosts = {e.pid for e in CallLog(calls).entries() if e.name == "model"}
-    assert len(hosts) == 2  # model 1 and 2 ran in worker A's flow process, model 3 in worker B's
-    print(
-        f"crash detected {detected_after:.1f}s after the kill; resumed run finished in {finished_after:.1f}s"
-    )
+    for journal, result in found.items():
+        assert result["message"] == "No heartbeat for 35s: the machine running it stopped.", journal
+        assert result["listed"] == [
+            "crashed"
+        ]  # on this machine, which never ran it: Prefect's state, not a pid
+        block = journals[journal].get("PREFECT_DEFAULT_RESULT_STORAGE_BLOCK")
+        with temporary_settings(updates={PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: block}):
+            detail = await show_run(result["run"])  # read where the workers wrote the run's records
+        assert (detail.state, detail.run_count, detail.output) == ("completed", 2, FULL_OUTPUT.strip('"'))
+        assert _executions(result["calls"]) == {
+            "model#1": 1,
+            "tool:fetch": 1,
+            "model#2": 1,
+            "tool:save": 2,
+            "model#3": 1,
+        }, journal
+        pids = {e.pid for e in CallLog(result["calls"]).entries() if e.name == "model"}
+        assert len(pids) == 2, journal  # model 1 and 2 ran in worker A's flow process, model 3 in worker B's
 
 
 FIVE_STEP = SCRIPTS / "five_step.py"
