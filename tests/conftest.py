@@ -12,9 +12,11 @@ subprocess a test starts talk to the same throwaway server and never read a prev
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,9 +45,32 @@ def prefect_server() -> Iterator[str]:
     """A real local Prefect server on a free loopback port, for the whole session."""
     server = LocalServer(port=_PORT)
     server.wait_until_ready()
+    _snapshot(Path(os.environ["PREFECT_HOME"]) / "prefect.db", MIGRATED_DATABASE)
     yield server.url
     _flush_run_logs()  # send queued run logs while the server is still up
     server.stop()
+
+
+MIGRATED_DATABASE = _SESSION_DIR / "migrated-prefect.db"
+
+
+def _snapshot(database: Path, to: Path) -> None:
+    import sqlite3
+
+    source, copy = sqlite3.connect(database), sqlite3.connect(to)
+    try:
+        source.backup(copy)  # consistent while the server writes
+    finally:
+        source.close()
+        copy.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_database(prefect_server: str) -> Path:
+    """The session server's database as it stood when the server first answered: migrated, with no run in it.
+    A test that starts servers in fresh PREFECT_HOMEs copies it in as `prefect.db`, so their first boot skips
+    the ~13 s of migrations; the first boot itself keeps a test of its own (test_demo_own_server)."""
+    return MIGRATED_DATABASE
 
 
 def _flush_run_logs() -> None:
@@ -54,6 +79,19 @@ def _flush_run_logs() -> None:
     from prefect.logging.handlers import APILogHandler
 
     asyncio.run(APILogHandler.aflush())
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeps the `slow` mark honest: a test without it that starts a process fails, naming the mark (the quick
+    loop, `-m "not slow"`, is meant to take a couple of minutes)."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"this test starts a process ({args!r}): mark it `slow` (pyproject.toml)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ async def _state(run_id: str) -> str:
     return flow_run.state.type.value
 
 
+@pytest.mark.slow
 async def test_approved_call_runs_once_and_earlier_steps_replay(tmp_path: Path) -> None:
     run_id, env, calls = _start(tmp_path)
     assert calls.counts() == {"model": 1}
@@ -87,6 +88,7 @@ async def test_approved_call_runs_once_and_earlier_steps_replay(tmp_path: Path) 
     assert await _state(run_id) == "COMPLETED"
 
 
+@pytest.mark.slow
 async def test_denied_call_reaches_the_model_and_never_runs(tmp_path: Path) -> None:
     run_id, env, calls = _start(tmp_path)
     denied = _cli("approve", run_id, "--deny", "--message", "Refunds are frozen today.", env=env)
@@ -96,6 +98,7 @@ async def test_denied_call_reaches_the_model_and_never_runs(tmp_path: Path) -> N
     assert await _state(run_id) == "COMPLETED"
 
 
+@pytest.mark.slow
 async def test_second_approval_in_one_run(tmp_path: Path) -> None:
     run_id, env, calls = _start(tmp_path, APPROVAL_TWO="1")
     first = _cli("approve", run_id, env=env)
@@ -110,6 +113,7 @@ async def test_second_approval_in_one_run(tmp_path: Path) -> None:
     assert calls.counts() == {"model": 3, "refund": 1, "notify": 1}
 
 
+@pytest.mark.slow
 async def test_approve_errors_are_one_line_and_change_nothing(tmp_path: Path) -> None:
     run_id, env, calls = _start(tmp_path)
     unknown = _cli("approve", run_id, "--deny", "call-nope", env=env)
@@ -133,6 +137,7 @@ def _clerk_agent(name: str, calls: CallLog, **options: Any) -> PrefectAgent[None
     return PrefectAgent(agent, **options)
 
 
+@pytest.mark.slow
 async def test_pause_mode_waits_in_process_until_approved(tmp_path: Path) -> None:
     calls = CallLog(tmp_path / "calls.jsonl")
     durable = _clerk_agent(f"clerk_pause_{uuid.uuid4().hex[:6]}", calls, approvals="pause")
@@ -150,6 +155,7 @@ async def test_pause_mode_waits_in_process_until_approved(tmp_path: Path) -> Non
     assert calls.counts() == {"model": 2, "refund": 1}
 
 
+@pytest.mark.slow
 async def test_pause_mode_fails_the_run_when_nobody_decides(tmp_path: Path) -> None:
     calls = CallLog(tmp_path / "calls.jsonl")
     durable = _clerk_agent(
@@ -215,6 +221,7 @@ async def test_tool_asking_for_approval_itself_runs_its_effect_once_when_approve
     assert calls.counts() == {"model": 2, "wire": 1}
 
 
+@pytest.mark.slow
 async def test_the_console_script_approves_the_example_from_the_clone_only_once_its_code_imports(
     tmp_path: Path,
 ) -> None:
@@ -247,6 +254,7 @@ async def test_the_console_script_approves_the_example_from_the_clone_only_once_
     assert await _state(run_id) == "COMPLETED"
 
 
+@pytest.mark.slow
 async def test_giving_the_same_decision_twice_is_harmless_and_a_different_one_is_refused(
     tmp_path: Path,
 ) -> None:

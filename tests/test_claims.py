@@ -91,6 +91,7 @@ async def test_exhausted_tool_retries_are_not_multiplied_by_the_steps_prefect_re
 # -- the digest: what the model is offered keys its steps -------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_changed_tool_description_runs_the_steps_live_and_an_unchanged_agent_replays() -> None:
     key = _key()
     first = Counter[str]()

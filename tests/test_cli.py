@@ -1,6 +1,7 @@
 """`prefect-pydantic-ai runs / show / resume`: crash detection, in-place resume, timelines and clear errors.
 
-Every command runs as a real subprocess (`python -m prefect_pydantic_ai`), against the session's Prefect server.
+Scripts and `resume` (which runs them) are real subprocesses; read-only commands (`runs`, `show`) run in this
+process (tests/commands.py), all against the session's Prefect server.
 Scripts log each model/tool call to a file, so the logs prove which calls executed in which process.
 """
 
@@ -26,21 +27,14 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of
+from tests.commands import cli  # in this process unless a test gives its scripts an environment
+
+pytestmark = pytest.mark.slow  # starts processes
 
 SCRIPTS = Path(__file__).parent / "scripts"
 FIVE = SCRIPTS / "five_step.py"
 TWO_AGENTS = SCRIPTS / "two_agents_flow.py"
 SHAPE = ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies", "model"]
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def script(path: Path, arg: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

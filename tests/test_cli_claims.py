@@ -1,5 +1,5 @@
 """The command line's documented promises that no other test pins: `resume --unverified rerun`, exit code 1 when
-a resumed run fails again, and the ↻ (retried) status of `show`. Every command runs as a real subprocess."""
+a resumed run fails again, and the ↻ (retried) status of `show`. Resume runs the user's script as a real subprocess."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig
 from tests.test_cli import FIVE, SCRIPTS, SHAPE, calls, cli, script, show
+
+pytestmark = pytest.mark.slow  # starts processes
 
 
 def test_resume_unverified_rerun_calls_the_non_idempotent_tool_again_exactly_once(tmp_path: Path) -> None:
@@ -86,7 +89,7 @@ def test_a_step_that_succeeded_on_its_second_attempt_shows_retried() -> None:
         ("tool", "retried", 2),
         ("model", "executed", 1),
     ]
-    table = cli("show", key, env={"COLUMNS": "160"})
+    table = cli("show", key, columns=160)
     assert table.returncode == 0, table.stderr
     [row] = [line for line in table.stdout.splitlines() if "tool #2: flaky" in line]
     assert "↻" in row and "retried" in row

@@ -16,16 +16,11 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent
+from tests import commands
 
 
-def cli(*args: str, columns: int = 80) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": str(columns)},
-    )
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return commands.cli(*args, columns=80)  # in this process: no process boundary is under test here
 
 
 COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["server"]]
@@ -128,6 +123,7 @@ def test_runs_table_fits_80_columns_with_whole_ids_and_states(one_run: tuple[str
 
 
 @pytest.mark.parametrize("command", [["runs"], ["show", "some-run"], ["costs"]])
+@pytest.mark.slow
 def test_an_unreachable_api_is_one_line_naming_its_url_with_exit_code_1(command: list[str]) -> None:
     from prefect_pydantic_ai.infra.server import free_port
 

@@ -366,6 +366,7 @@ async def test_dict_and_merged_configs_apply_their_retries(form: Form) -> None:
     )  # two model retries from the dict, one tool retry from the merge
 
 
+@pytest.mark.slow
 async def test_tool_metadata_configures_a_tool_and_false_runs_it_inline(form: Form) -> None:
     calls: Counter[str] = Counter()
 
@@ -403,6 +404,7 @@ async def test_tool_metadata_configures_a_tool_and_false_runs_it_inline(form: Fo
     assert steps == Counter({"model": 2, "tool: flaky": 1, "tool: typed": 1})  # no `tool: clock`
 
 
+@pytest.mark.slow
 async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form, tmp_path: Path) -> None:
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         if not _returns(messages):
@@ -459,6 +461,7 @@ async def test_a_misspelled_tool_in_tool_task_config_by_name_fails_before_any_mo
 # -- streamed and iterated runs --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_streamed_and_iterated_runs_run_every_step_inside_their_flow_run() -> None:
     prefix = _name("streamed")
     ran = subprocess.run(

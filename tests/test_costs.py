@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -21,6 +18,7 @@ from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig, ledger_of, show_run
 from prefect_pydantic_ai.testing import LoopbackOpenAI
+from tests.commands import cli
 
 pytestmark = pytest.mark.anyio
 
@@ -120,16 +118,7 @@ async def test_resumed_run_reports_the_same_usage_and_saves_what_replayed_steps_
     assert ledger.spent.cost_usd + ledger.saved.cost_usd == reference.spent.cost_usd
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-
-
+@pytest.mark.slow
 async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknown_price() -> None:
     name = f"costs_probe_{uuid.uuid4().hex[:6]}"
     ledgers = []
@@ -137,7 +126,7 @@ async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknow
         result = await PrefectAgent(_priced_agent(name, model_name)).run("go")
         ledgers.append(ledger_of(result))
     assert all(ledgers)
-    done = _cli("costs", "--agent", name, "--since", "1h", "--json")
+    done = cli("costs", "--agent", name, "--since", "1h", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["runs"] == 3
@@ -152,9 +141,9 @@ async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknow
     assert (
         unknown is not None and unknown.spent.input_tokens == 7700 and unknown.spent.unpriced_model_calls == 3
     )
-    human = _cli("costs", "--agent", name, "--since", "1h")
+    human = cli("costs", "--agent", name, "--since", "1h")
     assert human.returncode == 0 and "my-private-model" in human.stdout and "unknown" in human.stdout
-    bad = _cli("costs", "--since", "last tuesday")
+    bad = cli("costs", "--since", "last tuesday")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 

@@ -1,4 +1,5 @@
-"""`prefect-pydantic-ai demo` end to end, in a subprocess, on the session's Prefect server."""
+"""`prefect-pydantic-ai demo` end to end, in a subprocess, on the session's Prefect server (the `show` that reads
+back its run runs in this process)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.commands import cli
+
+pytestmark = pytest.mark.slow  # starts processes
 
 SEED_SHAPE = ["model", "tool", "model", "tool", "model"]
 
@@ -30,13 +35,7 @@ def shown(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     key = re.search(r"prefect-pydantic-ai show (demo-[0-9a-f]+)", proc.stdout)
     assert key, proc.stdout[-2000:]
-    out = subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", "show", key.group(1), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ),
-    )
+    out = cli("show", key.group(1), "--json")
     assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))
 

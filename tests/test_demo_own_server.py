@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts processes
+
 
 def processes_with(variable: str, value: str) -> list[int]:
     """Pids of the live processes whose environment has `variable=value`."""

@@ -242,6 +242,7 @@ async def test_retries_follow_the_backoff_list(form: Form) -> None:
     assert gaps[0] >= 0.4 and gaps[1] >= 1.2
 
 
+@pytest.mark.slow
 async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call(form: Form) -> None:
     tool_attempts: list[int] = []
     model_attempts: list[int] = []
@@ -257,8 +258,8 @@ async def test_timeouts_fire_for_a_slow_async_tool_and_a_slow_model_call(form: F
     agent, durable = form(
         FunctionModel(model),
         name="timeouts",
-        model_task_config=TaskConfig(retries=1, timeout_seconds=5.0),
-        tool_task_config=TaskConfig(retries=1, timeout_seconds=5.0),
+        model_task_config=TaskConfig(retries=1, timeout_seconds=2.0),
+        tool_task_config=TaskConfig(retries=1, timeout_seconds=2.0),
     )
 
     @agent.tool_plain
@@ -338,6 +339,7 @@ async def test_parallel_identical_tool_calls_and_repeated_identical_calls_all_ex
     assert calls.log == []
 
 
+@pytest.mark.slow
 async def test_two_agents_in_one_flow_and_different_inputs_never_share_steps(form: Form) -> None:
     calls_a, calls_b = Calls(), Calls()
     a = two_tool_agent(calls_a, name="agent_a", form=form)
@@ -526,6 +528,7 @@ async def test_deps_dataframe_is_journaled_by_content(form: Form) -> None:
     assert len(seen) == 2
 
 
+@pytest.mark.slow
 async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: Form) -> None:
     attempts: Counter[str] = Counter()
 

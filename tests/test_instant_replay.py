@@ -166,6 +166,7 @@ async def test_a_corrupt_entry_on_the_fast_path_re_executes(
     assert calls == []  # the re-executed steps overwrote the bad entries
 
 
+@pytest.mark.slow
 async def test_concurrent_resumes_of_one_agent_each_replay_their_own_steps() -> None:
     """Runs of one agent in one process share its step tasks; what one reads ahead never answers another."""
     calls: list[str] = []

@@ -20,6 +20,8 @@ import pytest
 
 from prefect_pydantic_ai import list_runs, resume_run, show_run
 
+pytestmark = pytest.mark.slow  # starts processes
+
 SCRIPT = Path(__file__).parent / "scripts" / "five_step.py"
 SHAPE = ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies", "model"]
 

@@ -112,6 +112,7 @@ def processes() -> Iterator[list[SpawnProcess]]:
         proc.join(10)
 
 
+@pytest.mark.slow
 def test_a_dead_holders_lock_is_reclaimed_once_when_many_processes_find_it_at_once(
     tmp_path: Path, processes: list[SpawnProcess]
 ) -> None:

@@ -20,7 +20,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from prefect_pydantic_ai import PrefectAgent, TaskConfig, show_run
 from prefect_pydantic_ai.testing import CallLog
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]  # starts processes
 
 SERVER = Path(__file__).parent / "scripts" / "mcp_inventory.py"
 

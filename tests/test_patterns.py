@@ -232,6 +232,7 @@ async def test_research_findings_are_the_typed_deps_of_the_summary_agent(fault_p
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_summary_agent_failure_retries_the_flow_without_running_the_research_again(
     fault_plan: InstallPlan,
 ) -> None:
@@ -468,6 +469,7 @@ async def read_result(run_id: str) -> Any:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_served_flow_runs_when_triggered_over_rest_and_its_result_is_a_data_analysis(
     tmp_path: Path,
 ) -> None:
@@ -488,6 +490,7 @@ async def test_served_flow_runs_when_triggered_over_rest_and_its_result_is_a_dat
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_served_run_failing_midway_is_retried_as_the_same_flow_run_and_replays_completed_steps(
     tmp_path: Path,
 ) -> None:

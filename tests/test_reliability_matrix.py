@@ -135,6 +135,7 @@ def _durable(
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+@pytest.mark.slow
 async def test_a_transient_fault_is_retried_once_and_the_resume_sends_nothing(
     server: LoopbackOpenAI, fault: HttpFault
 ) -> None:
@@ -161,6 +162,7 @@ async def test_a_transient_fault_is_retried_once_and_the_resume_sends_nothing(
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+@pytest.mark.slow
 async def test_an_exhausted_step_fails_naming_step_and_cause_and_the_resume_completes(
     server: LoopbackOpenAI, fault: HttpFault
 ) -> None:
@@ -225,6 +227,7 @@ def _gap_before_retry(server: LoopbackOpenAI, failed: int) -> float:
     [(2.0, 0.0), (4.0, 3.0)],
     ids=["no-retry-delay", "retry-delay-shorter"],
 )
+@pytest.mark.slow
 async def test_a_retry_waits_out_retry_after_in_place_of_a_shorter_retry_delay(
     server: LoopbackOpenAI, retry_after: float, retry_delay: float
 ) -> None:
@@ -340,6 +343,7 @@ def _sdk_defaults(server: LoopbackOpenAI) -> OpenAIChatModel:
     ("layers", "requests"),
     [("prefect-only", 3), ("sdk-default", 9), ("model-settings-max-retries-1", 6)],
 )
+@pytest.mark.slow
 async def test_retry_layers_multiply(server: LoopbackOpenAI, layers: str, requests: int) -> None:
     server.responder = lambda body: StatusFault(500)  # every request fails
     model = _sdk_defaults(server) if layers == "sdk-default" else server.openai_model(max_retries=0)

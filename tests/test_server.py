@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,8 +78,8 @@ class Home:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Home]:
-    """A fresh PREFECT_HOME; afterwards, no process may be left that points at it."""
+def home(tmp_path: Path, migrated_database: Path) -> Iterator[Home]:
+    """A fresh PREFECT_HOME (with a migrated, empty database); afterwards, no process may point at it."""
     env = {k: v for k, v in os.environ.items() if k not in _SESSION_API}
     env.update(
         {
@@ -90,6 +91,8 @@ def home(tmp_path: Path) -> Iterator[Home]:
         }
     )
     private = Home(tmp_path / "prefect-home", env)
+    private.path.mkdir()
+    shutil.copyfile(migrated_database, private.path / "prefect.db")
     yield private
     leaked = private.processes()
     for pid in leaked:

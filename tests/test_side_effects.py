@@ -32,6 +32,7 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_a_killed_non_idempotent_call_stops_the_run_until_a_human_decides(tmp_path: Path) -> None:
     sent = tmp_path / "sent.log"
     env = {"SEND_EMAIL_LOG": str(sent)}
@@ -61,6 +62,7 @@ def test_a_killed_non_idempotent_call_stops_the_run_until_a_human_decides(tmp_pa
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_rerun_policy_repeats_an_abandoned_call_under_the_same_idempotency_key(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes
+
 SCRIPT = Path(__file__).parent / "scripts" / "retried_tool_flow.py"
 
 

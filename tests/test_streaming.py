@@ -226,6 +226,7 @@ async def test_run_stream_events_and_iter_node_stream_are_live() -> None:
     assert deltas == ["b"] and run.result is not None and run.result.output == "ab"
 
 
+@pytest.mark.slow
 def test_a_killed_streamed_run_resumes_without_re_requesting_its_streamed_steps(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     key = _key()

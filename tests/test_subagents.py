@@ -270,6 +270,7 @@ async def test_the_editor_delegates_research_and_writing_and_returns_the_write_u
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_a_failed_delegation_is_retried_and_the_sub_agent_replays_what_it_completed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, storage_dir: Path
 ) -> None:

@@ -409,6 +409,7 @@ def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Compl
     )
 
 
+@pytest.mark.slow
 def test_kill_fault_sigkills_once_across_processes(tmp_path: Path) -> None:
     state_file = tmp_path / "calls.jsonl"
     plan = FaultPlan(state_file=state_file).kill("detect", on_call=1)
@@ -424,6 +425,7 @@ def test_kill_fault_sigkills_once_across_processes(tmp_path: Path) -> None:
     assert [e.name for e in CallLog(state_file).entries()] == ["detect", "detect"]
 
 
+@pytest.mark.slow
 def test_call_log_counts_calls_from_concurrent_processes(tmp_path: Path) -> None:
     path = tmp_path / "log" / "calls.jsonl"
     code = f"""

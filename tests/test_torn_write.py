@@ -11,11 +11,14 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent
+
+pytestmark = pytest.mark.slow  # starts processes
 
 ENTRY_BYTES = 256 * 1024 * 1024
 """Large enough that writing it takes many polls of the test, so the kill lands while the write is under way."""

@@ -20,7 +20,10 @@ from pydantic_ai.usage import RequestUsage
 from prefect_pydantic_ai import PrefectAgent, show_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)"),
+]
 
 
 @pytest.fixture
