@@ -24,7 +24,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["server"]]
-COMMANDS += [["server", name] for name in ("status", "start", "stop")]
+COMMANDS += [["server", name] for name in ("status", "start", "stop", "env")]
 COMMANDS += [["cluster"], *(["cluster", name] for name in ("up", "status", "env", "down"))]
 
 

@@ -26,6 +26,7 @@ from prefect_pydantic_ai.infra.server import ADDRESS_FILE, KEEP_ALIVE_SECONDS
 pytestmark = pytest.mark.slow
 
 FIVE_STEP = Path(__file__).parent / "scripts" / "five_step.py"
+TWO_AGENTS = Path(__file__).parent / "scripts" / "two_agents_flow.py"
 ENSURE_API = "from prefect_pydantic_ai.infra.server import ensure_api; print('API', ensure_api())"
 STARTED_LINE = "started a local Prefect server"
 TIMEOUT = 180  # a hang fails the test instead of stalling the suite
@@ -137,6 +138,65 @@ def test_killed_script_leaves_only_the_persistent_server_which_the_next_run_reus
 
     status = json.loads(home.cli("server", "status", "--json").stdout)
     assert (status["running"], status["pid"], status["url"]) == (True, recorded["pid"], recorded["url"])
+    _stop(home)
+
+
+def test_a_users_own_flow_in_a_fresh_home_runs_on_the_persistent_server_from_its_first_process(
+    home: Home,
+) -> None:
+    """The seed's pattern 2: two agents inside the user's own `@flow`, nothing configured, no server running yet.
+    Importing `PrefectAgent` finds or starts the persistent server before the flow begins, so Prefect never
+    boots its temporary server for the flow (which timed out on this machine) and the run stays visible."""
+    script = home.path.parent / "pattern2.py"
+    script.write_text(
+        "import asyncio, json, sys\n"
+        f"sys.path.insert(0, {str(TWO_AGENTS.parent)!r})\n"
+        "from prefect import flow\n"
+        "from two_agents_flow import research_agent, summary_agent\n\n"
+        "@flow(retries=1)\n"
+        "async def research_and_summarize(topic: str) -> dict[str, str]:\n"
+        "    findings = await research_agent.run(f'Research {topic}')\n"
+        "    summaries = await summary_agent.run('Summarize', deps=findings.output)\n"
+        "    return dict(summaries.output.model_dump())\n\n"
+        "print('OUTPUT ' + json.dumps({'output': asyncio.run(research_and_summarize('durability'))}))\n"
+    )
+    first = home.run(str(script), extra={"TWO_AGENTS_LOG": str(home.path.parent / "calls.log")})
+    assert _output(first)["output"]["executive"].startswith("TECHNICAL: DURABILITY")
+    assert first.stderr.count(STARTED_LINE) == 1, first.stderr
+    assert "temporary" not in first.stderr.lower() and "ephemeral" not in first.stderr.lower(), first.stderr
+    recorded = home.recorded()
+    assert recorded is not None
+    assert home.processes() == [recorded["pid"]]  # the persistent server alone: no temporary one was booted
+    listed = json.loads(home.cli("runs", "--agent", "summarizer", "--json").stdout)
+    assert [run["state"] for run in listed] == ["completed"]  # on the server later commands talk to
+    _stop(home)
+
+
+def test_server_env_points_prefects_own_cli_at_the_local_server_whose_port_survives_a_restart(
+    home: Home,
+) -> None:
+    from prefect_pydantic_ai.infra.server import home_port
+
+    assert home.five_step("before-env").returncode == 0
+    exported = home.cli("server", "env")
+    assert exported.returncode == 0, exported.stderr
+    recorded = home.recorded()
+    assert recorded is not None
+    port = home_port(home.path)
+    assert recorded["url"] == f"http://127.0.0.1:{port}/api"
+    assert exported.stdout == f"export PREFECT_API_URL={recorded['url']}\n"
+
+    # Prefect's own CLI, given that line, lists the run on the same server instead of booting a temporary one.
+    listed = home.run(
+        "-m", "prefect", "flow-run", "ls", extra={"PREFECT_API_URL": recorded["url"], "COLUMNS": "300"}
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "five_step" in listed.stdout and "COMPLETED" in listed.stdout, listed.stdout
+    assert home.processes() == [recorded["pid"]]
+
+    _stop(home)
+    started = home.cli("server", "start", "--json")
+    assert json.loads(started.stdout)["url"] == recorded["url"]  # the same address after a restart
     _stop(home)
 
 

@@ -61,8 +61,14 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    api_ready = None
+    if name in ("PrefectAgent", "PrefectDurability"):
+        # Before the user's own `@flow` starts: with no API configured, Prefect would boot a temporary server
+        # for it (which times out on a slow machine and is gone afterwards). Find or start the persistent one,
+        # while Prefect and pydantic-ai are imported.
+        api_ready = importlib.import_module(".infra.server", __name__).start_api()
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    if name in ("PrefectAgent", "PrefectDurability"):  # a user's own @flow then runs on the local server too
-        importlib.import_module(".infra.server", __name__).adopt_running_server()
+    if api_ready is not None:
+        api_ready()
     globals()[name] = value
     return value

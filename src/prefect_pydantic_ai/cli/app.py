@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
@@ -66,9 +67,9 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
 def _unreachable(exc: httpx.TransportError) -> str:
     """One line for a Prefect API that did not answer: its URL, what failed, and what to do."""
-    from prefect_pydantic_ai.infra.server import cli_name
-
     from prefect.settings import get_current_settings
+
+    from prefect_pydantic_ai.infra.server import cli_name
 
     url = str(get_current_settings().api.url or "the configured Prefect API")
     try:
@@ -534,6 +535,17 @@ def server_start_command(
     document = status_json(address, home)
     document["configured_api_url"] = None
     _print_status(document, as_json)
+
+
+@server_app.command("env")
+def server_env_command() -> None:
+    """Print `export PREFECT_API_URL=...` for the API commands use (starting the local server if needed), so
+    Prefect's own CLI reaches the same server: eval "$(prefect-pydantic-ai server env)"."""
+    from prefect_pydantic_ai.infra.server import find_or_start
+
+    home, configured = _home_and_configured()
+    url = configured or _server_call(lambda: find_or_start(home, announce=True)).url
+    print(f"export PREFECT_API_URL={shlex.quote(url)}")
 
 
 @server_app.command("stop")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -64,6 +65,7 @@ class ServerAddress:
 
 
 _resolved: tuple[str | None, bool] | None = None  # this process's answer (url, is it ours?), once found
+_pending: Future[ServerAddress] | None = None  # the search for the local server, while it runs
 _spawned: list[subprocess.Popen[bytes]] = []  # servers this process started (kept so Python does not warn)
 
 
@@ -88,9 +90,12 @@ def start_api() -> Callable[[], str | None]:
     if configured is not None or not local_server_enabled():
         _resolved = (configured, False)
         return lambda: configured
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-pydantic-ai-server")
-    found = pool.submit(find_or_start, prefect_home(), announce=True)
-    pool.shutdown(wait=False)  # the thread ends when the server is found
+    global _pending
+    if _pending is None:  # one search per process, however many callers wait for it
+        pool = ThreadPoolExecutor(1, thread_name_prefix="prefect-pydantic-ai-server")
+        _pending = pool.submit(find_or_start, prefect_home(), announce=True)
+        pool.shutdown(wait=False)  # the thread ends when the server is found
+    found = _pending
 
     def wait() -> str | None:
         url = found.result().url
@@ -98,20 +103,6 @@ def start_api() -> Callable[[], str | None]:
         return url
 
     return wait
-
-
-def adopt_running_server() -> None:
-    """Use the persistent local server if it is already running and nothing is configured; never start one.
-
-    Called when `PrefectAgent` is first imported, so that a user's own `@flow` around an agent, which starts
-    before any agent code runs, talks to the persistent server too instead of a temporary one. It costs one
-    file read and one local health check; booting a server is left to the first agent run (`ensure_api()`).
-    """
-    if _resolved is not None or configured_api() is not None or not local_server_enabled():
-        return
-    address = running_server(prefect_home())
-    if address is not None:
-        use_api(address.url)
 
 
 def use_api(url: str) -> None:
@@ -221,8 +212,30 @@ def stop_server(home: Path) -> ServerAddress | None:
         return address
 
 
+def home_port(home: Path) -> int:
+    """The port the local server of `home` listens on when it is free: the same after every restart, so a URL in
+    a shell (`server env`), a bookmark of the UI or a printed hint stays valid; one per PREFECT_HOME (4300-4999,
+    from its path), clear of Prefect's own 4200."""
+    digest = hashlib.sha256(str(home.resolve()).encode()).digest()
+    return 4300 + int.from_bytes(digest[:4], "big") % 700
+
+
+def _port_is_free(port: int) -> bool:
+    """Nothing listens on `port` (connections of a stopped server lingering in TIME_WAIT do not count, as they
+    do not stop the server's own bind: uvicorn sets SO_REUSEADDR too)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _spawn(home: Path) -> ServerAddress:
-    port = free_port()
+    port = home_port(home)
+    if not _port_is_free(port):
+        port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_path = home / LOG_FILE
     env = {
