@@ -228,7 +228,19 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     if command in {"demo", "cli", "cluster"}:  # their hints then name a command that works from the clone
         env["PREFECT_PYDANTIC_AI_CLI"] = "python3 dev.py cli"
-    return subprocess.call(commands[command], cwd=ROOT, env=env)
+    return _call(commands[command], env)
+
+
+def _call(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` and return its exit code. Ctrl-C reaches the command too (one process group): it ends
+    itself, with its own one-line message, and dev.py waits for it instead of printing a traceback of its own."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    while True:
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:
+            continue
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention (130 for SIGINT)
 
 
 if __name__ == "__main__":
