@@ -149,9 +149,8 @@ async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknow
 
 async def test_each_run_publishes_a_spent_vs_saved_artifact() -> None:
     key = f"artifact-{uuid.uuid4().hex[:6]}"
-    await PrefectAgent(_priced_agent(f"artifacts_{uuid.uuid4().hex[:6]}", "gpt-4o")).run(
-        "go", idempotency_key=key
-    )
+    agent = f"Artifacts_{uuid.uuid4().hex[:6]}"
+    await PrefectAgent(_priced_agent(agent, "gpt-4o")).run("go", idempotency_key=key)
     detail = await show_run(key)
     async with get_client() as client:
         artifacts = await client.read_artifacts(
@@ -161,5 +160,7 @@ async def test_each_run_publishes_a_spent_vs_saved_artifact() -> None:
         )
     markdown = [a for a in artifacts if a.type == "markdown"]
     assert len(markdown) == 1
+    # keyed, so the UI's Artifacts page lists it (one entry per agent, a version per run)
+    assert markdown[0].key == f"{agent.lower().replace('_', '-')}-spent-and-saved"
     text = str(markdown[0].data)
     assert "spent vs saved by replay" in text and "| Model calls | 3 | 0 |" in text and "$" in text

@@ -48,7 +48,7 @@ from prefect_pydantic_ai.durable.model_step import (
     StepLog,
     attach_sub_run,
 )
-from prefect_pydantic_ai.durable.report import ledger_markdown, remember_ledger
+from prefect_pydantic_ai.durable.report import artifact_key, ledger_markdown, remember_ledger
 from prefect_pydantic_ai.durable.steps import RunningStep, StepPhase, StepTasks, record_replays, running_step
 from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from prefect_pydantic_ai.durable.tool_step import ToolSteps, ToolTasks
@@ -274,8 +274,8 @@ class PrefectDurability(AbstractCapability[Any]):
         self._run = run = await self._begin(ctx, inputs, recall_of)
         try:
             result = await handler()
-        except WaitSuspended:  # waiting is not an ending: the attempt's record stays as it ran so far
-            await _record_attempt(run.record, run.model_steps.log, "running")
+        except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
+            await _record_attempt(run.record, run.model_steps.log, "waiting")
             raise
         except BaseException as exc:
             await _finish(run.record, run.model_steps.log, error=exc)
@@ -568,7 +568,7 @@ def durability_of(agent: object) -> PrefectDurability | None:
 async def _record_attempt(
     record: RunRecord,
     log: StepLog,
-    state: Literal["completed", "failed", "running"],
+    state: Literal["completed", "failed", "running", "waiting"],
     *,
     output: Any = None,
     error: BaseException | None = None,
@@ -607,6 +607,7 @@ async def _finish(
         record, log, "failed" if error is not None else "completed", output=output, error=error
     )
     await acreate_markdown_artifact(
+        key=artifact_key(record.agent),
         markdown=ledger_markdown(record.agent, attempt.ledger, attempt),
         description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
     )

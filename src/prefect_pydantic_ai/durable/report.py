@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,13 @@ def usd(totals: UsageTotals) -> str:
     if cost is None:
         return "unknown"
     return ("≥ " if totals.is_partial else "") + format_usd(totals.cost_usd)
+
+
+def artifact_key(agent: str) -> str:
+    """The key of an agent's spent/saved artifact: one per agent, so the UI's Artifacts page lists each agent once,
+    with every run's ledger as a version of it (Prefect lists only keyed artifacts there; keys allow lowercase
+    letters, digits and dashes)."""
+    return f"{re.sub(r'[^a-z0-9]+', '-', agent.lower()).strip('-') or 'agent'}-spent-and-saved"
 
 
 def ledger_markdown(agent: str, ledger: Ledger, attempt: AttemptRecord) -> str:
