@@ -20,6 +20,7 @@ SYMBOLS = {
     "retried": "↻",
     "failed": "✗",
     "crashed": "✗",
+    "awaited": "⏸",
     "not_reached": "⊘",
 }
 STATE_STYLE = {

@@ -244,6 +244,7 @@ def _seed_table(title: str, steps: list[Any]) -> Table:
         "retried": "executed after retries",
         "failed": "failed",
         "crashed": "interrupted: the process died",
+        "awaited": "waited for a decision",
         "not_reached": "not reached",
     }
     for step in steps:

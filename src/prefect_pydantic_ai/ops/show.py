@@ -73,6 +73,7 @@ async def show_run(ref: str) -> RunDetail:
     agents = tag_values(flow_run, "agent:")
     records = await read_records(str(flow_run.id), agents)
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
+    waited = {a.run_count for r in records for a in r.attempts if a.state == "waiting"}
     executing: dict[
         int, list[str]
     ] = {}  # by attempt: the steps its progress log says it was in, and completed
@@ -80,7 +81,8 @@ async def show_run(ref: str) -> RunDetail:
     for attempt_record in (a for r in records for a in r.attempts):
         executing.setdefault(attempt_record.run_count, []).extend(attempt_record.in_steps)
         completed.setdefault(attempt_record.run_count, set()).update(attempt_record.completed_steps)
-    attempts: list[tuple[list[StepView], bool]] = []  # each attempt's steps, and whether its process died
+    # each attempt's steps, whether its process died, and whether it stopped to wait for a decision
+    attempts: list[tuple[list[StepView], bool, bool]] = []
     for fr in runs:
         for count in range(1, fr.run_count + 1):
             last = fr.id == flow_run.id and count == fr.run_count
@@ -92,13 +94,13 @@ async def show_run(ref: str) -> RunDetail:
             if fr.id == flow_run.id and died and over:  # the steps it was killed in, recorded or not
                 steps = with_steps_died_in(steps, executing.get(count, []))
             if steps or last or died:  # a killed attempt may have lost every task-run event
-                attempts.append((steps, died and not last))
+                attempts.append((steps, died and not last, fr.id == flow_run.id and count in waited))
     latest = attempts[-1][0]
     earlier = []
-    for (steps, died), (following, _) in itertools.pairwise(attempts):
+    for (steps, died, stopped_to_wait), (following, _, _) in itertools.pairwise(attempts):
         if died:
             steps = completed_before_the_kill(steps, following)
-        earlier.append(steps + not_reached(steps, latest, crashed=died))
+        earlier.append(steps + not_reached(steps, latest, crashed=died, waited=stopped_to_wait))
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None

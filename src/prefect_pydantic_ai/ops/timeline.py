@@ -7,6 +7,7 @@ never reached.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Literal
@@ -19,8 +20,9 @@ from pydantic import BaseModel, computed_field
 
 from prefect_pydantic_ai.durable.steps import parse_task_run_name, step_title
 
-StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "not_reached"]
-"""`crashed`: the step was running when its process died (interrupted, not failed)."""
+StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "awaited", "not_reached"]
+"""`crashed`: the step was running when its process died (interrupted, not failed). `awaited`: a call the attempt
+stopped to wait for a human's decision on (it runs, or is denied, in a later attempt)."""
 
 
 class StepView(BaseModel):
@@ -180,13 +182,24 @@ def with_steps_died_in(steps: list[StepView], titles: list[str]) -> list[StepVie
     return _with_asked_for(shown) if len(shown) > len(steps) else steps
 
 
-def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool) -> list[StepView]:
+def not_reached(
+    earlier: list[StepView], later: list[StepView], *, crashed: bool, waited: bool = False
+) -> list[StepView]:
     """Steps a later attempt ran beyond where an earlier attempt stopped: `⊘` in the earlier timeline.
 
     A process killed inside a step may die before Prefect records that step's task run; when the earlier
-    attempt crashed, the first step it did not record is the one it was in: `crashed`.
+    attempt crashed, the first step it did not record is the one it was in: `crashed`. When it stopped to wait
+    for a decision (`waited`), the tool calls right after its last step are the calls it waited on: `awaited`.
     """
     died_in_one = crashed and not any(e.status in ("failed", "crashed") for e in earlier)
+    beyond = later[len(earlier) :]
+    awaited = len(list(itertools.takewhile(lambda s: s.kind == "tool", beyond))) if waited else 0
+
+    def status(offset: int) -> StepStatus:
+        if died_in_one and offset == 1:
+            return "crashed"
+        return "awaited" if offset <= awaited else "not_reached"
+
     return [
         StepView(
             index=len(earlier) + offset,
@@ -194,12 +207,12 @@ def not_reached(earlier: list[StepView], later: list[StepView], *, crashed: bool
             name=s.name,
             agent=s.agent,
             asked_for=s.asked_for,
-            status="crashed" if died_in_one and offset == 1 else "not_reached",
+            status=status(offset),
             attempts=int(died_in_one and offset == 1),
             duration_s=None,
             parent=s.parent,
         )
-        for offset, s in enumerate(later[len(earlier) :], start=1)
+        for offset, s in enumerate(beyond, start=1)
     ]
 
 

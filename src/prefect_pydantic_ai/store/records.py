@@ -45,8 +45,9 @@ class AttemptRecord(BaseModel):
     """What one attempt (flow run count) of an agent run ended with."""
 
     run_count: int
-    state: Literal["completed", "failed", "running"]
-    """`running` until the attempt ends: an attempt whose process died stays `running` in its record."""
+    state: Literal["completed", "failed", "running", "waiting"]
+    """`running` until the attempt ends: an attempt whose process died stays `running` in its record. `waiting`:
+    it ended to wait for a human's decision (the run is paused, not crashed)."""
     finished_at: datetime
     output: Any = None
     error: str | None = None
