@@ -167,14 +167,23 @@ def test_resume_all_crashed_resumes_each_crashed_run(tmp_path: Path) -> None:
     for key in keys:
         assert script(FIVE, key, {**env, "FIVE_STEP_KILL_BEFORE": str(len(calls(log)) + 3)}).returncode == -9
     assert calls(log) == SHAPE[:2] * 2
+    # a third key killed the same way, then run again with its key: a new flow run completes it, so its
+    # crashed flow run has nothing left to resume
+    done = f"all-crashed-done-{uuid.uuid4().hex[:6]}"
+    assert script(FIVE, done, {**env, "FIVE_STEP_KILL_BEFORE": str(len(calls(log)) + 3)}).returncode == -9
+    assert script(FIVE, done, env).returncode == 0
+    before = len(calls(log))
 
     resumed = cli("resume", "--all-crashed", "--agent", agent, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for key in keys:
         assert show(key)["state"] == "completed"
-    assert calls(log)[4:].count("model") == 4 and calls(log)[4:].count("tool:detect_anomalies") == 2
-    assert "tool:calculate_statistics" not in calls(log)[4:]
-    assert json.loads(cli("runs", "--state", "crashed", "--agent", agent, "--json").stdout) == []
+    assert resumed.stdout.count("Skipped run ") == 1
+    assert f"completed its key {done!r}; nothing to resume." in resumed.stdout, resumed.stdout
+    assert calls(log)[before:].count("model") == 4 and calls(log)[before:].count("tool:detect_anomalies") == 2
+    assert "tool:calculate_statistics" not in calls(log)[before:]
+    left = json.loads(cli("runs", "--state", "crashed", "--agent", agent, "--json").stdout)
+    assert [r["idempotency_key"] for r in left] == [done]  # the superseded attempt, left as it was
 
 
 def test_unknown_run_unknown_key_and_ambiguous_prefix_are_one_line_errors() -> None:

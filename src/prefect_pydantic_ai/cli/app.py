@@ -208,25 +208,38 @@ def resume_command(
     ] = None,
 ) -> None:
     """Run a crashed or failed run again in place: completed steps replay, the rest executes."""
-    from prefect_pydantic_ai.ops.runs import list_runs
-
     if (run is None) == (not all_crashed):
         raise ValueError("Give a RUN to resume, or --all-crashed (not both).")
     if unverified not in (None, "rerun", "tell_model"):
         raise ValueError(f"Unknown --unverified {unverified!r}; use rerun or tell_model.")
-    targets = (
-        [run]
-        if run is not None
-        else [r.run_id for r in _run(list_runs(state="crashed", agent=agent, limit=1000))]
-    )
+    targets = [run] if run is not None else _crashed_to_resume(agent)
     if not targets:
-        console.print("No crashed runs.")
+        console.print("No crashed runs to resume.")
         return
     failures = 0
     for target in targets:
         failures += _resume_one(target, entrypoint, unverified)
     if failures:
         raise typer.Exit(1)
+
+
+def _crashed_to_resume(agent: str | None) -> list[str]:
+    """The crashed runs `--all-crashed` resumes: not those whose key a later flow run completed (each is named)."""
+    from prefect_pydantic_ai.ops.runs import completed_keys, list_runs
+
+    crashed = _run(list_runs(state="crashed", agent=agent, limit=1000))
+    done = _run(completed_keys({r.idempotency_key for r in crashed if r.idempotency_key}))
+    targets = []
+    for summary in crashed:
+        if summary.idempotency_key in done:
+            console.print(
+                f"Skipped run {summary.run_id}: run {done[summary.idempotency_key]} completed its key "
+                f"{summary.idempotency_key!r}; nothing to resume.",
+                highlight=False,
+            )
+        else:
+            targets.append(summary.run_id)
+    return targets
 
 
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:

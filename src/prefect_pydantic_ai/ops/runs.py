@@ -13,7 +13,13 @@ from uuid import UUID
 
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
@@ -44,6 +50,27 @@ class RunSummary(BaseModel):
     """A re-call of a completed idempotency key: it returned the stored output and executed nothing."""
     awaiting: list[str] = []
     """The calls a paused run waits for a decision on, as `refund(order_id=42)` (see `approve`)."""
+
+
+async def completed_keys(keys: set[str]) -> dict[str, str]:
+    """Which of these idempotency keys some flow run completed: key → that flow run's id. A crashed run whose key
+    a later run completed (a rerun with the same key is a new flow run that replays it) has nothing to resume."""
+    if not keys:
+        return {}
+    async with get_client() as client:
+        done = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                tags=FlowRunFilterTags(any_=[f"key:{key}" for key in sorted(keys)]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
+            ),
+            sort=FlowRunSort.START_TIME_DESC,
+        )
+    found: dict[str, str] = {}
+    for fr in done:
+        if TAG in fr.tags:
+            for key in tag_values(fr, "key:"):
+                found.setdefault(key, str(fr.id))
+    return {key: run for key, run in found.items() if key in keys}
 
 
 def state_of(flow_run: FlowRun) -> RunState:
