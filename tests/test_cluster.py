@@ -260,7 +260,8 @@ async def test_fifty_concurrent_runs_all_complete_on_both_workers_each_step_once
     # API calls (task runs, states, events) was answered 503 and retried.
     assert retries == []
     assert len(runs) == RUNS
-    assert Counter(r.state_type.value for r in runs.values()) == {"COMPLETED": RUNS}
+    unfinished = {r.name: r.state.message for r in runs.values() if r.state_type.value != "COMPLETED"}
+    assert Counter(r.state_type.value for r in runs.values()) == {"COMPLETED": RUNS}, unfinished
     assert _retries_in_worker_logs(cluster) == []
 
     executed = _executions(calls, "fifty-")

@@ -161,7 +161,7 @@ def test_a_users_own_flow_in_a_fresh_home_runs_on_the_persistent_server_from_its
         "print('OUTPUT ' + json.dumps({'output': asyncio.run(research_and_summarize('durability'))}))\n"
     )
     first = home.run(str(script), extra={"TWO_AGENTS_LOG": str(home.path.parent / "calls.log")})
-    assert _output(first)["output"]["executive"].startswith("TECHNICAL: DURABILITY")
+    assert "NEVER PAY TWICE" in _output(first)["output"]["executive"]
     assert first.stderr.count(STARTED_LINE) == 1, first.stderr
     assert "temporary" not in first.stderr.lower() and "ephemeral" not in first.stderr.lower(), first.stderr
     recorded = home.recorded()

@@ -93,6 +93,7 @@ def test_prefect_ui_shows_the_step_tasks_and_the_cost_artifact(
     page.get_by_text("Artifacts", exact=True).first.click()
     page.get_by_text("what ui_checked spent and what replay saved").first.click()
     expect(page.get_by_text("ui_checked: spent vs saved by replay")).to_be_visible()
+    expect(page.get_by_text("Q4 looks fine").first).to_be_visible()  # the whole artifact has rendered
     body = page.inner_text("body")
     assert "Model calls\t2\t0" in body and "Tool calls\t1\t0" in body
     assert "$0.0" in body and "Q4 looks fine" in body
