@@ -41,7 +41,11 @@ def cli(
         )
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+    except RuntimeError:  # the usual case: no event loop runs in this thread
+        in_async_test = False
+    else:
+        in_async_test = True
+    if not in_async_test:
         return _in_process(list(args), columns)
     # Called from an async test: the command runs its own event loop, so in a thread (blocking this one, as
     # subprocess.run would).

@@ -3,6 +3,7 @@ in any case, empty listings that say which filter found nothing, and a `runs` ta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -140,3 +141,29 @@ def test_an_unreachable_api_is_one_line_naming_its_url_with_exit_code_1(command:
         f"error: Cannot reach the Prefect API at {url} (ConnectError: All connection attempts failed). Start it "
         "(`prefect-pydantic-ai server start` for the local one) or fix PREFECT_API_URL, then run the command again."
     )
+
+
+def test_show_of_a_run_that_has_not_started_is_its_state_and_no_steps() -> None:
+    """A deployment's run waiting for a worker: `show` says what it is (was an IndexError traceback)."""
+    import asyncio
+
+    from prefect import flow, get_client
+
+    @flow(name=f"not-started-{uuid.uuid4().hex[:6]}")
+    def never_run() -> None: ...
+
+    async def create() -> str:
+        async with get_client() as client:
+            created = await client.create_flow_run(
+                never_run, tags=["prefect-pydantic-ai", "agent:waiting_one"]
+            )
+        return str(created.id)
+
+    run_id = asyncio.run(create())
+    shown = cli("show", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    detail = json.loads(shown.stdout)
+    assert (detail["run_count"], detail["steps"], detail["earlier_attempts"]) == (0, [], [])
+    assert detail["state"] in ("pending", "running")  # Prefect's Pending, or Scheduled
+    table = cli("show", run_id)
+    assert table.returncode == 0 and run_id in table.stdout, table.stderr
