@@ -9,7 +9,9 @@ the requests of the steps that did not complete. The numbers asserted here are t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -222,6 +224,26 @@ def _gap_before_retry(server: LoopbackOpenAI, failed: int) -> float:
     return retry.received_at - fault.answered_at
 
 
+@contextlib.contextmanager
+def _messages_of(logger: str) -> Iterator[list[str]]:
+    """The messages `logger` emits while the block runs, as its handlers see them (after its filters)."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler, target = Collect(logging.INFO), logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.INFO)
+    target.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(level)
+
+
 @pytest.mark.parametrize(
     ("retry_after", "retry_delay"),
     [(2.0, 0.0), (4.0, 3.0)],
@@ -236,13 +258,19 @@ async def test_a_retry_waits_out_retry_after_in_place_of_a_shorter_retry_delay(
     server.fault_status(429, retry_after=retry_after)
     server.reply_text(FINAL)
 
-    result = await durable.run(PROMPT)
+    with _messages_of("prefect.task_runs") as logged:
+        result = await durable.run(PROMPT)
 
     assert result.output == FINAL
     assert [(e.path, e.status) for e in server.exchanges] == [
         ("/v1/chat/completions", 429),
         ("/v1/chat/completions", 200),
     ]
+    # Prefect announces its own delay (0 s: "immediately", or 3 s); the line says how long the retry really waits
+    [announced] = [line for line in logged if "Retry 1/1 will start" in line]
+    assert announced.endswith(
+        f"Retry 1/1 will start {retry_after:g} second(s) from now (the provider's Retry-After)"
+    )
     gap = _gap_before_retry(server, 0)
     assert gap >= retry_after
     if retry_delay:  # the two waits overlap and the longer one wins: they are not added (3 s margin for load)

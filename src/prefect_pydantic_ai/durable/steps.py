@@ -223,6 +223,32 @@ def _retry_after(exc: BaseException) -> float:
     return 0.0
 
 
+RETRY_AFTER: dict[str, float] = {}
+"""Task run id → the Retry-After its next attempt waits out (longer than the retry delay Prefect announces):
+read once by the line that announces the retry (`step_logs`)."""
+
+
+def _remember_retry_after(seconds: float) -> None:
+    context = TaskRunContext.get()
+    if seconds > 0 and context is not None:
+        while (
+            len(RETRY_AFTER) >= 1000
+        ):  # a step whose retries ran out leaves its entry: keep the table bounded
+            RETRY_AFTER.pop(next(iter(RETRY_AFTER)))
+        RETRY_AFTER[str(context.task_run.id)] = seconds
+
+
+INTERRUPTED = "interrupted: the run was cancelled (Ctrl-C, or its task was cancelled)"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """How a failed step or run reads: `Type: message`, or `INTERRUPTED` for a cancellation, whose own text is
+    an asyncio cancel-scope message (`Cancelled via cancel scope 7f80...`) or nothing at all."""
+    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+        return INTERRUPTED
+    return f"{type(exc).__name__}: {exc}"
+
+
 class StepTimeoutError(TimeoutError):
     """One attempt at a step ran longer than its `timeout_seconds`."""
 
@@ -441,6 +467,7 @@ class StepTasks:
                     return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
                 except Exception as exc:
                     wait_until = time.monotonic() + _retry_after(exc)
+                    _remember_retry_after(_retry_after(exc))
                     if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
                         await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
                     raise
@@ -476,7 +503,7 @@ class StepTasks:
                         else f"after {attempts} attempt(s)"
                     )
                     exc.add_note(f"in {self.kind} step {name!r}, {retried}")
-                self._report(name, ordinal, False, attempts, started, f"{type(exc).__name__}: {exc}")
+                self._report(name, ordinal, False, attempts, started, describe_failure(exc))
                 raise
             else:
                 if attempts and on_step is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, cast
@@ -45,24 +44,6 @@ ApprovalMode = Literal["suspend", "pause"]
 _PENDING = "prefect-pydantic-ai-pending"
 """The flow run input (suffixed with the wait's key) that holds the pending calls of a wait."""
 _POLL_SECONDS = 2.0
-
-
-class _WaitingIsNotAnError(logging.Filter):
-    """Prefect's flow engine logs every final state but Completed at ERROR, so a run that stops to wait for a
-    person would print `ERROR | Finished in state Paused(...)` (and the UI would list an error log). Waiting is
-    the expected outcome there: the line is kept, at INFO."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and str(record.msg).startswith(
-            ("Finished in state Paused(", "Finished in state Suspended(")
-        ):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-_flow_run_logs = logging.getLogger("prefect.flow_runs")
-if not any(isinstance(f, _WaitingIsNotAnError) for f in _flow_run_logs.filters):
-    _flow_run_logs.addFilter(_WaitingIsNotAnError())
 
 
 class AwaitingApproval(RunError):
