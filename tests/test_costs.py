@@ -143,6 +143,13 @@ async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknow
     )
     human = cli("costs", "--agent", name, "--since", "1h")
     assert human.returncode == 0 and "my-private-model" in human.stdout and "unknown" in human.stdout
+    summary = " ".join(human.stdout.split())
+    assert "(not counting my-private-model: no price)." in summary, summary
+    only_unpriced = f"{name}_private"
+    await PrefectAgent(_priced_agent(only_unpriced, "my-private-model")).run("go")
+    unpriced = " ".join(cli("costs", "--agent", only_unpriced, "--since", "1h").stdout.split())
+    assert "their cost is unknown: genai-prices has no price for my-private-model." in unpriced, unpriced
+    assert "saved unknown of unknown" not in unpriced
     bad = cli("costs", "--since", "last tuesday")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 

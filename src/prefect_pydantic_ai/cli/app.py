@@ -340,10 +340,15 @@ def costs_command(
             row(f"  {model}", usage.spent, usage.saved)
     console.print(table)
     share = total.share_avoided()
-    console.print(
-        f"Replay avoided {share.model_calls:.0%} of model calls and {share.tokens:.0%} of tokens; "
-        f"saved {usd(total.saved)} of {usd(total.spent + total.saved)}."
-    )
+    avoided = f"Replay avoided {share.model_calls:.0%} of model calls and {share.tokens:.0%} of tokens"
+    unpriced = sorted(m for m, u in total.by_model.items() if usd(u.spent + u.saved) == "unknown")
+    if usd(total.spent + total.saved) == "unknown":  # say why, instead of "saved unknown of unknown"
+        console.print(
+            f"{avoided}; their cost is unknown: genai-prices has no price for {', '.join(unpriced)}."
+        )
+    else:
+        partly = f" (not counting {', '.join(unpriced)}: no price)" if unpriced else ""
+        console.print(f"{avoided}; saved {usd(total.saved)} of {usd(total.spent + total.saved)}{partly}.")
 
 
 @app.command("demo")
@@ -590,8 +595,18 @@ def main() -> None:
             f"error: {exc.format_message()} (see --help)", highlight=False, soft_wrap=True, markup=False
         )
         sys.exit(2)
-    except typer.Abort:
+    except typer.Abort:  # end of input while a command read it
         sys.exit(130)
+    if code == 130:  # Ctrl-C: typer turns the KeyboardInterrupt into exit code 130, silently
+        from prefect_pydantic_ai.infra.server import cli_name
+
+        errors.print(
+            ("\n" if errors.is_terminal else "")  # below a live progress line, not after its ^C
+            + f"Interrupted. An agent run it was in ends cancelled; `{cli_name()} resume RUN` continues it.",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 
