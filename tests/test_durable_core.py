@@ -619,3 +619,59 @@ async def test_ledger_of_a_result_counts_what_executed_and_what_replayed(form: F
     assert recall is not None and len(calls.log) == 6
     assert (recall.spent.model_calls, recall.spent.tool_calls) == (0, 0)
     assert (recall.saved.model_calls, recall.saved.tool_calls) == (0, 0)  # a re-call recovers nothing
+
+
+async def test_an_interrupted_run_ends_cancelled_saying_how_to_resume_and_a_rerun_replays_it() -> None:
+    """Ctrl-C in `asyncio.run` cancels the running task: the run ends Cancelled (Prefect's engine would mark it
+    Crashed), the step and the record say `interrupted` (not an empty `CancelledError:`), and a rerun of the key
+    replays what completed."""
+    from prefect import get_client
+
+    from prefect_pydantic_ai import show_run
+    from prefect_pydantic_ai.durable.steps import INTERRUPTED, StepEvent, observe_steps
+
+    calls, in_tool = Calls(), asyncio.Event()
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        calls("model")
+        if not _returns(messages):
+            return ModelResponse(parts=[ToolCallPart("slow_lookup", {})])
+        return ModelResponse(parts=[TextPart("found it")])
+
+    agent = Agent(FunctionModel(model), name="interrupted_one")
+
+    @agent.tool_plain
+    async def slow_lookup() -> str:
+        calls("slow_lookup")
+        if calls.counts["slow_lookup"] == 1:
+            in_tool.set()
+            await asyncio.sleep(3600)  # the person presses Ctrl-C here
+        return "the answer"
+
+    durable, key, events = PrefectAgent(agent), _key(), []
+    stop = observe_steps(events.append)
+    try:
+        run = asyncio.create_task(durable.run("go", idempotency_key=key))
+        await in_tool.wait()
+        run.cancel()  # what asyncio.run does with the first Ctrl-C
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    finally:
+        stop()
+
+    detail = await show_run(key)
+    assert (detail.state, detail.error) == ("cancelled", INTERRUPTED)
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(uuid.UUID(detail.run_id))
+    assert flow_run.state is not None and flow_run.state.message == (
+        f"Interrupted (Ctrl-C or a cancelled task); resume it with `prefect-pydantic-ai resume {key}`."
+    )
+    assert [(e.title, e.error) for e in events if isinstance(e, StepEvent) and e.error] == [
+        ("tool #2: slow_lookup", INTERRUPTED)
+    ]
+
+    assert (await durable.run("go", idempotency_key=key)).output == "found it"
+    assert calls.counts == {
+        "model": 2,
+        "slow_lookup": 2,
+    }  # the first model call replayed; the lookup ran again

@@ -10,6 +10,7 @@ over this capability; both forms give the same guarantees.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import copy
@@ -22,7 +23,9 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Mappin
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
+from uuid import UUID
 
+import anyio
 from prefect import Flow, get_client
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -30,6 +33,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow_async
+from prefect.states import Cancelled
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler
 from pydantic_ai.capabilities import AbstractCapability, ProcessEventStream
 from pydantic_ai.capabilities.abstract import WrapOutputProcessHandler, WrapRunHandler
@@ -49,7 +53,14 @@ from prefect_pydantic_ai.durable.model_step import (
     attach_sub_run,
 )
 from prefect_pydantic_ai.durable.report import artifact_key, ledger_markdown, remember_ledger
-from prefect_pydantic_ai.durable.steps import RunningStep, StepPhase, StepTasks, record_replays, running_step
+from prefect_pydantic_ai.durable.steps import (
+    RunningStep,
+    StepPhase,
+    StepTasks,
+    describe_failure,
+    record_replays,
+    running_step,
+)
 from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from prefect_pydantic_ai.durable.tool_step import ToolSteps, ToolTasks
 from prefect_pydantic_ai.durable.wait import (
@@ -59,7 +70,7 @@ from prefect_pydantic_ai.durable.wait import (
     awaiting_approval_of_bare_run,
 )
 from prefect_pydantic_ai.errors import DurabilityConfigError, NotJournalableError, RunError
-from prefect_pydantic_ai.infra.server import ensure_api
+from prefect_pydantic_ai.infra.server import cli_name, ensure_api
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.store.crashes import settle_if_dead
 from prefect_pydantic_ai.store.records import (
@@ -246,13 +257,23 @@ class PrefectDurability(AbstractCapability[Any]):
         key = _run_key.get()
         recall_of = await _earlier_attempts(key) if key is not None else None
 
+        started: list[UUID] = []  # the flow run, once it exists
+
         async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
+            flow_ctx = FlowRunContext.get()
+            if flow_ctx is not None and flow_ctx.flow_run is not None:
+                started.append(flow_ctx.flow_run.id)
             return await self._durable(ctx, inputs, handler, recall_of)
 
         flow = self.flow(agent_run, key)
         prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
-        with awaiting_approval_of_bare_run():
-            return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
+        try:
+            with awaiting_approval_of_bare_run():
+                return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            if started:
+                await _cancelled(started[0], key)
+            raise
 
     def flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
         """The agent's own flow around `fn` (a bare run), named after the agent."""
@@ -584,7 +605,7 @@ async def _record_attempt(
         state=state,
         finished_at=datetime.now(UTC),
         output=stored_output,
-        error=None if error is None else f"{type(error).__name__}: {error}",
+        error=None if error is None else describe_failure(error),
         ledger=log.spent if state == "running" else log.ledger(),
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
@@ -612,6 +633,16 @@ async def _finish(
         description=f"prefect-pydantic-ai: what {record.agent} spent and what replay saved",
     )
     return attempt.ledger
+
+
+async def _cancelled(flow_run_id: UUID, key: str | None) -> None:
+    """An interrupted bare run (Ctrl-C) ends Cancelled, not Crashed as Prefect's engine marks it: nothing died,
+    and the message says how to go on. Shielded: the cancellation that interrupted the run is not repeated."""
+    ref = key or str(flow_run_id)
+    message = f"Interrupted (Ctrl-C or a cancelled task); resume it with `{cli_name()} resume {ref}`."
+    with anyio.CancelScope(shield=True):
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
 
 
 async def _earlier_attempts(key: str) -> str | None:
