@@ -61,6 +61,7 @@ import httpx
 import pytest
 
 from tests.commands import _environ, cli
+from tests.test_patterns import registered
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -1269,13 +1270,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             start_new_session=True,
         )
     try:
-        url = f"{os.environ['PREFECT_API_URL']}/deployments/name/analyze-and-report/data-analysis-service"
-        deadline = time.monotonic() + 120
-        while (response := httpx.get(url)).status_code != 200:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the deployment was not registered in time"
-            time.sleep(0.5)
-        yield Service(process, log, dict(response.json()))
+        yield Service(process, log, registered("data-analysis-service", process, log))
     finally:
         os.killpg(
             process.pid, signal.SIGTERM

@@ -397,6 +397,19 @@ def test_prompt_carries_the_ticket_text_after_a_blank_line() -> None:
 # -- Pattern 4: the flow served as a deployment --------------------------------------------------------------
 
 
+def registered(
+    deployment: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120
+) -> dict[str, Any]:
+    """The `analyze-and-report/<deployment>` deployment once the serving `process` has registered it."""
+    url = f"{os.environ['PREFECT_API_URL']}/deployments/name/analyze-and-report/{deployment}"
+    deadline = time.monotonic() + timeout
+    while (response := httpx.get(url)).status_code != 200:
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the deployment was not registered in time"
+        time.sleep(0.5)
+    return dict(response.json())
+
+
 @contextmanager
 def serving(
     log: Path, deployment: str, outbox: Path, *args: str, env: dict[str, str] | None = None
@@ -421,13 +434,7 @@ def serving(
             stderr=subprocess.STDOUT,
         )
         try:
-            url = f"{os.environ['PREFECT_API_URL']}/deployments/name/analyze-and-report/{deployment}"
-            deadline = time.monotonic() + 90
-            while (response := httpx.get(url)).status_code != 200:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the deployment was not registered in time"
-                time.sleep(0.5)
-            yield dict(response.json())
+            yield registered(deployment, proc, log)
         finally:
             proc.terminate()
             try:
