@@ -37,6 +37,7 @@ from prefect_pydantic_ai.store.file_locks import process_alive
 ADDRESS_FILE = "prefect-pydantic-ai-server.json"
 LOCK_FILE = "prefect-pydantic-ai-server.lock"
 LOG_FILE = "prefect-pydantic-ai-server.log"
+PORT_FILE = "prefect-pydantic-ai-server.port"  # the port it listened on last time; kept by `server stop`
 OPT_OUT = "PREFECT_PYDANTIC_AI_LOCAL_SERVER"
 BOOT_TIMEOUT = 120.0  # a first boot migrates a new database; on 2 slow cores that can take a while
 HEALTH_TIMEOUT = 1.0  # a live local server answers in milliseconds; a dead port fails at once
@@ -213,14 +214,26 @@ def stop_server(home: Path) -> ServerAddress | None:
 
 
 def home_port(home: Path) -> int:
-    """The port the local server of `home` listens on when it is free: the same after every restart, so a URL in
-    a shell (`server env`), a bookmark of the UI or a printed hint stays valid; one per PREFECT_HOME (4300-4999,
-    from its path), clear of Prefect's own 4200."""
+    """The port the first local server of `home` tries: one per PREFECT_HOME (4300-4999, from its path), clear
+    of Prefect's own 4200."""
     digest = hashlib.sha256(str(home.resolve()).encode()).digest()
     return 4300 + int.from_bytes(digest[:4], "big") % 700
 
 
-def _port_is_free(port: int) -> bool:
+def _choose_port(home: Path) -> int:
+    """The port the last server of `home` listened on, else `home_port`, whichever is free, else any free one;
+    remembered, so the URL in a shell (`server env`), a bookmark of the UI or a printed hint stays valid across
+    restarts."""
+    try:
+        candidates = [int((home / PORT_FILE).read_text())]
+    except (OSError, ValueError):
+        candidates = []
+    port = next((p for p in [*candidates, home_port(home)] if port_is_free(p)), None) or free_port()
+    (home / PORT_FILE).write_text(str(port))
+    return port
+
+
+def port_is_free(port: int) -> bool:
     """Nothing listens on `port` (connections of a stopped server lingering in TIME_WAIT do not count, as they
     do not stop the server's own bind: uvicorn sets SO_REUSEADDR too)."""
     with socket.socket() as s:
@@ -233,9 +246,7 @@ def _port_is_free(port: int) -> bool:
 
 
 def _spawn(home: Path) -> ServerAddress:
-    port = home_port(home)
-    if not _port_is_free(port):
-        port = free_port()
+    port = _choose_port(home)
     url = f"http://127.0.0.1:{port}/api"
     log_path = home / LOG_FILE
     env = {
