@@ -110,17 +110,21 @@ def test_empty_listings_say_which_filter_found_nothing(one_run: tuple[str, str])
     ]
 
 
-def test_runs_table_fits_80_columns_with_whole_ids_and_states(one_run: tuple[str, str]) -> None:
+@pytest.mark.parametrize("columns", [80, 120])
+def test_runs_table_fits_80_columns_with_whole_ids_states_and_headers(
+    one_run: tuple[str, str], columns: int
+) -> None:
     name, run_id = one_run
-    out = cli("runs", "--limit", "5")
+    out = commands.cli("runs", "--limit", "5", columns=columns)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert max(len(line) for line in lines) <= 80, out.stdout
+    assert max(len(line) for line in lines) <= columns, out.stdout
+    assert lines[1].split() == ["Run", "id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Took"]
     assert "…" not in out.stdout, out.stdout
     assert re.search(rf"{run_id[:12]} .* completed ", out.stdout) or run_id[:12] not in out.stdout
-    mine = cli("runs", "--agent", name)
+    mine = commands.cli("runs", "--agent", name, columns=columns)
     row = next(line for line in mine.stdout.splitlines() if run_id[:12] in line)
-    assert " completed " in row and len(row) <= 80, mine.stdout
+    assert " completed " in row and len(row) <= columns, mine.stdout
 
 
 @pytest.mark.parametrize("command", [["runs"], ["show", "some-run"], ["costs"]])

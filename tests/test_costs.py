@@ -141,8 +141,10 @@ async def test_costs_sums_several_runs_and_unknown_models_show_usage_with_unknow
     assert (
         unknown is not None and unknown.spent.input_tokens == 7700 and unknown.spent.unpriced_model_calls == 3
     )
-    human = cli("costs", "--agent", name, "--since", "1h")
+    human = cli("costs", "--agent", name, "--since", "1h", columns=80)
     assert human.returncode == 0 and "my-private-model" in human.stdout and "unknown" in human.stdout
+    assert name in human.stdout and "…" not in human.stdout, human.stdout  # names are not cut at 80 columns
+    assert max(len(line) for line in human.stdout.splitlines()) <= 80, human.stdout
     summary = " ".join(human.stdout.split())
     assert "(not counting my-private-model: no price)." in summary, summary
     only_unpriced = f"{name}_private"

@@ -8,6 +8,7 @@ The script (tests/scripts/five_step.py) logs every model and tool call before ma
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import uuid
@@ -73,6 +74,11 @@ def test_a_recall_of_a_completed_key_executes_nothing_counts_no_savings_and_show
     listed = json.loads(cli("runs", "--agent", env["FIVE_STEP_AGENT"], "--json").stdout)
     recalls = [r for r in listed if r["idempotency_key"] == key]
     assert len(recalls) == 2 and sum(r["recall"] for r in recalls) == 1
+    [recall] = [r["run_id"] for r in recalls if r["recall"]]
+    table = cli("runs", "--agent", env["FIVE_STEP_AGENT"], columns=80).stdout.splitlines()
+    row = next(at for at, line in enumerate(table) if recall[:12] in line)
+    assert re.search(r" completed +- +- ", table[row]), table  # no steps counted as run or replayed
+    assert "(re-call)" in table[row + 1], table  # the line below its state
 
 
 def test_a_killed_attempt_shows_the_step_it_died_in_as_crashed_with_what_it_spent(tmp_path: Path) -> None:

@@ -122,15 +122,15 @@ def runs_command(
     if not found:
         console.print(_no_runs(state, agent))
         return
-    # Fits 80 columns: ids and states are never cut; keys and agent names wrap; times drop the year.
-    table = Table(title="Agent runs", title_justify="left", padding=(0, 1), pad_edge=False)
-    for column in ("Run id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Duration"):
-        fixed = column in ("Run id", "State", "Started")
+    # Fits 80 columns: ids, states and headers are never cut (no rules: they cost 9 columns); keys and
+    # agent names wrap; times drop the year and the seconds.
+    table = Table(title="Agent runs", title_justify="left", padding=(0, 1), pad_edge=False, box=None)
+    for column in ("Run id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Took"):
         table.add_column(
             column,
-            justify="right" if column in ("Steps", "Replayed", "Duration") else "left",
-            no_wrap=fixed,
-            min_width=12 if column == "Run id" else 9 if column == "State" else None,
+            justify="right" if column in ("Steps", "Replayed", "Took") else "left",
+            no_wrap=column in ("Run id", "State", "Started"),
+            min_width={"Run id": 12, "State": 9, "Key": 5}.get(column, len(column)),
             overflow="fold",
         )
     for run in found:
@@ -140,10 +140,11 @@ def runs_command(
             run.idempotency_key or "-",
             ", ".join(run.agents),
             (f"[{style}]{run.state}[/{style}]" if style else run.state)
-            + (f"\nawaiting approval: {', '.join(run.awaiting)}" if run.awaiting else ""),
-            str(run.steps_completed),
-            str(run.steps_replayed),
-            when(run.started)[5:],
+            + (f"\nawaiting approval: {', '.join(run.awaiting)}" if run.awaiting else "")
+            + ("\n(re-call)" if run.recall else ""),  # it returned the key's stored output
+            "-" if run.recall else str(run.steps_completed),  # it neither ran nor replayed a step
+            "-" if run.recall else str(run.steps_replayed),
+            when(run.started)[5:-3],
             seconds(run.duration_s),
         )
     console.print(table)
@@ -311,17 +312,17 @@ def costs_command(
         }
         print(json.dumps(document, indent=2))
         return
-    table = Table(title=f"Costs since {since} ({len(found)} attempts)", title_justify="left")
-    for column in (
-        "Agent / model",
-        "Calls spent",
-        "Calls saved",
-        "Tokens spent",
-        "Tokens saved",
-        "Spent",
-        "Saved",
-    ):
-        table.add_column(column, justify="left" if column == "Agent / model" else "right")
+    # Fits 80 columns without cutting a name: no rules (they cost 8 columns), names wrap, numbers never do.
+    table = Table(
+        title=f"Costs since {since} ({len(found)} attempts)",
+        title_justify="left",
+        box=None,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    table.add_column("Agent / model", overflow="fold", min_width=13)
+    for column in ("Calls\nspent", "Calls\nsaved", "Tokens\nspent", "Tokens\nsaved", "Spent", "Saved"):
+        table.add_column(column, justify="right", no_wrap=True)
 
     def row(label: str, spent: Any, saved: Any) -> None:
         table.add_row(
