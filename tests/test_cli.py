@@ -329,3 +329,24 @@ def test_a_step_whose_completion_event_died_with_the_process_shows_executed_when
         "executed",
         "failed",
     ]
+
+
+def test_ctrl_c_typed_during_a_run_ends_it_cancelled_and_resume_completes_it(tmp_path: Path) -> None:
+    """Ctrl-C in a real terminal while a tool waits: the run ends Cancelled (not Crashed), saying how to go on;
+    `resume` replays the model call and runs the tool again."""
+    from tests.terminal import ctrl_c_when
+
+    log, key = tmp_path / "calls.log", f"ctrl-c-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "SLOW_TOOL_LOG": str(log), "SLOW_TOOL_HANG": "1"}
+    argv = [sys.executable, str(SCRIPTS / "slow_tool.py"), key]
+    code, text, interrupted = ctrl_c_when(argv, env, tmp_path, b"WAITING")
+    assert interrupted and code != 0, text
+    assert calls(log) == ["model", "lookup"]
+
+    stopped = show(key)
+    assert stopped["state"] == "cancelled", stopped
+    assert stopped["error"] == "interrupted: the run was cancelled (Ctrl-C, or its task was cancelled)"
+    resumed = cli("resume", key, env={"SLOW_TOOL_LOG": str(log)})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert show(key)["state"] == "completed"
+    assert calls(log) == ["model", "lookup", "lookup", "model"]  # the first model call replayed

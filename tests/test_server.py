@@ -328,31 +328,14 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_stopped_not_left_beh
 def test_ctrl_c_in_a_terminal_is_one_line_and_exit_code_130_from_dev_py(home: Home) -> None:
     """Ctrl-C typed into a real terminal (a pty) while `python3 dev.py cli server start` waits for the server:
     dev.py and the command both get SIGINT; the command says so in one line, dev.py adds no traceback."""
-    import pty
-    import select
+    from tests.terminal import ctrl_c_when
 
-    root = Path(__file__).parents[1]
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: a new session whose controlling terminal is the pty
-        os.chdir(root)
-        os.execve(sys.executable, [sys.executable, "dev.py", "cli", "server", "start"], home.env)
-    output, deadline, interrupted = b"", time.monotonic() + TIMEOUT, False
-    while time.monotonic() < deadline:
-        if not interrupted and b"Starting a local Prefect server" in output:
-            os.write(terminal, b"\x03")  # what the terminal sends for Ctrl-C
-            interrupted = True
-        if select.select([terminal], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(terminal, 4096)
-            except OSError:  # the child closed the terminal: it ended
-                break
-            if not chunk:
-                break
-            output += chunk
-    _, status = os.waitpid(pid, 0)
-    text = output.decode(errors="replace")
+    argv = [sys.executable, "dev.py", "cli", "server", "start"]
+    code, text, interrupted = ctrl_c_when(
+        argv, home.env, Path(__file__).parents[1], b"Starting a local Prefect"
+    )
     assert interrupted, text
-    assert os.waitstatus_to_exitcode(status) == 130, text
+    assert code == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     assert text.rstrip().splitlines()[-1] == (
         "Interrupted. An agent run it was in ends cancelled; `python3 dev.py cli resume RUN` continues it."
