@@ -543,7 +543,7 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: F
         name="per_tool",
         tool_task_config=TaskConfig(retries=2, retry_delay_seconds=0),
         tool_task_config_by_name={
-            "slow_sync": TaskConfig(timeout_seconds=5.0),  # keeps retries=2 from the default
+            "slow_sync": TaskConfig(timeout_seconds=2.0),  # keeps retries=2 from the default
             "vetoed": TaskConfig(retry_condition_fn=lambda task, run, state: False),
         },
     )
@@ -552,7 +552,7 @@ async def test_per_tool_config_overrides_the_tool_default_field_by_field(form: F
     def slow_sync() -> str:  # a sync tool: its first attempt outlasts the per-tool timeout
         attempts["slow_sync"] += 1
         if attempts["slow_sync"] == 1:
-            time.sleep(8)
+            time.sleep(4)
         return "done"
 
     @agent.tool_plain
