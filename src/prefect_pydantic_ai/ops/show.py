@@ -84,8 +84,9 @@ async def show_run(ref: str) -> RunDetail:
     # each attempt's steps, whether its process died, and whether it stopped to wait for a decision
     attempts: list[tuple[list[StepView], bool, bool]] = []
     for fr in runs:
-        for count in range(1, max(fr.run_count, 1) + 1):  # a run not started yet has one (empty) attempt
-            last = fr.id == flow_run.id and count == fr.run_count
+        attempts_of_run = max(fr.run_count, 1)  # a run not started yet has one (empty) attempt
+        for count in range(1, attempts_of_run + 1):
+            last = fr.id == flow_run.id and count == attempts_of_run
             died = state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
             over = state_of(fr) == "crashed" or not last
             steps = timeline(
