@@ -60,17 +60,16 @@ async def completed_keys(keys: set[str]) -> dict[str, str]:
     async with get_client() as client:
         done = await client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(any_=[f"key:{key}" for key in sorted(keys)]),
+                tags=FlowRunFilterTags(all_=[TAG], any_=[f"key:{key}" for key in sorted(keys)]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
             ),
             sort=FlowRunSort.START_TIME_DESC,
         )
     found: dict[str, str] = {}
     for fr in done:
-        if TAG in fr.tags:
-            for key in tag_values(fr, "key:"):
-                found.setdefault(key, str(fr.id))
-    return {key: run for key, run in found.items() if key in keys}
+        for key in set(tag_values(fr, "key:")) & keys:
+            found.setdefault(key, str(fr.id))
+    return found
 
 
 def state_of(flow_run: FlowRun) -> RunState:
