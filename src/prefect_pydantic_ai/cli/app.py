@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
-from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
 
 from prefect_pydantic_ai.cli.display import (
     STATE_STYLE,
     console,
     errors,
+    listing,
     print_detail,
     print_step,
     seconds,
@@ -124,7 +124,7 @@ def runs_command(
         return
     # Fits 80 columns: ids, states and headers are never cut (no rules: they cost 9 columns); keys and
     # agent names wrap; times drop the year and the seconds.
-    table = Table(title="Agent runs", title_justify="left", padding=(0, 1), pad_edge=False, box=None)
+    table = listing("Agent runs")
     for column in ("Run id", "Key", "Agent", "State", "Steps", "Replayed", "Started", "Took"):
         table.add_column(
             column,
@@ -313,13 +313,7 @@ def costs_command(
         print(json.dumps(document, indent=2))
         return
     # Fits 80 columns without cutting a name: no rules (they cost 8 columns), names wrap, numbers never do.
-    table = Table(
-        title=f"Costs since {since} ({len(found)} attempts)",
-        title_justify="left",
-        box=None,
-        padding=(0, 1),
-        pad_edge=False,
-    )
+    table = listing(f"Costs since {since} ({len(found)} attempts)")
     table.add_column("Agent / model", overflow="fold", min_width=13)
     for column in ("Calls\nspent", "Calls\nsaved", "Tokens\nspent", "Tokens\nsaved", "Spent", "Saved"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -695,7 +689,7 @@ def cluster_up_command(
 
 def _print_cluster(cluster: Cluster) -> None:
     console.print(f"Prefect UI: [bold]{cluster.ui_url}[/bold]  (API {cluster.api_url})", highlight=False)
-    table = Table(title_justify="left", padding=(0, 1), pad_edge=False, box=None)
+    table = listing()
     for column in ("Component", "State", "Pid", "Address"):
         table.add_column(column, no_wrap=column != "Address", overflow="fold")
     for component in cluster.components:

@@ -34,6 +34,11 @@ STATE_STYLE = {
 }
 
 
+def listing(title: str | None = None) -> Table:
+    """A table for listings at 80 columns: no rules (they cost a column each), one space between columns."""
+    return Table(title=title, title_justify="left", box=None, padding=(0, 1), pad_edge=False)
+
+
 def when(moment: datetime | None) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
