@@ -231,9 +231,8 @@ read once by the line that announces the retry (`step_logs`)."""
 def _remember_retry_after(seconds: float) -> None:
     context = TaskRunContext.get()
     if seconds > 0 and context is not None:
-        while (
-            len(RETRY_AFTER) >= 1000
-        ):  # a step whose retries ran out leaves its entry: keep the table bounded
+        # a step whose retries ran out leaves its entry: keep the table bounded
+        while len(RETRY_AFTER) >= 1000:
             RETRY_AFTER.pop(next(iter(RETRY_AFTER)))
         RETRY_AFTER[str(context.task_run.id)] = seconds
 
@@ -466,8 +465,9 @@ class StepTasks:
                             return decided
                     return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
                 except Exception as exc:
-                    wait_until = time.monotonic() + _retry_after(exc)
-                    _remember_retry_after(_retry_after(exc))
+                    after = _retry_after(exc)
+                    wait_until = time.monotonic() + after
+                    _remember_retry_after(after)
                     if guarded and not isinstance(exc, StepTimeoutError | UnverifiedEffectError):
                         await _set_marker(storage, key, _FINISHED)  # it reported failure: nothing unverified
                     raise
