@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from unittest import mock
 
 _CAPTURE = threading.Lock()  # sys.stdout is one per process: one in-process command at a time
 
@@ -63,7 +63,7 @@ def _in_process(args: list[str], columns: int) -> subprocess.CompletedProcess[st
         for console in (display.console, display.errors):
             stack.callback(setattr, console, "_width", console._width)
             console.width = columns
-        stack.enter_context(_environ(COLUMNS=str(columns)))  # click's help reads the width from it
+        stack.enter_context(mock.patch.dict(os.environ, COLUMNS=str(columns)))  # click's help reads it
         argv = sys.argv[:]
         stack.callback(setattr, sys, "argv", argv)
         sys.argv = ["prefect-pydantic-ai", *args]
@@ -73,17 +73,3 @@ def _in_process(args: list[str], columns: int) -> subprocess.CompletedProcess[st
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return subprocess.CompletedProcess(["prefect-pydantic-ai", *args], code, out.getvalue(), err.getvalue())
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

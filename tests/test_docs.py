@@ -60,7 +60,7 @@ from unittest import mock
 import httpx
 import pytest
 
-from tests.commands import _environ, cli
+from tests.commands import cli
 from tests.test_patterns import registered
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1050,7 +1050,7 @@ def check_setting(state: Commands, command: Command, name: str, value: str) -> N
             state.problem(command.line, f"{name} is no setting of prefect_pydantic_ai.settings")
             return
         try:
-            with _environ(**{name: value}):
+            with mock.patch.dict(os.environ, {name: value}):
                 read = getattr(Settings(), setting)
         except ValidationError as exc:
             state.problem(command.line, f"{name}={value} is refused: {exc.errors()[0]['msg']}")
@@ -1067,7 +1067,7 @@ def check_setting(state: Commands, command: Command, name: str, value: str) -> N
             state.problem(command.line, f"{name} is not a Prefect setting")
             return
         try:
-            with _environ(**{name: value}):
+            with mock.patch.dict(os.environ, {name: value}):
                 read = prefect_setting.value_from(prefect.settings.Settings())
         except ValidationError as exc:
             state.problem(command.line, f"{name}={value} is refused: {exc.errors()[0]['msg']}")
