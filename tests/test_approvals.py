@@ -267,13 +267,16 @@ async def test_the_console_script_approves_the_example_from_the_clone_only_once_
 async def test_giving_the_same_decision_twice_is_harmless_and_a_different_one_is_refused(
     tmp_path: Path,
 ) -> None:
-    from prefect_pydantic_ai.durable.wait import decision_values, give_decision, waiting_for
+    from prefect_pydantic_ai.durable.wait import decision_values, give_decision
     from prefect_pydantic_ai.errors import RunError
+    from prefect_pydantic_ai.store.prefect_rest import prefect_api
+    from prefect_pydantic_ai.store.waits import waiting_for
 
     run_id, env, calls = _start(tmp_path)
-    async with get_client() as client:
-        flow_run = await client.read_flow_run(uuid.UUID(run_id))
-    waiting = await waiting_for(flow_run)
+    async with prefect_api() as api:
+        flow_run = await api.flow_run(uuid.UUID(run_id))
+        assert flow_run is not None
+        waiting = await waiting_for(api, flow_run)
     assert waiting is not None
     approve = decision_values(waiting.calls, deny=None, message=None, results=None)
     await give_decision(flow_run, waiting, approve)

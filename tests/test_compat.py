@@ -51,7 +51,7 @@ from prefect_pydantic_ai import (
     PrefectDurability,
     TaskConfig,
 )
-from prefect_pydantic_ai.ops.timeline import parse_task_run_name
+from prefect_pydantic_ai.store.step_names import parse_task_run_name
 
 pytestmark = pytest.mark.anyio
 

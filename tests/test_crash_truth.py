@@ -148,6 +148,7 @@ async def test_settling_a_dead_runs_steps_completes_those_its_record_says_comple
     from prefect.states import Pending, Running
 
     from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
+    from prefect_pydantic_ai.store.prefect_rest import prefect_api
 
     def step() -> None: ...
 
@@ -160,7 +161,8 @@ async def test_settling_a_dead_runs_steps_completes_those_its_record_says_comple
                 Task(step), flow_run.id, dynamic_key=name, name=name, state=Pending()
             )
             await client.set_task_run_state(task_run.id, Running())
-        settled = await crash_unfinished_task_runs(client, flow_run.id, "gone", {(1, names[0])})
+        async with prefect_api() as api:
+            settled = await crash_unfinished_task_runs(api, flow_run.id, "gone", {(1, names[0])})
         task_runs = await client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )

@@ -367,7 +367,7 @@ def _agent_flow_runs_since(started: datetime, *, keyed: bool) -> list[Any]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, FlowRunFilterTags
 
-    from prefect_pydantic_ai.store.records import TAG
+    from prefect_pydantic_ai.store.prefect_rest import TAG
 
     async def read() -> list[Any]:
         async with get_client() as client:
@@ -637,7 +637,7 @@ def _resume_without_record() -> tuple[str, dict[str, str]]:
     from prefect import flow, get_client
     from prefect.states import Failed, Running
 
-    from prefect_pydantic_ai.store.records import TAG
+    from prefect_pydantic_ai.store.prefect_rest import TAG
 
     @flow(name="docs-test-elsewhere")
     def elsewhere() -> None:

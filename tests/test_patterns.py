@@ -54,7 +54,7 @@ from examples.triage_ticket import (
 )
 from examples.triage_ticket import main as triage_main
 from prefect_pydantic_ai.demo.analyst import DEFAULT_PROMPT, DataAnalysis, build_analyst_agent, sales_dataset
-from prefect_pydantic_ai.ops.timeline import parse_task_run_name
+from prefect_pydantic_ai.store.step_names import parse_task_run_name
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
 
 ROOT = Path(__file__).resolve().parents[1]

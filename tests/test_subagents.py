@@ -29,7 +29,8 @@ from examples.research_and_summarize import research_and_summarize
 from prefect_pydantic_ai.cli.display import show_json, timeline_table
 from prefect_pydantic_ai.ops.show import show_run
 from prefect_pydantic_ai.ops.timeline import StepView, step_tree
-from prefect_pydantic_ai.store.records import TAG, RunRecord, read_records, tag_values
+from prefect_pydantic_ai.store.prefect_rest import TAG, tag_values
+from prefect_pydantic_ai.store.records import RunRecord, read_records
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
 
 SCRIPT = Path(__file__).parent / "scripts" / "delegation.py"

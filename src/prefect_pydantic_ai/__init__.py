@@ -16,14 +16,14 @@ if TYPE_CHECKING:
     from .durable.agent import PrefectAgent as PrefectAgent
     from .durable.capability import PrefectDurability as PrefectDurability
     from .durable.capability import idempotency_key as idempotency_key
+    from .durable.errors import DurabilityConfigError as DurabilityConfigError
+    from .durable.errors import NotJournalableError as NotJournalableError
     from .durable.model_step import StreamRetryEvent as StreamRetryEvent
     from .durable.report import ledger_of as ledger_of
     from .durable.steps import step_idempotency_key as step_idempotency_key
     from .durable.task_config import TaskConfig as TaskConfig
     from .durable.wait import ApprovalTimeout as ApprovalTimeout
     from .durable.wait import AwaitingApproval as AwaitingApproval
-    from .errors import DurabilityConfigError as DurabilityConfigError
-    from .errors import NotJournalableError as NotJournalableError
     from .errors import RunError as RunError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
@@ -41,8 +41,8 @@ _EXPORTS = {
     "PrefectDurability": "durable.capability",
     "idempotency_key": "durable.capability",
     "TaskConfig": "durable.task_config",
-    "DurabilityConfigError": "errors",
-    "NotJournalableError": "errors",
+    "DurabilityConfigError": "durable.errors",
+    "NotJournalableError": "durable.errors",
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "durable.report",

@@ -1,16 +1,9 @@
-"""Errors raised for things the user has to fix: each message says what is wrong and what to do."""
+"""Errors of runs, raised for things the user has to fix or decide: each message says what is wrong and what to do.
+
+They import nothing, so the CLI's read-only commands can raise and catch them without importing pydantic-ai
+(the errors of a misconfigured agent, pydantic-ai `UserError`s, are in `durable.errors`)."""
 
 from __future__ import annotations
-
-from pydantic_ai.exceptions import UserError
-
-
-class DurabilityConfigError(UserError):
-    """The agent or a run cannot be made durable as configured (unnamed agent, no model, duplicate names...)."""
-
-
-class NotJournalableError(DurabilityConfigError):
-    """A run input (deps, metadata) or a tool result cannot be written to the journal as JSON."""
 
 
 class UnverifiedEffectError(RuntimeError):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from genai_prices import calc_price
 from pydantic import BaseModel, ConfigDict, Field, computed_field
-from pydantic_ai.messages import ModelResponse
-from pydantic_ai.usage import RequestUsage
+
+if TYPE_CHECKING:  # imported where used: `runs` and `costs` read ledgers without importing pydantic-ai
+    from pydantic_ai.messages import ModelResponse
+    from pydantic_ai.usage import RequestUsage
 
 UNKNOWN_MODEL = "unknown"
 """Key under which `Ledger.by_model` files steps whose response carries no model name."""
@@ -44,6 +45,8 @@ def price_request(
     omitted its usage (`unmeasured_requests`), or when the counts are inconsistent (e.g. more cached than
     input tokens): pricing must never fail the agent run it reports on.
     """
+    from genai_prices import calc_price
+
     if usage.unmeasured_requests:
         return None
     try:
@@ -57,6 +60,8 @@ def price_totals_as(totals: UsageTotals, model_name: str) -> Decimal | None:
     """What `totals`' tokens would cost at `model_name`'s current price (genai-prices): a named reference price for
     calls that have none of their own (a scripted model), to show savings in dollars. Exact for models priced
     per token without tiers (gpt-4o)."""
+    from pydantic_ai.usage import RequestUsage
+
     usage = RequestUsage(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,

@@ -49,29 +49,43 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> _T:
-        from pydantic_ai.exceptions import UserError
-
         from prefect_pydantic_ai.errors import RunError
+        from prefect_pydantic_ai.store.prefect_rest import ApiError
 
         try:
             return fn(*args, **kwargs)
-        except (RunError, UserError, ValueError) as exc:  # a bad CSV (DatasetError) is a ValueError too
+        except (RunError, ValueError) as exc:  # a bad CSV (DatasetError) is a ValueError too
             errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except httpx.TransportError as exc:  # not the user's input: exit 1, but one line naming the server
-            errors.print(f"[red]error:[/red] {_unreachable(exc)}", highlight=False, soft_wrap=True)
+        except (
+            httpx.TransportError,
+            ApiError,
+        ) as exc:  # not the user's input: exit 1, one line naming the server
+            line = _unreachable(exc) if isinstance(exc, httpx.TransportError) else str(exc)
+            errors.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Exception as exc:
+            if not _is_user_error(exc):
+                raise
+            errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
 
+def _is_user_error(exc: Exception) -> bool:
+    """pydantic-ai's `UserError` (a misconfigured agent), checked without importing pydantic-ai for every command:
+    an error of its class can only have been raised once it was imported."""
+    module = sys.modules.get("pydantic_ai.exceptions")
+    return module is not None and isinstance(exc, module.UserError)
+
+
 def _unreachable(exc: httpx.TransportError) -> str:
     """One line for a Prefect API that did not answer: its URL, what failed, and what to do."""
-    from prefect.settings import get_current_settings
-
     from prefect_pydantic_ai.infra.server import cli_name
+    from prefect_pydantic_ai.prefect_settings import prefect_settings
 
-    url = str(get_current_settings().api.url or "the configured Prefect API")
+    url = prefect_settings().api_url or "the configured Prefect API"
     try:
         if not str(exc.request.url).startswith(url):  # not the API itself: name what did not answer
             url = str(exc.request.url.copy_with(query=None))
@@ -182,11 +196,10 @@ def show_command(
 
 def _ui_footer(run_id: str | None) -> None:
     """Where to see it in the Prefect UI: the run's page, or the UI's list of runs."""
-    from prefect.settings import get_current_settings
-
     from prefect_pydantic_ai.infra.server import run_url
+    from prefect_pydantic_ai.prefect_settings import prefect_settings
 
-    ui = get_current_settings().ui_url
+    ui = prefect_settings().ui_url
     if ui:
         console.print(f"[dim]Prefect UI: {run_url(run_id) if run_id else ui.rstrip('/') + '/runs'}[/dim]")
 

@@ -48,7 +48,7 @@ def _step(fail_at: str) -> tuple[str, int]:
 
 def _fault_title(fail_at: str, model_name: str) -> str:
     """The step `--fail-at` names, as the timelines will call it (`model #3: offline-analyst (scripted)`)."""
-    from prefect_pydantic_ai.durable.steps import step_title
+    from prefect_pydantic_ai.store.step_names import step_title
 
     ordinal = int(fail_at) if fail_at.isdigit() else list(STEPS).index(fail_at) + 1
     name, _ = _step(fail_at)

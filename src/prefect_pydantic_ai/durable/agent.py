@@ -14,10 +14,11 @@ from pydantic_ai.tools import AgentDepsT
 
 from prefect_pydantic_ai.durable.capability import PrefectDurability, durability_of, realtime_refused
 from prefect_pydantic_ai.durable.capability import idempotency_key as within_key
+from prefect_pydantic_ai.durable.errors import DurabilityConfigError
 from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike
-from prefect_pydantic_ai.durable.wait import ApprovalMode, awaiting_approval_of_bare_run
-from prefect_pydantic_ai.errors import DurabilityConfigError
+from prefect_pydantic_ai.durable.wait import awaiting_approval_of_bare_run
 from prefect_pydantic_ai.store.records import entrypoint_of, load_entrypoint
+from prefect_pydantic_ai.store.waits import ApprovalMode
 
 
 class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):

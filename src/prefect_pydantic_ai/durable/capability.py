@@ -28,9 +28,7 @@ from uuid import UUID
 import anyio
 from prefect import Flow, get_client
 from prefect.artifacts import acreate_markdown_artifact
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.client.schemas.sorting import FlowRunSort
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.flow_engine import run_flow_async
 from prefect.states import Cancelled
@@ -44,6 +42,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunContext, ToolDefinition
 from pydantic_ai.toolsets import FunctionToolset
 
+from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
 from prefect_pydantic_ai.durable.model_step import (
     DurableModel,
@@ -64,18 +63,16 @@ from prefect_pydantic_ai.durable.steps import (
 from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from prefect_pydantic_ai.durable.tool_step import ToolSteps, ToolTasks
 from prefect_pydantic_ai.durable.wait import (
-    ApprovalMode,
     WaitSuspended,
     await_decision,
     awaiting_approval_of_bare_run,
 )
-from prefect_pydantic_ai.errors import DurabilityConfigError, NotJournalableError, RunError
+from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.infra.server import cli_name, ensure_api
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.store.crashes import settle_if_dead
+from prefect_pydantic_ai.store.prefect_rest import RECALL_TAG, TAG, StateType, prefect_api
 from prefect_pydantic_ai.store.records import (
-    RECALL_TAG,
-    TAG,
     AttemptRecord,
     RunRecord,
     entrypoint_of,
@@ -85,6 +82,7 @@ from prefect_pydantic_ai.store.records import (
     write_record,
     write_step_mark,
 )
+from prefect_pydantic_ai.store.waits import ApprovalMode
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
 
@@ -647,15 +645,11 @@ async def _cancelled(flow_run_id: UUID, key: str | None) -> None:
 
 async def _earlier_attempts(key: str) -> str | None:
     """Settle earlier attempts of logical run `key` whose process died; the flow run that completed it, if any."""
-    async with get_client() as client:
-        earlier = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
-            sort=FlowRunSort.START_TIME_DESC,
-            limit=50,
-        )
+    async with prefect_api() as api:
+        earlier = await api.flow_runs({"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_DESC", 50)
         completed = None
         for flow_run in earlier:
-            flow_run = await settle_if_dead(client, flow_run)
+            flow_run = await settle_if_dead(api, flow_run)
             done = flow_run.state is not None and flow_run.state.type == StateType.COMPLETED
             if completed is None and done and RECALL_TAG not in flow_run.tags:
                 completed = str(flow_run.id)

@@ -16,17 +16,17 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
 
-from prefect_pydantic_ai.errors import NotJournalableError
+from prefect_pydantic_ai.durable.errors import NotJournalableError
+from prefect_pydantic_ai.store.step_names import StepKind
 
 FORMAT = "prefect-pydantic-ai/journal/1"
 
-StepKind = Literal["model", "tool"]
 
 # Fields that change between attempts of the same logical step and must never enter a key.
 _VOLATILE_FIELDS = frozenset(

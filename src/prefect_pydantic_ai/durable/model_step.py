@@ -32,7 +32,6 @@ from pydantic_ai.tools import RunContext
 
 from prefect_pydantic_ai.durable.journal import (
     ConversationDigest,
-    StepKind,
     canonical_json,
     dump_response,
     load_response,
@@ -42,6 +41,7 @@ from prefect_pydantic_ai.durable.journal import (
 from prefect_pydantic_ai.durable.step_logs import install as install_step_logs
 from prefect_pydantic_ai.durable.steps import NOTHING, StepPhase, StepResult, StepTasks
 from prefect_pydantic_ai.ledger import Ledger, StepUsage
+from prefect_pydantic_ai.store.step_names import StepKind
 
 install_step_logs()  # every process that runs steps logs their failed attempts on one line each
 

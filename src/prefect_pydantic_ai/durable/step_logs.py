@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from prefect_pydantic_ai.durable.steps import RETRY_AFTER, parse_task_run_name
+from prefect_pydantic_ai.durable.steps import RETRY_AFTER
+from prefect_pydantic_ai.store.step_names import parse_task_run_name
 
 _RETRY_LINE = "Task run failed with %s: %r - Retry %s/%s will start %s"
 

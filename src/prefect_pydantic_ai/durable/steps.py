@@ -18,7 +18,6 @@ import contextvars
 import functools
 import inspect
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -52,12 +51,13 @@ from pydantic_ai.exceptions import (
     UserError,
 )
 
-from prefect_pydantic_ai.durable.journal import JournalCorruptError, StepKind, unseal
+from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
 from prefect_pydantic_ai.durable.task_config import TaskConfig
 from prefect_pydantic_ai.errors import UnverifiedEffectError
 from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
 from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.store.step_names import StepKind, step_title, task_run_name
 
 logger = logging.getLogger("prefect_pydantic_ai")
 
@@ -273,33 +273,6 @@ async def _within(seconds: float | None, work: Callable[[], Awaitable[Any]], wha
     running.cancel()
     running.add_done_callback(lambda task: task.cancelled() or task.exception())
     raise StepTimeoutError(f"{what} timed out after {seconds:g}s")
-
-
-def step_title(kind: StepKind, ordinal: int, name: str) -> str:
-    """What a step is called everywhere (live progress, `show`, the demo): `model #2: gpt-4o`, `tool #3: search`.
-
-    The ordinal is the step's place in its flow run attempt (the `#` of `show`), so fifty calls of one model
-    read apart; a replayed step keeps its ordinal, since a resumed attempt takes the same steps in order."""
-    return f"{kind} #{ordinal}: {name}"
-
-
-def task_run_name(kind: StepKind, ordinal: int, name: str, agent: str) -> str:
-    """A step's Prefect task-run name: its title and agent (`model #2: gpt-4o @ analyst`), known when it starts.
-    `parse_task_run_name` reads it back."""
-    return f"{step_title(kind, ordinal, name)} @ {agent}"
-
-
-_TASK_RUN_NAME = re.compile(r"(model|tool)(?: #(\d+))?: (.+?)(?: @ ([^@]+))?")
-
-
-def parse_task_run_name(name: str) -> tuple[Literal["model", "tool"], int | None, str, str | None] | None:
-    """`(kind, ordinal, model or tool name, agent)` of a step task run's name (`task_run_name`), or None
-    for any other task run. Names recorded before steps had ordinals (`model: gpt-4o @ analyst`) parse too."""
-    match = _TASK_RUN_NAME.fullmatch(name)
-    if match is None:
-        return None
-    kind, ordinal, step, agent = match.groups()
-    return ("model" if kind == "model" else "tool"), int(ordinal) if ordinal else None, step, agent
 
 
 _ordinals: dict[tuple[Any, int], int] = {}

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from prefect_pydantic_ai.errors import DurabilityConfigError
+from prefect_pydantic_ai.durable.errors import DurabilityConfigError
 
 UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
 """What happens to a call of a non-idempotent tool that an earlier attempt started and never finished."""

@@ -28,11 +28,12 @@ from pydantic_ai.exceptions import (
 from pydantic_ai.messages import ToolCallPart, ToolReturn
 from pydantic_ai.tools import RunContext
 
+from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.journal import canonical_json, seal, to_journal_json
 from prefect_pydantic_ai.durable.model_step import ModelSteps, SubRun, sub_run_scope
 from prefect_pydantic_ai.durable.steps import RUN_AGAIN, StepTasks, within_step
 from prefect_pydantic_ai.durable.task_config import TaskConfig, UnverifiedPolicy
-from prefect_pydantic_ai.errors import DurabilityConfigError, NotJournalableError, UnverifiedEffectError
+from prefect_pydantic_ai.errors import UnverifiedEffectError
 
 _TOOL_RETURN: TypeAdapter[ToolReturn] = TypeAdapter(ToolReturn)
 logger = logging.getLogger("prefect_pydantic_ai")

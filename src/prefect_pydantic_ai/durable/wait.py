@@ -17,7 +17,6 @@ other calls, hence another key.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, cast
@@ -36,13 +35,12 @@ from pydantic import BaseModel, Field, create_model
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
 
-from prefect_pydantic_ai.errors import DurabilityConfigError, RunError
+from prefect_pydantic_ai.durable.errors import DurabilityConfigError
+from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.infra.server import cli_name
+from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun
+from prefect_pydantic_ai.store.waits import PENDING_INPUT, ApprovalMode, PendingCall, Waiting
 
-ApprovalMode = Literal["suspend", "pause"]
-
-_PENDING = "prefect-pydantic-ai-pending"
-"""The flow run input (suffixed with the wait's key) that holds the pending calls of a wait."""
 _POLL_SECONDS = 2.0
 
 
@@ -82,30 +80,6 @@ def awaiting_approval_of_bare_run() -> Iterator[None]:
 
 class ApprovalTimeout(RunError):
     """Nobody decided on the pending calls of a run waiting in `pause` mode before its timeout."""
-
-
-class PendingCall(BaseModel):
-    """One call waiting for a decision: an approval, or a result given from outside (`external`)."""
-
-    call_id: str
-    tool: str
-    args: Any
-    kind: Literal["approval", "external"]
-    reason: str | None = None
-
-    def describe(self) -> str:
-        """`refund(order_id=42, amount=10.0)`: the call as a person reads it."""
-        args = self.args if isinstance(self.args, dict) else {"args": self.args}
-        shown = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in args.items())
-        return f"{self.tool}({shown})"
-
-
-class Waiting(BaseModel):
-    """What a waiting run waits for (stored with the run, read by `runs`, `show` and `approve`)."""
-
-    key: str
-    mode: ApprovalMode
-    calls: list[PendingCall]
 
 
 def pending_calls(requests: DeferredToolRequests) -> list[PendingCall]:
@@ -262,7 +236,7 @@ async def await_decision(
         await form.asave(keyset, flow_run_id=flow_run.id)
         waiting = Waiting(key=key, mode=mode, calls=calls)
         await acreate_flow_run_input(
-            key=f"{_PENDING}-{key}", value=waiting.model_dump(mode="json"), flow_run_id=flow_run.id
+            key=f"{PENDING_INPUT}-{key}", value=waiting.model_dump(mode="json"), flow_run_id=flow_run.id
         )
         if mode == "suspend":
             raise WaitSuspended(state, str(flow_run.id), calls)
@@ -278,20 +252,7 @@ async def await_decision(
     )
 
 
-async def waiting_for(flow_run: FlowRun) -> Waiting | None:
-    """What `flow_run` waits for, if it is paused at a wait of ours."""
-    state = flow_run.state
-    if state is None or not state.is_paused() or not state.state_details.pause_key:
-        return None
-    key = state.state_details.pause_key
-    try:
-        stored = await aread_flow_run_input(key=f"{_PENDING}-{key}", flow_run_id=flow_run.id)
-    except Exception:
-        return None
-    return None if stored is None else Waiting.model_validate(stored)
-
-
-async def give_decision(flow_run: FlowRun, waiting: Waiting, values: dict[str, Any]) -> None:
+async def give_decision(flow_run: ApiFlowRun, waiting: Waiting, values: dict[str, Any]) -> None:
     """Store the decision where the waiting run reads it (the wait's input response), without changing state.
 
     Giving the same decision again is harmless (an `approve` whose continuation failed can be repeated); a

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from prefect_pydantic_ai.prefect_settings import prefect_settings
 from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import process_alive
 
@@ -132,11 +133,7 @@ def cli_name() -> str:
 
 def configured_api() -> str | None:
     """`PREFECT_API_URL` as the user configured it (environment, active profile, prefect.toml), or None."""
-    if url := os.environ.get("PREFECT_API_URL"):
-        return url
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
+    return prefect_settings().api_url
 
 
 def local_server_enabled() -> bool:
@@ -146,18 +143,12 @@ def local_server_enabled() -> bool:
 
 def prefect_home() -> Path:
     """PREFECT_HOME as Prefect resolves it (default ~/.prefect)."""
-    if home := os.environ.get("PREFECT_HOME"):
-        return Path(home).expanduser()
-    from prefect.settings import get_current_settings
-
-    return Path(get_current_settings().home).expanduser()
+    return prefect_settings().home
 
 
 def run_url(flow_run_id: object) -> str | None:
     """The Prefect UI page of a flow run, or None when this process's API has no UI (a temporary server)."""
-    from prefect.settings import get_current_settings
-
-    ui = get_current_settings().ui_url
+    ui = prefect_settings().ui_url
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
 
 

@@ -12,16 +12,12 @@ from typing import Any
 
 from prefect import get_client
 
-from prefect_pydantic_ai.durable.wait import (
-    PendingCall,
-    WaitSuspended,
-    decision_values,
-    give_decision,
-    waiting_for,
-)
+from prefect_pydantic_ai.durable.wait import WaitSuspended, decision_values, give_decision
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ops.resume import check_resumable_here, resume_run
 from prefect_pydantic_ai.ops.runs import resolve_run
+from prefect_pydantic_ai.store.prefect_rest import prefect_api
+from prefect_pydantic_ai.store.waits import PendingCall, waiting_for
 
 
 @dataclass
@@ -62,8 +58,9 @@ async def approve_run(
     `RunError` before anything changes when the run is not waiting, a call id is unknown or the decision does
     not validate.
     """
-    flow_run = await resolve_run(ref)
-    waiting = await waiting_for(flow_run)
+    async with prefect_api() as api:
+        flow_run = await resolve_run(api, ref)
+        waiting = await waiting_for(api, flow_run)
     if waiting is None:
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RunError(f"Run {flow_run.id} is not waiting for approval (its state is {state}).")

@@ -21,13 +21,8 @@ from prefect_pydantic_ai.durable.tool_step import unverified_override
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
 from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
-from prefect_pydantic_ai.store.records import (
-    RunRecord,
-    load_entrypoint,
-    read_records,
-    record_storage_name,
-    tag_values,
-)
+from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun, prefect_api, tag_values
+from prefect_pydantic_ai.store.records import RunRecord, load_entrypoint, read_records, record_storage_name
 
 
 @dataclass(frozen=True)
@@ -56,7 +51,8 @@ async def resume_run(
 
 
 async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> Any:
-    flow_run = await resolve_run(ref)
+    async with prefect_api() as api:
+        flow_run = await resolve_run(api, ref)
     records = await _records_of(flow_run)
     if state_of(flow_run) == "running":
         latest = max(records, key=lambda r: r.started_at)
@@ -80,11 +76,11 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
             raise RunError(
                 f"{target} is not a Prefect flow; pass --entrypoint of the @flow that ran the agents."
             )
-        flow_run = await _back_in_line(flow_run.id, AwaitingRetry())
+        again = await _back_in_line(flow_run.id, AwaitingRetry())
         if obj.isasync:
-            return await run_flow_async(obj, flow_run=flow_run, parameters=flow_run.parameters)
+            return await run_flow_async(obj, flow_run=again, parameters=again.parameters)
         # A synchronous flow runs its own event loops (`run_sync`), so it cannot run on this one.
-        return await asyncio.to_thread(run_flow_sync, obj, flow_run=flow_run, parameters=flow_run.parameters)
+        return await asyncio.to_thread(run_flow_sync, obj, flow_run=again, parameters=again.parameters)
     durability = durability_of(obj)
     if durability is None:
         raise RunError(
@@ -97,7 +93,7 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
     )
 
 
-def recorded_entrypoint(flow_run: FlowRun, first: RunRecord, entrypoint: str | None) -> tuple[str, Any]:
+def recorded_entrypoint(flow_run: ApiFlowRun, first: RunRecord, entrypoint: str | None) -> tuple[str, Any]:
     """The import path that re-creates the run's agent or flow (`entrypoint`, else the recorded one) and the
     object it names; `RunError` when there is none or it cannot be imported here."""
     target = entrypoint or first.entrypoint
@@ -109,13 +105,13 @@ def recorded_entrypoint(flow_run: FlowRun, first: RunRecord, entrypoint: str | N
     return target, load_entrypoint(target)
 
 
-async def check_resumable_here(flow_run: FlowRun, entrypoint: str | None) -> None:
+async def check_resumable_here(flow_run: ApiFlowRun, entrypoint: str | None) -> None:
     """Raise the `RunError` that resuming `flow_run` in this process would raise for want of its run record or
     its code, before anything about the run changes."""
     recorded_entrypoint(flow_run, (await _records_of(flow_run))[0], entrypoint)
 
 
-async def _records_of(flow_run: FlowRun) -> list[RunRecord]:
+async def _records_of(flow_run: ApiFlowRun) -> list[RunRecord]:
     """The run records of `flow_run`'s agent runs; `RunError` when this machine's storage holds none."""
     records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
     if not records:
@@ -131,7 +127,8 @@ async def _back_in_line(flow_run_id: UUID, state: State[Any]) -> FlowRun:
     """Put the flow run back in line for another attempt, as Prefect's own retries do (`AwaitingRetry` to run it
     here, `Scheduled` for a worker); the steps its last attempt left unfinished are settled as Crashed first, so
     none of them stays Running."""
+    async with prefect_api() as api:
+        await crash_unfinished_task_runs(api, flow_run_id, "Its attempt ended before this step finished.")
     async with get_client() as client:
-        await crash_unfinished_task_runs(client, flow_run_id, "Its attempt ended before this step finished.")
         await client.set_flow_run_state(flow_run_id, state, force=True)
         return await client.read_flow_run(flow_run_id)

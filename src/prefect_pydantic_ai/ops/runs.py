@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
-from prefect import get_client
-from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterStartTime,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-    FlowRunFilterTags,
-)
-from prefect.client.schemas.objects import FlowRun, StateType, TaskRun
-from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
-from prefect_pydantic_ai.durable.wait import waiting_for
 from prefect_pydantic_ai.errors import RunError
-from prefect_pydantic_ai.ops.timeline import task_runs, timeline
-from prefect_pydantic_ai.store.crashes import settle_if_dead
-from prefect_pydantic_ai.store.records import RECALL_TAG, TAG, tag_values
+from prefect_pydantic_ai.ops.timeline import timeline
+from prefect_pydantic_ai.store.crashes import settle_if_dead, settle_orphans
+from prefect_pydantic_ai.store.prefect_rest import (
+    RECALL_TAG,
+    TAG,
+    ApiFlowRun,
+    ApiTaskRun,
+    PrefectApi,
+    StateType,
+    prefect_api,
+    tag_values,
+)
+from prefect_pydantic_ai.store.waits import waiting_for
 
 RunState = Literal["completed", "failed", "crashed", "running", "paused", "cancelled", "pending"]
 
@@ -57,13 +55,14 @@ async def completed_keys(keys: set[str]) -> dict[str, str]:
     a later run completed (a rerun with the same key is a new flow run that replays it) has nothing to resume."""
     if not keys:
         return {}
-    async with get_client() as client:
-        done = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=[TAG], any_=[f"key:{key}" for key in sorted(keys)]),
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
-            ),
-            sort=FlowRunSort.START_TIME_DESC,
+    async with prefect_api() as api:
+        done = await api.flow_runs(
+            {
+                "tags": {"all_": [TAG], "any_": [f"key:{key}" for key in sorted(keys)]},
+                "state": {"type": {"any_": [StateType.COMPLETED]}},
+            },
+            "START_TIME_DESC",
+            100_000,
         )
     found: dict[str, str] = {}
     for fr in done:
@@ -72,7 +71,7 @@ async def completed_keys(keys: set[str]) -> dict[str, str]:
     return found
 
 
-def state_of(flow_run: FlowRun) -> RunState:
+def state_of(flow_run: ApiFlowRun) -> RunState:
     state = flow_run.state.type if flow_run.state else StateType.PENDING
     states: dict[StateType, RunState] = {
         StateType.COMPLETED: "completed",
@@ -86,43 +85,26 @@ def state_of(flow_run: FlowRun) -> RunState:
     return states.get(state, "pending")
 
 
-async def flow_runs(
-    client: PrefectClient, flow_run_filter: FlowRunFilter, sort: FlowRunSort, limit: int
-) -> list[FlowRun]:
-    """Up to `limit` flow runs, read in pages (the API serves at most 200 at a time)."""
-    found: list[FlowRun] = []
-    while len(found) < limit:
-        page = await client.read_flow_runs(
-            flow_run_filter=flow_run_filter, sort=sort, limit=min(200, limit - len(found)), offset=len(found)
-        )
-        found += page
-        if len(page) < 200:
-            break
-    return found
-
-
 async def list_runs(
     *, state: str | None = None, agent: str | None = None, limit: int = 20, since: datetime | None = None
 ) -> list[RunSummary]:
     """Flow runs holding agent runs, newest first, with crashed runs detected and marked as such."""
     tags = [TAG] + ([f"agent:{agent}"] if agent else [])
-    async with get_client() as client:
-        found = await flow_runs(
-            client,
-            FlowRunFilter(
-                tags=FlowRunFilterTags(all_=tags),
-                start_time=FlowRunFilterStartTime(after_=since) if since else None,
-            ),
-            FlowRunSort.START_TIME_DESC,
-            limit if state is None else max(limit * 5, 1000),
+    where: dict[str, Any] = {"tags": {"all_": tags}}
+    if since is not None:
+        where["start_time"] = {"after_": since.isoformat()}
+    async with prefect_api() as api:
+        found = await api.flow_runs(
+            where, "START_TIME_DESC", limit if state is None else max(limit * 5, 1000)
         )
-        found = [await settle_if_dead(client, fr) for fr in found]
+        found = [await settle_if_dead(api, fr) for fr in found]
         if state is not None:
             found = [fr for fr in found if state_of(fr) == state][:limit]
-        steps_by_run = await task_runs(client, [fr.id for fr in found])
+        steps_by_run = await task_runs_of(api, found)
+        waits = {fr.id: await waiting_for(api, fr) for fr in found if state_of(fr) == "paused"}
     summaries = []
     for fr in found:
-        waiting = await waiting_for(fr) if state_of(fr) == "paused" else None
+        waiting = waits.get(fr.id)
         steps = timeline(steps_by_run[fr.id], fr.run_count, state_of(fr) == "crashed")
         summaries.append(
             RunSummary(
@@ -143,7 +125,16 @@ async def list_runs(
     return summaries
 
 
-def _duration(flow_run: FlowRun, steps: list[TaskRun]) -> float | None:
+async def task_runs_of(api: PrefectApi, flow_runs: list[ApiFlowRun]) -> dict[UUID, list[ApiTaskRun]]:
+    """The task runs of each flow run; those a flow run that is over left unfinished are settled on the way."""
+    grouped = await api.task_runs([fr.id for fr in flow_runs])
+    for fr in flow_runs:
+        if await settle_orphans(api, fr, grouped[fr.id]):
+            grouped[fr.id] = (await api.task_runs([fr.id]))[fr.id]
+    return grouped
+
+
+def _duration(flow_run: ApiFlowRun, steps: list[ApiTaskRun]) -> float | None:
     """How long the flow run ran. A crashed run is only settled when someone notices, so Prefect's own figure
     would include the time nobody was looking: it lasted until its last step's last recorded moment."""
     if state_of(flow_run) != "crashed":
@@ -157,34 +148,28 @@ def _duration(flow_run: FlowRun, steps: list[TaskRun]) -> float | None:
     return float(max(0.0, (max(moments) - flow_run.start_time).total_seconds()))
 
 
-async def resolve_run(ref: str) -> FlowRun:
+async def resolve_run(api: PrefectApi, ref: str) -> ApiFlowRun:
     """A flow run by id, unique id prefix, or idempotency key (the newest run with that key)."""
-    async with get_client() as client:
-        try:
-            return await settle_if_dead(client, await client.read_flow_run(UUID(ref)))
-        except ValueError:
-            pass
-        except Exception as exc:
-            raise RunError(f"No flow run with id {ref}.") from exc
-        by_key = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{ref}"])),
-            sort=FlowRunSort.START_TIME_DESC,
-            limit=200,
-        )
-        if by_key:  # the newest run that did the work, not a re-call that returned its stored output
-            worker = next((fr for fr in by_key if RECALL_TAG not in fr.tags), by_key[0])
-            return await settle_if_dead(client, worker)
-        if not re.fullmatch(r"[0-9a-fA-F-]{1,36}", ref):
-            raise RunError(f"No agent run with idempotency key {ref!r}; see `prefect-pydantic-ai runs`.")
-        tagged = await flow_runs(
-            client, FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG])), FlowRunSort.START_TIME_DESC, 100_000
-        )
-        candidates = [fr for fr in tagged if str(fr.id).startswith(ref.lower())]
-        if not candidates:
-            raise RunError(f"No agent run matches {ref!r} (not an id, id prefix or idempotency key).")
-        if len(candidates) > 1:
-            shown = ", ".join(str(fr.id)[:12] for fr in candidates[:5])
-            raise RunError(
-                f"Run id prefix {ref!r} is ambiguous: it matches {len(candidates)} runs ({shown}...)."
-            )
-        return await settle_if_dead(client, candidates[0])
+    try:
+        flow_run_id = UUID(ref)
+    except ValueError:
+        pass
+    else:
+        found = await api.flow_run(flow_run_id)
+        if found is None:
+            raise RunError(f"No flow run with id {ref}.")
+        return await settle_if_dead(api, found)
+    by_key = await api.flow_runs({"tags": {"all_": [TAG, f"key:{ref}"]}}, "START_TIME_DESC", 200)
+    if by_key:  # the newest run that did the work, not a re-call that returned its stored output
+        worker = next((fr for fr in by_key if RECALL_TAG not in fr.tags), by_key[0])
+        return await settle_if_dead(api, worker)
+    if not re.fullmatch(r"[0-9a-fA-F-]{1,36}", ref):
+        raise RunError(f"No agent run with idempotency key {ref!r}; see `prefect-pydantic-ai runs`.")
+    tagged = await api.flow_runs({"tags": {"all_": [TAG]}}, "START_TIME_DESC", 100_000)
+    candidates = [fr for fr in tagged if str(fr.id).startswith(ref.lower())]
+    if not candidates:
+        raise RunError(f"No agent run matches {ref!r} (not an id, id prefix or idempotency key).")
+    if len(candidates) > 1:
+        shown = ", ".join(str(fr.id)[:12] for fr in candidates[:5])
+        raise RunError(f"Run id prefix {ref!r} is ambiguous: it matches {len(candidates)} runs ({shown}...).")
+    return await settle_if_dead(api, candidates[0])

@@ -5,24 +5,21 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import BaseModel
 
-from prefect_pydantic_ai.durable.wait import PendingCall, waiting_for
 from prefect_pydantic_ai.ledger import Ledger
-from prefect_pydantic_ai.ops.runs import RunState, flow_runs, resolve_run, state_of
+from prefect_pydantic_ai.ops.runs import RunState, resolve_run, state_of, task_runs_of
 from prefect_pydantic_ai.ops.timeline import (
     StepView,
     completed_before_the_kill,
     not_reached,
     step_tree,
-    task_runs,
     timeline,
     with_steps_died_in,
 )
-from prefect_pydantic_ai.store.records import RECALL_TAG, TAG, read_records, tag_values
+from prefect_pydantic_ai.store.prefect_rest import RECALL_TAG, TAG, prefect_api, tag_values
+from prefect_pydantic_ai.store.records import read_records
+from prefect_pydantic_ai.store.waits import PendingCall, waiting_for
 
 
 class RunDetail(BaseModel):
@@ -48,17 +45,12 @@ class RunDetail(BaseModel):
 
 async def show_run(ref: str) -> RunDetail:
     """The timeline of the latest attempt of a run (and of its earlier attempts), its output and its ledger."""
-    flow_run = await resolve_run(ref)
-    key = next(iter(tag_values(flow_run, "key:")), None)
-    async with get_client() as client:
+    async with prefect_api() as api:
+        flow_run = await resolve_run(api, ref)
+        key = next(iter(tag_values(flow_run, "key:")), None)
         runs = [flow_run]
         if key is not None:  # earlier processes of the same logical run are earlier attempts
-            runs = await flow_runs(
-                client,
-                FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG, f"key:{key}"])),
-                FlowRunSort.START_TIME_ASC,
-                1000,
-            )
+            runs = await api.flow_runs({"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_ASC", 1000)
             runs = [
                 fr
                 for fr in runs
@@ -69,7 +61,8 @@ async def show_run(ref: str) -> RunDetail:
                     or fr.start_time <= flow_run.start_time
                 )
             ]
-        steps_by_run = await task_runs(client, [fr.id for fr in runs])
+        steps_by_run = await task_runs_of(api, runs)
+        waiting = await waiting_for(api, flow_run)
     agents = tag_values(flow_run, "agent:")
     records = await read_records(str(flow_run.id), agents)
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
@@ -133,5 +126,5 @@ async def show_run(ref: str) -> RunDetail:
         error=error,
         ledger=ledger,
         attempt_ledgers=[by_attempt[count] for count in sorted(by_attempt)],
-        awaiting=waiting.calls if (waiting := await waiting_for(flow_run)) else [],
+        awaiting=waiting.calls if waiting else [],
     )

@@ -13,12 +13,10 @@ from datetime import UTC, datetime
 from typing import Literal
 from uuid import UUID
 
-from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import StateType, TaskRun, TaskRunResult
 from pydantic import BaseModel, computed_field
 
-from prefect_pydantic_ai.durable.steps import parse_task_run_name, step_title
+from prefect_pydantic_ai.store.prefect_rest import ApiTaskRun, StateType
+from prefect_pydantic_ai.store.step_names import parse_task_run_name, step_title
 
 StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "awaited", "not_reached"]
 """`crashed`: the step was running when its process died (interrupted, not failed). `awaited`: a call the attempt
@@ -64,7 +62,7 @@ def _with_asked_for(views: list[StepView]) -> list[StepView]:
     return views
 
 
-def _step_status(task_run: TaskRun, attempt_crashed: bool, completed: bool) -> StepStatus:
+def _step_status(task_run: ApiTaskRun, attempt_crashed: bool, completed: bool) -> StepStatus:
     state = task_run.state
     if completed and (state is None or state.type != StateType.COMPLETED):
         return "retried" if task_run.run_count > 1 else "executed"  # its last events died with the process
@@ -82,7 +80,7 @@ def _step_status(task_run: TaskRun, attempt_crashed: bool, completed: bool) -> S
 
 
 def timeline(
-    task_runs: list[TaskRun], attempt: int, attempt_crashed: bool, completed: Collection[str] = ()
+    task_runs: list[ApiTaskRun], attempt: int, attempt_crashed: bool, completed: Collection[str] = ()
 ) -> list[StepView]:
     """The steps of one attempt of a flow run, in the order they started. `completed` names steps the run
     record says completed: a killed process may have taken the events that say so to Prefect with it."""
@@ -111,10 +109,10 @@ def timeline(
     return _with_asked_for(views)
 
 
-def _parent_step(task_run: TaskRun, indexes: dict[UUID, int]) -> int | None:
+def _parent_step(task_run: ApiTaskRun, indexes: dict[UUID, int]) -> int | None:
     """The index of the step task run that `task_run` ran inside (Prefect records it as a `__parents__` input)."""
-    for parent in task_run.task_inputs.get("__parents__", []):
-        if isinstance(parent, TaskRunResult) and (index := indexes.get(parent.id)) is not None:
+    for parent in task_run.parents():
+        if (index := indexes.get(parent)) is not None:
             return index
     return None
 
@@ -214,20 +212,3 @@ def not_reached(
         )
         for offset, s in enumerate(beyond, start=1)
     ]
-
-
-async def task_runs(client: PrefectClient, flow_run_ids: list[UUID]) -> dict[UUID, list[TaskRun]]:
-    grouped: dict[UUID, list[TaskRun]] = {i: [] for i in flow_run_ids}
-    if not flow_run_ids:
-        return grouped
-    offset = 0
-    while True:
-        page = await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)), limit=200, offset=offset
-        )
-        for task_run in page:
-            if task_run.flow_run_id in grouped:
-                grouped[task_run.flow_run_id].append(task_run)
-        if len(page) < 200:
-            return grouped
-        offset += 200

@@ -11,28 +11,19 @@ whose machine died is set Crashed by the Prefect server itself, through the hear
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Collection, Iterable
+from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
-    TaskRunFilter,
-    TaskRunFilterState,
-    TaskRunFilterStateType,
-)
-from prefect.client.schemas.objects import FlowRun, State, StateType
-from prefect.states import Completed, Crashed
-
 from prefect_pydantic_ai.store.file_locks import process_alive
-from prefect_pydantic_ai.store.records import HOST, read_records, tag_values
+from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun, ApiTaskRun, PrefectApi, StateType, tag_values
+from prefect_pydantic_ai.store.records import HOST, read_records
 
-_UNFINISHED = [StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
+_UNFINISHED = (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED)
+_OVER = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
 
-async def settle_if_dead(client: PrefectClient, flow_run: FlowRun) -> FlowRun:
+async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     """`flow_run`, marked Crashed (with its unfinished task runs) if it is running but its process on this host is
     gone; a run last recorded on another host is left to the heartbeat automation."""
     if flow_run.state is None or flow_run.state.type != StateType.RUNNING:
@@ -44,29 +35,58 @@ async def settle_if_dead(client: PrefectClient, flow_run: FlowRun) -> FlowRun:
     if latest.host != HOST or process_alive(latest.pid):
         return flow_run
     reason = f"The process running it (pid {latest.pid} on {latest.host}) is gone."
-    await client.set_flow_run_state(flow_run.id, Crashed(message=reason), force=True)
+    await api.set_state("flow_runs", flow_run.id, StateType.CRASHED, "Crashed", reason)
     completed = {(a.run_count, title) for r in records for a in r.attempts for title in a.completed_steps}
-    await crash_unfinished_task_runs(client, flow_run.id, reason, completed)
-    return await client.read_flow_run(flow_run.id)
+    await crash_unfinished_task_runs(api, flow_run.id, reason, completed)
+    return await api.flow_run(flow_run.id) or flow_run
 
 
 async def crash_unfinished_task_runs(
-    client: PrefectClient, flow_run_id: UUID, reason: str, completed: Collection[tuple[int, str]] = ()
+    api: PrefectApi, flow_run_id: UUID, reason: str, completed: Collection[tuple[int, str]] = ()
 ) -> int:
     """Mark the task runs of a flow run that is not running (any more) but left them unfinished as Crashed, except
     those its run record says completed (`completed`: attempt and task run name), whose last events the killed
     process took with it: those are Completed."""
-    orphans = await client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-        task_run_filter=TaskRunFilter(
-            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=_UNFINISHED))
-        ),
-    )
-    for task_run in orphans:
-        state: State[Any]
-        if (task_run.flow_run_run_count, task_run.name) in completed:
-            state = Completed(message="It completed just before its process died, as its run record says.")
-        else:
-            state = Crashed(message=reason)
-        await client.set_task_run_state(task_run.id, state, force=True)
+    orphans = (await api.task_runs([flow_run_id], states=_UNFINISHED))[flow_run_id]
+    await _settle(api, orphans, reason, completed)
     return len(orphans)
+
+
+async def settle_orphans(api: PrefectApi, flow_run: ApiFlowRun, task_runs: Iterable[ApiTaskRun]) -> int:
+    """Crash the task runs a flow run left unfinished in an attempt that is over: Prefect records task runs from
+    events in the background, so a killed process's last events can create one after its crash was settled.
+
+    An attempt is over when a later one started, or when the flow run ended more than `EVENTS_LAG` seconds ago:
+    until then, the last events of a run that just completed may still be on their way. Returns how many."""
+    state = flow_run.state
+    if state is None:
+        return 0
+    ended_long_ago = (
+        state.type in _OVER and state.timestamp is not None and _now() - state.timestamp > EVENTS_LAG
+    )
+    orphans = [
+        t
+        for t in task_runs
+        if t.state_type in _UNFINISHED and (t.flow_run_run_count < flow_run.run_count or ended_long_ago)
+    ]
+    await _settle(api, orphans, "Its attempt of the flow run ended before it finished.")
+    return len(orphans)
+
+
+EVENTS_LAG = timedelta(seconds=30)
+"""How long after a flow run ends its last task-run events may still reach Prefect's records."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _settle(
+    api: PrefectApi, orphans: Iterable[ApiTaskRun], reason: str, completed: Collection[tuple[int, str]] = ()
+) -> None:
+    for task_run in orphans:
+        if (task_run.flow_run_run_count, task_run.name) in completed:
+            message = "It completed just before its process died, as its run record says."
+            await api.set_state("task_runs", task_run.id, StateType.COMPLETED, "Completed", message)
+        else:
+            await api.set_state("task_runs", task_run.id, StateType.CRASHED, "Crashed", reason)

@@ -40,6 +40,10 @@ class JournalFileSystem(LocalFileSystem):
             return candidate  # an entry's full path, as Prefect passes it back
         return super()._resolve_path(path)
 
+    def root(self) -> Path:
+        """The directory every entry lives under."""
+        return self._base()
+
     def entry_path(self, key: str) -> Path:
         """The file of the journal entry stored under `key`."""
         return self._resolve_path(key)

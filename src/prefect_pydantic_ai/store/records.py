@@ -19,26 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect.client.schemas.objects import FlowRun
-from prefect.context import FlowRunContext
-from prefect.filesystems import LocalFileSystem
-from prefect.results import aget_default_result_storage
 from pydantic import BaseModel, Field
 
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ledger import Ledger
-from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.prefect_settings import prefect_settings
+from prefect_pydantic_ai.store.prefect_rest import prefect_api
 
-TAG = "prefect-pydantic-ai"
-RECALL_TAG = "prefect-pydantic-ai:recall"
-"""Tags a flow run that re-called a completed logical run: it returned the stored output and executed nothing."""
 _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
 HOST = socket.gethostname()
-
-
-def tag_values(flow_run: FlowRun, prefix: str) -> list[str]:
-    """The values of a flow run's `<prefix><value>` tags (`agent:`, `key:`)."""
-    return [tag.removeprefix(prefix) for tag in flow_run.tags if tag.startswith(prefix)]
 
 
 class AttemptRecord(BaseModel):
@@ -120,6 +109,8 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
     step's own journal entry. `read_record` reads the log back; a line torn by a kill is skipped. Elsewhere
     (S3, saved blocks) nothing can be appended, so the record itself is rewritten.
     """
+    from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
+
     storage = await _storage()
     if isinstance(storage, JournalFileSystem):
         _append_progress(storage, record, attempt)
@@ -137,6 +128,8 @@ async def write_step_mark(
     a step's first milliseconds can take that step with it; this line, appended before the step's work begins,
     still says where it died. Only a local directory can take a line this cheaply (an append, no flush), so
     other storages record no marks."""
+    from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
+
     storage = await _storage()
     if isinstance(storage, JournalFileSystem):
         _append_progress(
@@ -144,7 +137,7 @@ async def write_step_mark(
         )
 
 
-def _append_progress(storage: JournalFileSystem, record: RunRecord, entry: AttemptRecord | StepMark) -> None:
+def _append_progress(storage: Any, record: RunRecord, entry: AttemptRecord | StepMark) -> None:
     """Append `entry` to the progress log of `record`, as one line."""
     path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
     # A line starts with its newline: one torn by a kill cannot swallow the next attempt's first line.
@@ -158,19 +151,71 @@ def _progress_path(path: str) -> str:
 async def read_record(
     flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None
 ) -> RunRecord | None:
-    storage = await _storage()
+    """The run record, None when there is none; `RunError` naming the storage and the cause when it cannot be
+    read or is not a run record (an unreadable record is never taken for a missing one)."""
     path = record_path(flow_run_id, agent, ordinal, parent_step)
-    try:
-        data = await storage.aread_path(path)
-    except Exception:
-        return None
+    root = await local_root()
+    if root is not None:
+        try:
+            data = (root / path).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise RunError(f"Cannot read the run record {root / path}: {exc}") from None
+    else:
+        storage = await _storage()
+        try:
+            data = await storage.aread_path(path)
+        except Exception as exc:
+            if _is_missing(exc):
+                return None
+            raise RunError(
+                f"Cannot read the run record {path} from {await record_storage_name()} "
+                f"({type(exc).__name__}: {exc})."
+            ) from None
     try:
         record = RunRecord.model_validate_json(data)
-    except ValueError:
-        return None
-    if isinstance(storage, JournalFileSystem):
-        _merge_progress(record, storage.entry_path(_progress_path(path)))
+    except ValueError as exc:
+        where = root / path if root is not None else path
+        raise RunError(f"The run record {where} is not one ({type(exc).__name__}); it was damaged.") from None
+    if root is not None:
+        _merge_progress(record, root / _progress_path(path))
     return record
+
+
+def _is_missing(exc: Exception) -> bool:
+    """Whether a result storage's read error says "no such file" (a local directory's ValueError, S3's 404)."""
+    if isinstance(exc, FileNotFoundError) or (isinstance(exc, ValueError) and "does not exist" in str(exc)):
+        return True
+    error = getattr(exc, "response", None)
+    code = error.get("Error", {}).get("Code") if isinstance(error, dict) else None
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
+_local_roots: dict[tuple[str | None, str], Path | None] = {}
+
+
+async def local_root() -> Path | None:
+    """The local directory run records live in when the result storage is one (Prefect's default), else None.
+
+    With Prefect imported this is what a run's own storage is; without, it is found as Prefect finds it (no
+    storage block in the settings, none named by the server), without importing it."""
+    if "prefect.results" in sys.modules:
+        from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
+
+        storage = await _storage()
+        return storage.root() if isinstance(storage, JournalFileSystem) else None
+    settings = prefect_settings()
+    if settings.default_storage_block is not None:
+        return None
+    known = (settings.api_url, str(settings.local_storage_path))
+    if known not in _local_roots:
+        async with prefect_api() as api:
+            named = await api.default_storage_block_id()
+        _local_roots[known] = (
+            None if named is not None else settings.local_storage_path.expanduser().resolve()
+        )
+    return _local_roots[known]
 
 
 def _merge_progress(record: RunRecord, log: Path) -> None:
@@ -244,6 +289,11 @@ async def _storage() -> Any:
 
     Resolving it asks the server for its default storage block, so inside a flow run it is resolved once per
     attempt: a run writes its record after every executed model step."""
+    from prefect.context import FlowRunContext
+    from prefect.results import aget_default_result_storage
+
+    from prefect_pydantic_ai.store.journal_storage import journal_storage
+
     context = FlowRunContext.get()
     attempt = (context.flow_run.id, context.flow_run.run_count) if context and context.flow_run else None
     if attempt is not None and (known := _storage_of_flow_run.get(attempt)) is not None:
@@ -259,6 +309,8 @@ async def _storage() -> Any:
 
 async def record_storage_name() -> str:
     """Where this machine looks for run records, as a user would name it: a saved block's slug, a bucket, a path."""
+    from prefect.filesystems import LocalFileSystem
+
     storage = await _storage()
     block = getattr(storage, "_block_document_name", None)
     if block:
