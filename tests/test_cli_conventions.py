@@ -171,3 +171,45 @@ def test_show_of_a_run_that_has_not_started_is_its_state_and_no_steps() -> None:
     assert detail["state"] in ("pending", "running")  # Prefect's Pending, or Scheduled
     table = cli("show", run_id)
     assert table.returncode == 0 and run_id in table.stdout, table.stderr
+
+
+_IMPORTS = """
+import json, sys
+from prefect_pydantic_ai.cli.app import main
+sys.argv = ["prefect-pydantic-ai", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"prefect", "pydantic_ai", "genai_prices"})
+print(json.dumps({"code": code, "imported": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_read_only_commands_answer_as_in_process_without_importing_prefect_or_pydantic_ai(
+    one_run: tuple[str, str],
+) -> None:
+    """A fresh process answers `runs`, `show`, `costs` and `server status` over Prefect's REST API, with the
+    settings and run records found without Prefect: the same answers as this process, where Prefect is loaded."""
+    name, run_id = one_run
+    for command in (
+        ["runs", "--agent", name, "--json"],
+        ["show", run_id, "--json"],
+        ["costs", "--agent", name, "--json"],
+        ["server", "status", "--json"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", _IMPORTS, json.dumps(command)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        report = json.loads(proc.stderr.strip().splitlines()[-1])
+        assert report == {"code": 0, "imported": []}, proc.stderr
+        expected = json.loads(cli(*command).stdout)
+        if command[0] == "costs":
+            expected.pop("since"), (answer := json.loads(proc.stdout)).pop("since")
+        else:
+            answer = json.loads(proc.stdout)
+        assert answer == expected

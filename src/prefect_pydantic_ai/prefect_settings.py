@@ -160,10 +160,12 @@ def _ui_of(api_url: str | None) -> str | None:
     return api_url[:-4] if api_url.endswith("/api") else api_url.replace("/api/", "/")
 
 
-def _from_prefect() -> PrefectSettings:
-    from prefect.settings import get_current_settings
+def _from_prefect(settings: Any = None) -> PrefectSettings:
+    """The values of Prefect's settings object (this process's current one by default)."""
+    if settings is None:
+        from prefect.settings import get_current_settings
 
-    settings = get_current_settings()
+        settings = get_current_settings()
     key = settings.api.key
     auth = settings.api.auth_string
     return PrefectSettings(

@@ -30,6 +30,8 @@ RECALL_TAG = "prefect-pydantic-ai:recall"
 
 PAGE = 200  # the most a filter endpoint returns at once
 _RETRIED = {429, 502, 503, 504}
+_TRANSIENT = (httpx.ConnectError, httpx.TimeoutException, httpx.NetworkError, httpx.ProtocolError)
+"""Retried as Prefect's client retries them: a connection reset, a timeout, a server that restarts."""
 _DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)  # between attempts; Retry-After (capped at 10 s) takes precedence
 
 
@@ -133,6 +135,7 @@ class PrefectApi:
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self._client = client
+        self._connected = False  # a refused connection is retried only once the API has answered
 
     @property
     def url(self) -> str:
@@ -143,11 +146,12 @@ class PrefectApi:
         for delay in (*_DELAYS, None):
             try:
                 response = await self._client.request(method, path, json=body)
-            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException):
-                if delay is None:
-                    raise
+            except _TRANSIENT as exc:
+                if delay is None or (isinstance(exc, httpx.ConnectError) and not self._connected):
+                    raise  # a wrong URL or a server that is down fails at once
                 await asyncio.sleep(delay)
                 continue
+            self._connected = True
             if response.status_code in _RETRIED and delay is not None:
                 await asyncio.sleep(_retry_after(response, delay))
                 continue
