@@ -123,7 +123,7 @@ def test_demo_analyses_a_users_csv(tmp_path: Path) -> None:
     [
         ("name,city\nann,paris\nbob,rome\n", "no numeric column"),
         ("", "empty"),
-        (None, "no such file"),
+        (None, "does not exist"),
     ],
     ids=["no-numeric-column", "empty-file", "missing-file"],
 )

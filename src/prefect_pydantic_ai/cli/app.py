@@ -375,7 +375,10 @@ def demo_command(
         ),
     ] = None,
     csv: Annotated[
-        Path | None, typer.Option(help="Analyse this CSV instead of the built-in sales data.")
+        Path | None,
+        typer.Option(
+            help="Analyse this CSV instead of the built-in sales data.", exists=True, dir_okay=False
+        ),
     ] = None,
     no_failure: Annotated[
         bool, typer.Option("--no-failure", help="Run once, without injecting a failure.")
@@ -386,7 +389,9 @@ def demo_command(
 
     if kill and no_failure:
         raise ValueError("--kill needs a failure to inject; drop --no-failure.")
+    from prefect_pydantic_ai.demo.walkthrough import check_options
 
+    check_options(fail_at, csv)  # before the server boots: a bad option is answered at once
     from prefect_pydantic_ai.infra.server import LocalServer, start_api
 
     started = time.monotonic()

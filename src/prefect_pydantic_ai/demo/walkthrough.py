@@ -46,6 +46,18 @@ def _step(fail_at: str) -> tuple[str, int]:
     return STEPS[fail_at]
 
 
+def check_options(fail_at: str, csv: Path | None) -> None:
+    """Raise `ValueError` for a `--fail-at` that names no step or a `--csv` that cannot be analysed."""
+    _step(fail_at)
+    if csv is not None:
+        from prefect_pydantic_ai.demo.analyst import DatasetError, load_csv
+
+        try:
+            load_csv(csv)
+        except DatasetError as exc:
+            raise ValueError(str(exc)) from None
+
+
 def _fault_title(fail_at: str, model_name: str) -> str:
     """The step `--fail-at` names, as the timelines will call it (`model #3: offline-analyst (scripted)`)."""
     from prefect_pydantic_ai.store.step_names import step_title
@@ -69,15 +81,11 @@ def run_demo(
     # The demo prints its own progress; Prefect's run logs still go to the API (the UI shows them).
     from prefect.logging.configuration import setup_logging
 
-    from prefect_pydantic_ai.demo.analyst import OFFLINE_MODEL_NAME, DatasetError, load_csv
+    from prefect_pydantic_ai.demo.analyst import OFFLINE_MODEL_NAME
 
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     setup_logging(incremental=False)
-    if csv is not None:
-        try:
-            load_csv(csv)
-        except DatasetError as exc:
-            raise ValueError(str(exc)) from None
+    check_options(fail_at, csv)
     fault_name, fault_call = _step(fail_at)
     key = f"demo-{uuid.uuid4().hex[:8]}"
     console.rule(

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from prefect_pydantic_ai.prefect_settings import prefect_settings
-from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import process_alive
 
 ADDRESS_FILE = "prefect-pydantic-ai-server.json"
@@ -138,6 +137,8 @@ def configured_api() -> str | None:
 
 def local_server_enabled() -> bool:
     """False when `PREFECT_PYDANTIC_AI_LOCAL_SERVER` opts out of the persistent local server."""
+    from prefect_pydantic_ai.settings import Settings  # pydantic-settings: only when a server is looked for
+
     return Settings().local_server
 
 
