@@ -45,10 +45,14 @@ def price_request(
     omitted its usage (`unmeasured_requests`), or when the counts are inconsistent (e.g. more cached than
     input tokens): pricing must never fail the agent run it reports on.
     """
-    from genai_prices import calc_price
-
     if usage.unmeasured_requests:
         return None
+    return _price(usage, model_name, provider, at)
+
+
+def _price(usage: object, model_name: str, provider: str | None, at: datetime | None) -> Decimal | None:
+    from genai_prices import calc_price
+
     try:
         calculation = calc_price(usage, model_name, provider_id=provider, genai_request_timestamp=at)
     except (LookupError, ValueError):
@@ -60,15 +64,15 @@ def price_totals_as(totals: UsageTotals, model_name: str) -> Decimal | None:
     """What `totals`' tokens would cost at `model_name`'s current price (genai-prices): a named reference price for
     calls that have none of their own (a scripted model), to show savings in dollars. Exact for models priced
     per token without tiers (gpt-4o)."""
-    from pydantic_ai.usage import RequestUsage
+    from genai_prices import Usage  # its own usage type: pricing a total needs no pydantic-ai
 
-    usage = RequestUsage(
+    usage = Usage(
         input_tokens=totals.input_tokens,
         output_tokens=totals.output_tokens,
         cache_read_tokens=totals.cache_read_tokens,
         cache_write_tokens=totals.cache_write_tokens,
     )
-    return price_request(usage, model_name=model_name, provider=None)
+    return _price(usage, model_name, None, None)
 
 
 class StepUsage(BaseModel):

@@ -77,7 +77,11 @@ def run_demo(
     server: LocalServer | None,
     started: float,
 ) -> int:
-    """Run the walkthrough on `server` (None: the configured Prefect API); returns the process exit code."""
+    """Run the walkthrough on `server` (None: the configured Prefect API), with options `check_options` passed;
+    returns the process exit code."""
+    console.rule(  # first, so the demo answers before Prefect, pydantic-ai and pandas are imported
+        "[bold]prefect-pydantic-ai demo: the AI Data Analyst, with a real failure and a real recovery"
+    )
     # The demo prints its own progress; Prefect's run logs still go to the API (the UI shows them).
     from prefect.logging.configuration import setup_logging
 
@@ -85,12 +89,8 @@ def run_demo(
 
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     setup_logging(incremental=False)
-    check_options(fail_at, csv)
     fault_name, fault_call = _step(fail_at)
     key = f"demo-{uuid.uuid4().hex[:8]}"
-    console.rule(
-        "[bold]prefect-pydantic-ai demo: the AI Data Analyst, with a real failure and a real recovery"
-    )
     if model is None:
         console.print(
             f"Model: [bold]{OFFLINE_MODEL_NAME}[/bold]. This is a scripted policy, [bold]not an LLM[/bold]: it "

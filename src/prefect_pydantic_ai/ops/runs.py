@@ -89,14 +89,9 @@ async def list_runs(
     *, state: str | None = None, agent: str | None = None, limit: int = 20, since: datetime | None = None
 ) -> list[RunSummary]:
     """Flow runs holding agent runs, newest first, with crashed runs detected and marked as such."""
-    tags = [TAG] + ([f"agent:{agent}"] if agent else [])
-    where: dict[str, Any] = {"tags": {"all_": tags}}
-    if since is not None:
-        where["start_time"] = {"after_": since.isoformat()}
     async with prefect_api() as api:
-        found = await api.flow_runs(
-            where, "START_TIME_DESC", limit if state is None else max(limit * 5, 1000)
-        )
+        wanted = limit if state is None else max(limit * 5, 1000)
+        found = await api.flow_runs(agent_runs(agent, since), "START_TIME_DESC", wanted)
         found = [await settle_if_dead(api, fr) for fr in found]
         if state is not None:
             found = [fr for fr in found if state_of(fr) == state][:limit]
@@ -123,6 +118,14 @@ async def list_runs(
             )
         )
     return summaries
+
+
+def agent_runs(agent: str | None, since: datetime | None = None) -> dict[str, Any]:
+    """The API's filter for flow runs holding agent runs (of `agent`, started since `since`)."""
+    where: dict[str, Any] = {"tags": {"all_": [TAG] + ([f"agent:{agent}"] if agent else [])}}
+    if since is not None:
+        where["start_time"] = {"after_": since.isoformat()}
+    return where
 
 
 async def task_runs_of(api: PrefectApi, flow_runs: list[ApiFlowRun]) -> dict[UUID, list[ApiTaskRun]]:
