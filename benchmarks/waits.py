@@ -115,8 +115,9 @@ def _agent(name: str, *, steps: int, kill_in_tool: int | None, kill_at_final: bo
 
 
 def keyed(name: str, key: str, steps: int, kill: str) -> None:
-    """Our agent run with idempotency key `key`; `kill`: "final", a tool call number, or "none"."""
-    from prefect_pydantic_ai import PrefectAgent
+    """Our agent run with idempotency key `key` (`key` "plain": the plain agent, no key); `kill`: "final", a tool
+    call number, or "none"."""
+    from pydantic_ai.usage import UsageLimits
 
     agent = _agent(
         name,
@@ -124,10 +125,16 @@ def keyed(name: str, key: str, steps: int, kill: str) -> None:
         kill_in_tool=int(kill) if kill.isdigit() else None,
         kill_at_final=kill == "final",
     )
-    from pydantic_ai.usage import UsageLimits
+    limits = UsageLimits(request_limit=None)
+    if key == "plain":
+        _marks(os.environ.get("PPA_MARKS"), "run_start")
+        agent.run_sync("Analyze", usage_limits=limits)
+        return
+    from prefect_pydantic_ai import PrefectAgent
 
+    durable = PrefectAgent(agent)
     _marks(os.environ.get("PPA_MARKS"), "run_start")
-    PrefectAgent(agent).run_sync("Analyze", idempotency_key=key, usage_limits=UsageLimits(request_limit=None))
+    durable.run_sync("Analyze", idempotency_key=key, usage_limits=limits)
 
 
 # -- the measuring side ----------------------------------------------------------------------------------------
@@ -279,9 +286,14 @@ def main() -> None:
         for rep in range(opts.reps):
             console.print(f"201-step run killed at its final call, then resumed: {rep + 1}/{opts.reps} ...")
             long_key = f"long-{uuid.uuid4().hex[:8]}"
-            for attempt, kill in (("first attempt", "final"), ("resume", "none")):
+            runs = (
+                ("plain agent", "plain", "none"),
+                ("first attempt", long_key, "final"),
+                ("resume", long_key, "none"),
+            )
+            for attempt, run_key, kill in runs:
                 spawned, reached, _ = _marked(
-                    [*script, "keyed", "waits_long", long_key, "100", kill], env, marks
+                    [*script, "keyed", "waits_long", run_key, "100", kill], env, marks
                 )
                 start = reached["run_start"]
                 sample(f"201 steps: {attempt}, run start to final call", reached["final_call"] - start)
@@ -353,6 +365,8 @@ def main() -> None:
     first = medians["201 steps: first attempt, run start to final call"]
     resumed = medians["201 steps: resume, run start to final call"]
     spawn = medians["201 steps: resume, spawn to run start"]
+    floor = medians["201 steps: plain agent, run start to final call"]
+    table.add_row("201 steps: the plain agent, run start to final call", f"{floor:.2f}", "", "")
     table.add_row("201 steps: first attempt, run start to final call", f"{first:.2f}", "", "")
     table.add_row(
         f"201 steps: resume, run start to final call (+{spawn:.2f} s spawn to run start)",
