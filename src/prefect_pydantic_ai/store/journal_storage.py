@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
+from prefect.context import AsyncClientContext
 from prefect.filesystems import LocalFileSystem
 from prefect.results import aget_default_result_storage
 
@@ -107,11 +109,20 @@ def _write_atomically(target: Path, content: bytes) -> None:
 _journals: dict[str, JournalFileSystem] = {}
 
 
+async def default_result_storage() -> Any:
+    """Prefect's default result storage (`aget_default_result_storage()`), asked for inside a Prefect client
+    context: prefect 3.9 asks the server for its default storage block with a client it never closes, unless a
+    context lends it one (which closes when the context ends), so outside a flow run every call would leave a
+    connection to the garbage collector."""
+    async with AsyncClientContext.get_or_create():
+        return await aget_default_result_storage()
+
+
 async def journal_storage(effective: object) -> JournalFileSystem | None:
     """A `JournalFileSystem` to use in place of `effective` (the result storage step tasks would get, `None` for
     Prefect's default) when that is a plain local directory; `None` when it is anything else."""
     if effective is None:
-        effective = await aget_default_result_storage()
+        effective = await default_result_storage()
     if isinstance(effective, Path):
         base = str(effective)
     elif type(effective) is LocalFileSystem:
