@@ -101,8 +101,8 @@ def idempotency_key(key: str | None) -> Iterator[None]:
     """Durable runs started in this block belong to the logical run `key`.
 
     A new process running the same agent under the same key after an attempt failed or was killed replays
-    every completed step and continues; once the run completed, the same call returns its output and executes
-    nothing. `None` keeps the key of an enclosing block (or none: the run key is then the root flow run id).
+    every completed step and continues; once the run completed, the same call returns its output without a
+    model request or a journaled tool call (tools configured inline run on every attempt). `None` keeps the key of an enclosing block (or none: the run key is then the root flow run id).
     """
     if key is None:
         yield
