@@ -51,6 +51,27 @@ def prefect_server() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_sync_client() -> Iterator[None]:
+    """One sync Prefect client for the session, closed at its end: the suite fails on unclosed sockets
+    (pyproject `filterwarnings`), and Prefect 3.9.1 leaves one behind at the start of every async flow run
+    outside a client context (`prefect.results._read_server_default_result_storage_block_id` opens a sync
+    client and never closes it). A test's own `@flow` is such a run; the agent's own flow runs and every
+    agent run are not (`PrefectDurability` runs inside Prefect's client contexts, test_process_hygiene.py).
+    With this context, Prefect takes its client instead of opening one. Entering it checks no server version
+    (a module may skip the session's server), and it connects only when Prefect first uses it."""
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED, temporary_settings
+
+    with temporary_settings({PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: False}):
+        context = SyncClientContext()
+        context.__enter__()
+    try:
+        yield
+    finally:
+        context.__exit__(None, None, None)
+
+
 MIGRATED_DATABASE = _SESSION_DIR / "migrated-prefect.db"
 
 

@@ -45,7 +45,6 @@ import re
 import shlex
 import signal
 import subprocess
-import time
 import tomllib
 import uuid
 from collections import Counter
@@ -194,84 +193,12 @@ class _Answers:
         return TextReply(text, usage=(12, 3))
 
 
-def _responses_handler() -> type:
-    """`LoopbackOpenAI`'s request handler, also answering OpenAI's Responses API (`POST /v1/responses`).
-
-    pydantic-ai's ``"openai:<model>"`` strings build an `OpenAIResponsesModel`, and the project's loopback server
-    serves only chat completions. This answers the next scripted reply (or the responder's) in the Responses
-    format, so the README's ``Agent("openai:gpt-4o", ...)`` reaches the real OpenAI client over a real socket too.
-    """
-    from prefect_pydantic_ai.testing import TextReply, ToolCallsReply
-    from prefect_pydantic_ai.testing.openai_server import _Handler
-
-    class ResponsesHandler(_Handler):
-        def do_POST(self) -> None:
-            if self.path.split("?", 1)[0] not in {"/v1/responses", "/responses"}:
-                super().do_POST()
-                return
-            received_at = time.monotonic()
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.loads(raw)
-            self._record(body, received_at)
-            if body.get("stream"):
-                self._send_error(400, "the docs' loopback answers non-streamed responses only", "unsupported")
-                return
-            item = self.server.loopback._next_scripted(body)
-            usage = getattr(item, "usage", None) or (0, 0)
-            if isinstance(item, TextReply):
-                output: list[dict[str, Any]] = [
-                    {
-                        "type": "message",
-                        "id": f"msg_{uuid.uuid4().hex[:8]}",
-                        "role": "assistant",
-                        "status": "completed",
-                        "content": [{"type": "output_text", "text": item.text, "annotations": []}],
-                    }
-                ]
-            elif isinstance(item, ToolCallsReply):
-                output = [
-                    {
-                        "type": "function_call",
-                        "id": f"fc_{uuid.uuid4().hex[:8]}",
-                        "call_id": self.server.loopback._next_tool_call_id(),
-                        "name": name,
-                        "arguments": args if isinstance(args, str) else json.dumps(args),
-                        "status": "completed",
-                    }
-                    for name, args in item.calls
-                ]
-            else:
-                self._send_error(500, f"the docs' loopback cannot send {item!r} as a response", "unsupported")
-                return
-            response = {
-                "id": f"resp_{uuid.uuid4().hex[:8]}",
-                "object": "response",
-                "created_at": int(time.time()),
-                "model": body.get("model", "loopback"),
-                "status": "completed",
-                "output": output,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "usage": {
-                    "input_tokens": usage[0],
-                    "output_tokens": usage[1],
-                    "total_tokens": usage[0] + usage[1],
-                    "input_tokens_details": {"cached_tokens": 0},
-                    "output_tokens_details": {"reasoning_tokens": 0},
-                },
-            }
-            self._send(200, json.dumps(response).encode(), {"Content-Type": "application/json"})
-
-    return ResponsesHandler
-
-
 @contextlib.contextmanager
 def loopback_openai(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, _Answers]]:
-    """A `LoopbackOpenAI` (chat completions and responses) with `OPENAI_BASE_URL`/`OPENAI_API_KEY` set to it."""
-    from prefect_pydantic_ai.testing import LoopbackOpenAI, openai_server
+    """A `LoopbackOpenAI` with `OPENAI_BASE_URL`/`OPENAI_API_KEY` set to it: pydantic-ai's ``"openai:<model>"``
+    strings (the README's ``Agent("openai:gpt-4o", ...)``) reach it through the real client's Responses API."""
+    from prefect_pydantic_ai.testing import LoopbackOpenAI
 
-    monkeypatch.setattr(openai_server, "_Handler", _responses_handler())
     answers = _Answers()
     with LoopbackOpenAI(responder=answers) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

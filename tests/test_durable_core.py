@@ -411,13 +411,16 @@ async def test_iter_and_run_sync_are_durable_too(form: Form) -> None:
 
 
 async def test_tools_configured_inline_run_outside_the_journal(form: Form) -> None:
+    """README "Use it" and docs/migrating.md "Recall": a re-call executes no model request and no journaled tool
+    call; an inline tool is outside the journal, so it runs again (its result keys the steps after it)."""
     calls = Calls()
     durable = two_tool_agent(calls, name="inline", form=form, tool_task_config_by_name={"stats": None})
     key = _key()
-    await durable.run("go", idempotency_key=key)
+    first = await durable.run("go", idempotency_key=key)
     calls.log.clear()
-    await durable.run("go", idempotency_key=key)
-    assert calls.log == ["stats"]  # only the inline tool runs again
+    again = await durable.run("go", idempotency_key=key)
+    assert calls.log == ["stats"]  # only the inline tool runs again: no model call, no journaled tool
+    assert again.output == first.output
 
 
 def test_unnamed_agent_is_a_clear_error() -> None:

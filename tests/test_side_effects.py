@@ -11,12 +11,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect.filesystems import RemoteFileSystem
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import (
     PrefectAgent,
+    StorageReadError,
     TaskConfig,
     UnverifiedEffectError,
     show_run,
@@ -127,3 +129,51 @@ async def test_an_attempt_abandoned_at_its_timeout_is_unverified_and_the_fail_po
         await durable.run("Transfer", idempotency_key=f"transfer-{uuid.uuid4().hex[:8]}")
     assert len(calls) == 1  # the retry found the call unverified and did not repeat it (nor retry further)
     assert calls[0] in str(failure.value)
+
+
+class FlakyStorage(RemoteFileSystem):
+    """A result storage whose reads fail (as a flaky S3 does) while `failing` holds a reason."""
+
+    _block_type_name = "Test Flaky Storage"
+    failing: str | None = None
+
+    async def aread_path(self, path: str) -> bytes:
+        if self.failing is not None:
+            raise ConnectionError(self.failing)
+        return await super().aread_path(path)
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_started_marker_stops_a_non_idempotent_call_naming_the_storage() -> None:
+    charged: list[int] = []
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if not any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
+            return ModelResponse(parts=[ToolCallPart("charge", {"cents": 500})])
+        return ModelResponse(parts=[TextPart("charged")])
+
+    agent: Agent[None, str] = Agent(FunctionModel(model), name=f"charger_{uuid.uuid4().hex[:6]}")
+
+    @agent.tool_plain
+    def charge(cents: int) -> str:
+        charged.append(cents)
+        return "ok"
+
+    storage = FlakyStorage(basepath=f"memory://flaky-{uuid.uuid4().hex[:8]}")
+    await storage.save(f"flaky-{uuid.uuid4().hex[:8]}")  # Prefect takes only saved blocks as a task's storage
+    config = TaskConfig(on_unverified="fail", retries=0, result_storage=storage)
+    durable = PrefectAgent(agent, tool_task_config_by_name={"charge": config})
+    key = f"flaky-{uuid.uuid4().hex[:8]}"
+    storage.failing = "s3.amazonaws.com: read timed out"
+    with pytest.raises(StorageReadError) as failure:
+        await durable.run("Charge", idempotency_key=key)
+    assert charged == []  # whether an earlier attempt charged is unknown: it does not charge on a guess
+    message = str(failure.value)
+    assert "Tool step 'charge' cannot tell whether an earlier attempt started it" in message
+    assert (
+        "FlakyStorage('memory://flaky-" in message
+        and "ConnectionError: s3.amazonaws.com: read timed out" in message
+    )
+
+    storage.failing = None  # the storage is back: nothing was marked, the call runs once
+    assert (await durable.run("Charge", idempotency_key=key)).output == "charged" and charged == [500]

@@ -142,3 +142,37 @@ async def test_step_marks_say_which_steps_a_killed_attempt_was_in_and_which_it_c
         (1, [fetch]),
         (2, [model]),
     ]
+
+
+class S3Like(LocalFileSystem):
+    """Answers every read as boto3 does: a ClientError whose code says what happened."""
+
+    _block_type_name = "Test S3 Like File System"
+    error_code: str = "NoSuchKey"
+
+    async def aread_path(self, path: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": self.error_code, "Message": "..."}}, "GetObject")
+
+
+async def test_a_read_tells_nothing_stored_from_a_storage_that_cannot_answer(tmp_path: Path) -> None:
+    from prefect_pydantic_ai.errors import StorageReadError
+    from prefect_pydantic_ai.store.journal_storage import read_if_present
+
+    (tmp_path / "present").write_bytes(b"started")
+    for storage in (JournalFileSystem(basepath=str(tmp_path)), LocalFileSystem(basepath=str(tmp_path))):
+        assert await read_if_present(storage, "present") == b"started"
+        assert await read_if_present(storage, "absent") is None
+
+    assert await read_if_present(S3Like(basepath="journal"), "absent") is None
+    for code in ("NoSuchKey", "404"):
+        assert await read_if_present(S3Like(basepath="journal", error_code=code), "absent") is None
+    with pytest.raises(
+        StorageReadError, match=r"'key.started' from the result storage S3Like\('journal'\): "
+    ):
+        await read_if_present(S3Like(basepath="journal", error_code="AccessDenied"), "key.started")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()  # a directory where a file should be: the read fails, and it is not "absent"
+    with pytest.raises(StorageReadError, match="IsADirectoryError"):
+        await read_if_present(JournalFileSystem(basepath=str(tmp_path)), "unreadable")

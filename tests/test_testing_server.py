@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openai import AsyncOpenAI
 from pydantic import BaseModel
 from pydantic_ai import Agent
 from pydantic_ai.exceptions import (
@@ -28,17 +29,21 @@ from pydantic_ai.exceptions import (
 )
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.openai import OpenAIResponsesModel
+from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.settings import ModelSettings
 
 import prefect_pydantic_ai.testing.faults as faults_module
 from prefect_pydantic_ai.testing import (
     CallLog,
+    Chunking,
     FaultPlan,
     LoopbackOpenAI,
     TextReply,
     ToolCallsReply,
     wrap_function_model,
 )
+from prefect_pydantic_ai.testing.openai_server import Writes
 
 
 @pytest.fixture
@@ -135,6 +140,47 @@ async def test_streamed_reply_with_usage(server: LoopbackOpenAI) -> None:
     assert output == "four"
     assert (stream.usage.input_tokens, stream.usage.output_tokens) == (10, 3)
     assert all(body["stream"] is True for body in server.requests)
+
+
+@pytest.mark.parametrize("writes", ["per_event", "inside_utf8", "inside_tool_args"])
+def test_a_streamed_reply_reaches_the_socket_in_the_writes_of_its_chunking(
+    server: LoopbackOpenAI, writes: Writes
+) -> None:
+    server.chunking = Chunking(writes, pause=0.05)  # long enough for every write to be a read of its own
+    if writes == "inside_tool_args":
+        server.reply_tool_calls([("lookup", {"city": "México"})])
+    else:
+        server.reply_text("Ciudad de México")
+    body = {"model": "gpt-4o", "messages": [], "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as response:
+        reads = list(response.iter_raw())
+    events = b"".join(reads).split(b"\n\n")
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events if e.startswith(b"data: {")]
+    if writes == "inside_tool_args":  # the arguments come a few characters at a time, each cut in its middle
+        fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d]
+        assert fragments == ["", '{"city"', ': "Méxi', 'co"}']
+        cut = [r[r.rindex(b'"arguments": "') :] for r in reads if not r.endswith(b"\n\n")]
+        assert cut == [b'"arguments": "{\\"c', b'"arguments": ": \\"', b'"arguments": "co']
+    else:  # a word per text delta, raw UTF-8, each cut after the first byte of its 'é' if it has one
+        assert [d["content"] for d in deltas[:-1]] == ["", "Ciudad", " de", " México"]
+        assert len(reads) == (len(events) - 1) + (writes == "inside_utf8")
+        assert [r for r in reads if r.endswith("é".encode()[:1])] == (
+            [reads[-4]] if writes == "inside_utf8" else []
+        )
+
+
+@pytest.mark.anyio
+async def test_the_responses_api_answers_text_and_tool_calls(server: LoopbackOpenAI) -> None:
+    server.reply_tool_calls([("add", {"a": 2, "b": 3})], usage=(7, 2))
+    server.reply_text("five", usage=(9, 1))
+    client = AsyncOpenAI(base_url=server.base_url, api_key="loopback", max_retries=0)
+    agent = Agent(OpenAIResponsesModel("gpt-4o", provider=OpenAIProvider(openai_client=client)))
+    agent.tool_plain(lambda a, b: a + b, name="add")
+
+    result = await agent.run("2+3")
+
+    assert result.output == "five" and result.usage.input_tokens == 16
+    assert [r.path for r in server.received] == ["/v1/responses", "/v1/responses"]
 
 
 @pytest.mark.anyio

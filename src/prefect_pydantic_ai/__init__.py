@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .durable.wait import ApprovalTimeout as ApprovalTimeout
     from .durable.wait import AwaitingApproval as AwaitingApproval
     from .errors import RunError as RunError
+    from .errors import StorageReadError as StorageReadError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .ops.approve import approve_run as approve_run
@@ -47,6 +48,7 @@ _EXPORTS = {
     "Ledger": "ledger",
     "ledger_of": "durable.report",
     "RunError": "errors",
+    "StorageReadError": "errors",
     "list_runs": "ops.runs",
     "Rescheduled": "ops.resume",
     "resume_run": "ops.resume",

@@ -11,5 +11,11 @@ class UnverifiedEffectError(RuntimeError):
     happened is unknown, so the run stops for a human to check instead of repeating it."""
 
 
+class StorageReadError(RuntimeError):
+    """A read from the result storage failed in another way than "nothing is stored there" (credentials, network,
+    permissions): what is stored is unknown, so nothing that depends on it goes ahead. The message names the
+    storage, the path and the cause."""
+
+
 class RunError(Exception):
     """A run cannot be found, resolved or resumed; the message says what to do. The CLI exits with code 2."""

@@ -19,7 +19,7 @@ import os
 import socket
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -29,7 +29,7 @@ import anyio
 from prefect import Flow, get_client
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.client.schemas.objects import FlowRun
-from prefect.context import FlowRunContext
+from prefect.context import AsyncClientContext, FlowRunContext, SyncClientContext
 from prefect.flow_engine import run_flow_async
 from prefect.states import Cancelled
 from pydantic_ai.agent import AbstractAgent, EventStreamHandler
@@ -101,8 +101,8 @@ def idempotency_key(key: str | None) -> Iterator[None]:
     """Durable runs started in this block belong to the logical run `key`.
 
     A new process running the same agent under the same key after an attempt failed or was killed replays
-    every completed step and continues; once the run completed, the same call returns its output and executes
-    nothing. `None` keeps the key of an enclosing block (or none: the run key is then the root flow run id).
+    every completed step and continues; once the run completed, the same call returns its output without a
+    model request or a journaled tool call (tools configured inline run on every attempt). `None` keeps the key of an enclosing block (or none: the run key is then the root flow run id).
     """
     if key is None:
         yield
@@ -246,6 +246,10 @@ class PrefectDurability(AbstractCapability[Any]):
     # -- the run -----------------------------------------------------------------------------------------------
 
     async def wrap_run(self, ctx: RunContext[Any], *, handler: WrapRunHandler) -> AgentRunResult[Any]:
+        async with _prefect_clients():
+            return await self._wrapped_run(ctx, handler)
+
+    async def _wrapped_run(self, ctx: RunContext[Any], handler: WrapRunHandler) -> AgentRunResult[Any]:
         if not isinstance(ctx.model, Model):  # a realtime session: a live connection, nothing to replay
             raise realtime_refused(self.agent_name)
         inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
@@ -541,6 +545,27 @@ class PrefectDurability(AbstractCapability[Any]):
         return await run_flow_async(
             self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
         )
+
+
+@contextlib.asynccontextmanager
+async def _prefect_clients() -> AsyncIterator[None]:
+    """One async and one sync Prefect client for everything an agent run asks of Prefect, closed when it ends.
+
+    Every Prefect call of the run (ours, the flow engine's) takes its client from these contexts, and so do
+    Prefect's helpers that open a client and never close it: in prefect 3.9, `aget_default_result_storage()`
+    (the journal and the run record resolve the result storage with it) and the flow engine's lookup of the
+    server's default result storage at each flow run. Without the contexts, each left a connection to the
+    garbage collector (a `ResourceWarning`, an unclosed transport under `run_sync`).
+
+    Then the loop turns once more before the run returns: a transport closes its socket on the next iteration
+    after `close()`, and `run_sync` stops its loop (which it keeps for the next call) as soon as the run returns.
+    """
+    try:
+        with SyncClientContext.get_or_create():
+            async with AsyncClientContext.get_or_create():
+                yield
+    finally:
+        await asyncio.sleep(0)
 
 
 def realtime_refused(agent_name: str) -> DurabilityConfigError:

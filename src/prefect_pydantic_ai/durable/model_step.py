@@ -13,13 +13,11 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic_ai._parts_manager import ModelResponsePartsManager
 from pydantic_ai._utils import now_utc as _now
 from pydantic_ai.messages import (
     CapabilityEvent,
     ModelMessage,
     ModelResponse,
-    ModelResponsePart,
     ModelResponseStreamEvent,
     PartDeltaEvent,
     PartStartEvent,
@@ -362,6 +360,9 @@ class _LiveStream(StreamedResponse):
     """The consumer's side of a streamed model step: the events of the step task's stream as they arrive, or
     the journaled response's parts when the step was replayed.
 
+    The step task runs ahead of the consumer (a provider's burst of deltas is parsed at once), so the events
+    go through a queue, and this stream's own parts are built from the events as the consumer takes them:
+    what `get()` shows is always what the consumer was shown, never the provider's parts ahead of it.
     Each attempt's events are forwarded with their part indices shifted past the parts of earlier (failed)
     attempts, so a retry's events never extend a discarded partial part: they start new parts. The response
     the run continues with is the journaled one, the successful attempt's alone.
@@ -382,10 +383,8 @@ class _LiveStream(StreamedResponse):
         self._step: asyncio.Task[ModelResponse] | None = None
         self._response: ModelResponse | None = None
         self._forwarded = False
-        self._earlier: list[ModelResponsePart] = []  # the parts of failed attempts, as the consumer saw them
-        self.__dict__["_parts_manager"] = _ChainedParts(
-            self._earlier, ModelResponsePartsManager(model_request_parameters=model_request_parameters)
-        )
+        self._next_index = 0  # the first part index free for the next attempt's parts
+        self._shown: list[int] = []  # the parts the current attempt started
 
     def start(self, step: Awaitable[ModelResponse]) -> None:
         async def run() -> ModelResponse:
@@ -398,44 +397,45 @@ class _LiveStream(StreamedResponse):
 
     async def forward(self, inner: StreamedResponse) -> ModelResponse:
         """One attempt of the step, inside its task: pass each event of `inner` on, return what it streamed."""
-        parts = self._parts_manager
-        assert isinstance(parts, _ChainedParts)
         self._attempts += 1
-        discarded = parts.current.get_parts()
-        if discarded:
-            first = len(self._earlier)
-            await self._discarded(list(range(first, first + len(discarded))))
-        self._earlier.extend(discarded)
-        parts.current = inner._parts_manager
-        offset = len(self._earlier)
+        if self._shown:
+            self._queue.put_nowait(StreamRetryEvent(attempt=self._attempts, discarded_parts=self._shown))
+            self._shown = []
+        offset = self._next_index
         async for event in inner:
             if isinstance(event, PartStartEvent | PartDeltaEvent):
+                index = event.index + offset
+                self._next_index = max(self._next_index, index + 1)
+                if isinstance(event, PartStartEvent):
+                    self._shown.append(index)
                 self._forwarded = True
-                self._queue.put_nowait(dataclasses.replace(event, index=event.index + offset))
+                self._queue.put_nowait(dataclasses.replace(event, index=index))
         return inner.get()
 
-    async def _discarded(self, indices: list[int]) -> None:
+    async def _discarded(self, retry: StreamRetryEvent) -> None:
         """Tell the consumer that the parts a failed attempt streamed are discarded: the retry streams anew."""
         logger.warning(
             "Model %s: a failed attempt had streamed %d part(s); they are discarded, attempt %d streams anew.",
             self._model.model_name,
-            len(indices),
-            self._attempts,
+            len(retry.discarded_parts),
+            retry.attempt,
         )
         if self._emit is not None:
-            await self._emit(StreamRetryEvent(attempt=self._attempts, discarded_parts=indices))
+            await self._emit(retry)
 
     async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
         assert self._step is not None
-        while (event := await self._queue.get()) is not _END:
-            yield event
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, StreamRetryEvent):
+                await self._discarded(item)
+                continue
+            self._parts_manager.apply_event(item)
+            yield item
         self._response = await self._step
         self._usage = self._response.usage
         if not self._forwarded:  # replayed from the journal: its parts, at once
-            parts = self._parts_manager
-            assert isinstance(parts, _ChainedParts)
             for index, part in enumerate(self._response.parts):
-                yield parts.current.handle_part(vendor_part_id=index, part=part)
+                yield self._parts_manager.handle_part(vendor_part_id=index, part=part)
 
     async def close(self) -> None:
         """Leave the step only once it has finished: drained by the consumer, or cancelled when abandoned."""
@@ -462,18 +462,3 @@ class _LiveStream(StreamedResponse):
     @property
     def timestamp(self) -> Any:
         return self._response.timestamp if self._response is not None else _now()
-
-
-@dataclass
-class _ChainedParts:
-    """The parts a live stream's consumer has seen: the failed attempts' (`earlier`), then the current one's."""
-
-    earlier: list[ModelResponsePart]
-    current: ModelResponsePartsManager
-
-    def get_parts(self) -> list[ModelResponsePart]:
-        return [*self.earlier, *self.current.get_parts()]
-
-    @property
-    def special_token_restorer(self) -> Any:
-        return self.current.special_token_restorer

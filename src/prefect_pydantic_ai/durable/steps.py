@@ -53,10 +53,10 @@ from pydantic_ai.exceptions import (
 
 from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
 from prefect_pydantic_ai.durable.task_config import TaskConfig
-from prefect_pydantic_ai.errors import UnverifiedEffectError
+from prefect_pydantic_ai.errors import StorageReadError, UnverifiedEffectError
 from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
-from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage
+from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage, read_if_present
 from prefect_pydantic_ai.store.step_names import StepKind, step_title, task_run_name
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -429,13 +429,14 @@ class StepTasks:
             with within_step(key, title):
                 if on_step is not None:
                     await on_step(title, "started")
-                try:
-                    if guarded:
-                        assert unverified is not None
-                        if await _marker(storage, key) != _STARTED:
-                            await _set_marker(storage, key, _STARTED)
-                        elif (decided := await unverified()) is not RUN_AGAIN:
+                if guarded:  # outside the `try` below: a failure to decide leaves the marker as it was
+                    assert unverified is not None
+                    if await self._started_before(name, storage, key):
+                        if (decided := await unverified()) is not RUN_AGAIN:
                             return decided
+                    else:
+                        await _set_marker(storage, key, _STARTED)
+                try:
                     return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
                 except Exception as exc:
                     after = _retry_after(exc)
@@ -499,6 +500,17 @@ class StepTasks:
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    async def _started_before(self, name: str, storage: Any, key: str) -> bool:
+        """Whether an earlier attempt of guarded step `key` started and never finished (its marker says
+        "started"). A marker that cannot be read is no answer: `StorageReadError`, and the step does not run."""
+        try:
+            return await read_if_present(storage, f"{key}.started") == _STARTED
+        except StorageReadError as exc:
+            raise StorageReadError(
+                f"{self.kind.capitalize()} step {name!r} cannot tell whether an earlier attempt started it, so it "
+                f"does not run: {exc}. Fix the storage, then resume the run."
+            ) from exc
 
     def _instant(self, storage: Any) -> bool:
         """Whether a journaled step of these tasks is answered from the journal without a task run: the journal is
@@ -679,20 +691,13 @@ def _record(batch: list[_Replay]) -> None:
 
 
 _STARTED, _FINISHED = b"started", b"finished"
+"""What a guarded step's marker (`<key>.started`, beside its journal entry) holds while an attempt runs, and after."""
 
 
 async def _read_path(storage: Any, path: str) -> bytes:
     """Read `path` from any result storage block (async where it has `aread_path`)."""
     reader = getattr(storage, "aread_path", None)
     return bytes(await (reader(path) if reader is not None else storage.read_path(path)))
-
-
-async def _marker(storage: Any, key: str) -> bytes | None:
-    """The "started" marker of a guarded step, stored beside its journal entry (any result storage can hold it)."""
-    try:
-        return await _read_path(storage, f"{key}.started")
-    except Exception:
-        return None
 
 
 async def _set_marker(storage: Any, key: str, state: bytes) -> None:

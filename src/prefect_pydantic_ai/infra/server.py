@@ -434,6 +434,8 @@ class LocalServer:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()  # the file stays, for its name in errors
 
 
 @contextlib.contextmanager

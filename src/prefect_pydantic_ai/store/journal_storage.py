@@ -13,10 +13,14 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio.to_thread
+from prefect.context import AsyncClientContext
 from prefect.filesystems import LocalFileSystem
 from prefect.results import aget_default_result_storage
+
+from prefect_pydantic_ai.errors import StorageReadError
 
 _INLINE_BYTES = 256 * 1024
 """Entries up to this size are read and written on the event loop; larger ones in a worker thread."""
@@ -107,11 +111,20 @@ def _write_atomically(target: Path, content: bytes) -> None:
 _journals: dict[str, JournalFileSystem] = {}
 
 
+async def default_result_storage() -> Any:
+    """Prefect's default result storage (`aget_default_result_storage()`), asked for inside a Prefect client
+    context: prefect 3.9 asks the server for its default storage block with a client it never closes, unless a
+    context lends it one (which closes when the context ends), so outside a flow run every call would leave a
+    connection to the garbage collector."""
+    async with AsyncClientContext.get_or_create():
+        return await aget_default_result_storage()
+
+
 async def journal_storage(effective: object) -> JournalFileSystem | None:
     """A `JournalFileSystem` to use in place of `effective` (the result storage step tasks would get, `None` for
     Prefect's default) when that is a plain local directory; `None` when it is anything else."""
     if effective is None:
-        effective = await aget_default_result_storage()
+        effective = await default_result_storage()
     if isinstance(effective, Path):
         base = str(effective)
     elif type(effective) is LocalFileSystem:
@@ -122,3 +135,60 @@ async def journal_storage(effective: object) -> JournalFileSystem | None:
     if journal is None:
         journal = _journals[base] = JournalFileSystem(basepath=base)
     return journal
+
+
+async def read_if_present(storage: Any, path: str) -> bytes | None:
+    """The bytes stored at `path` in a result storage block, or `None` when nothing is stored there.
+
+    This is the one place that tells "absent" from "unreadable": any other failure of the read (credentials,
+    network, permissions, a storage that is down) raises `StorageReadError` naming the storage, the path and the
+    cause, so that a caller deciding on what is stored never takes an outage for "nothing there"."""
+    try:
+        if isinstance(storage, JournalFileSystem):  # the common case: one read, no thread hop
+            return storage.entry_path(path).read_bytes()
+        reader = getattr(storage, "aread_path", None)
+        return bytes(await (reader(path) if reader is not None else storage.read_path(path)))
+    except Exception as exc:
+        if _is_absent(exc):
+            return None
+        raise StorageReadError(
+            f"Cannot read {path!r} from the result storage {describe_storage(storage)}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def describe_storage(storage: Any) -> str:
+    """A storage block as a reader recognises it: its type and where it points (`S3Bucket('journal')`)."""
+    where = next(
+        (
+            getattr(storage, name)
+            for name in ("bucket_name", "bucket", "basepath", "container_name")
+            if getattr(storage, name, None)
+        ),
+        None,
+    )
+    return f"{type(storage).__name__}({str(where)!r})" if where else type(storage).__name__
+
+
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "ResourceNotFound", "BlobNotFound"})
+
+
+def _is_absent(exc: BaseException) -> bool:
+    """Whether a storage's error means "nothing at that path", in the forms the common storages raise it: a
+    missing file (local, fsspec), Prefect's `LocalFileSystem` "does not exist", a 404 or `NoSuchKey` (S3, GCS,
+    Azure), anywhere in the chain of causes."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FileNotFoundError):
+            return True
+        if isinstance(error, ValueError) and "does not exist" in str(error):
+            return True
+        response = getattr(error, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        status = getattr(error, "status_code", None) or getattr(error, "code", None)
+        if str(code) in _NOT_FOUND_CODES or str(status) in _NOT_FOUND_CODES:
+            return True
+        error = error.__cause__ or error.__context__
+    return False

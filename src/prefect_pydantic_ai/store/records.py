@@ -290,15 +290,14 @@ async def _storage() -> Any:
     Resolving it asks the server for its default storage block, so inside a flow run it is resolved once per
     attempt: a run writes its record after every executed model step."""
     from prefect.context import FlowRunContext
-    from prefect.results import aget_default_result_storage
 
-    from prefect_pydantic_ai.store.journal_storage import journal_storage
+    from prefect_pydantic_ai.store.journal_storage import default_result_storage, journal_storage
 
     context = FlowRunContext.get()
     attempt = (context.flow_run.id, context.flow_run.run_count) if context and context.flow_run else None
     if attempt is not None and (known := _storage_of_flow_run.get(attempt)) is not None:
         return known
-    default: Any = await aget_default_result_storage()
+    default: Any = await default_result_storage()
     storage = await journal_storage(default) or default
     if attempt is not None:
         if len(_storage_of_flow_run) >= 64:

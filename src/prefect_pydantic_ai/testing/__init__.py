@@ -6,6 +6,7 @@ Drive pydantic-ai's real OpenAI client over a loopback socket::
         server.reply_tool_calls([("lookup", {"key": "a"})], usage=(10, 2))
         server.fault_status(429, retry_after=1.0)  # the next request is rate limited
         server.reply_text("done", usage=(12, 3))
+        server.chunking = Chunking("burst")  # how streamed replies reach the socket (see Chunking)
         agent = Agent(server.openai_model(), tools=[lookup])
         ...
         assert server.request_count == 3
@@ -35,6 +36,8 @@ from .faults import (
 )
 from .injection import FaultInjection
 from .openai_server import (
+    Chunking,
+    CutStreamFault,
     DelayFault,
     Exchange,
     JsonReply,
@@ -55,6 +58,8 @@ __all__ = [
     "TRANSPORTABLE_EXCEPTIONS",
     "CallLog",
     "CallLogEntry",
+    "Chunking",
+    "CutStreamFault",
     "DelayFault",
     "Exchange",
     "Fault",

@@ -1,24 +1,32 @@
-"""A loopback OpenAI-compatible chat-completions server with a scripted queue of replies and injected faults.
+"""A loopback OpenAI-compatible server (chat completions and Responses) with a scripted queue of replies and
+injected faults.
 
 Tests point pydantic-ai's real OpenAI provider at it, so every model request crosses a real socket and real HTTP
 failures (429/5xx statuses, slow answers, connections reset mid-body, broken JSON) reach the real client code.
+A streamed reply is sent the way providers send one (a word per text delta, tool-call arguments a few characters
+at a time), cut into socket writes as its `Chunking` says: all at once, one event per write, at random bytes,
+inside a UTF-8 character or inside a tool call's arguments.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
+import re
 import socket
 import struct
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeAlias
 
 if TYPE_CHECKING:
     from pydantic_ai.models.openai import OpenAIChatModel
@@ -30,6 +38,8 @@ ToolArgs: TypeAlias = Mapping[str, Any] | str
 """Tool-call arguments: a mapping is sent JSON-encoded, a string is sent exactly as given (e.g. broken JSON)."""
 
 CHAT_COMPLETIONS_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+RESPONSES_PATHS = frozenset({"/v1/responses", "/responses"})
+"""OpenAI's Responses API, which pydantic-ai's `"openai:<model>"` strings use (non-streamed answers only)."""
 OUTPUT_TOOL_PREFIX = "final_result"
 """pydantic-ai names its output tools `final_result` (or `final_result_<Type>` for several output types)."""
 
@@ -95,13 +105,55 @@ class MalformedJsonFault:
     """A 200 response whose body (or the single SSE event of a streamed one) is truncated JSON."""
 
 
+Reply: TypeAlias = TextReply | ToolCallsReply | JsonReply
+"""A successful answer."""
+
+
+@dataclass(frozen=True)
+class CutStreamFault:
+    """A streamed `reply` cut off after its first `after_deltas` text or arguments deltas: the server sends them
+    (as its `Chunking` writes them), then closes the connection short of the promised body. The close is orderly,
+    so the client reads every byte sent before it, then fails (`peer closed connection`)."""
+
+    reply: Reply
+    after_deltas: int
+
+
 Scripted: TypeAlias = (
-    TextReply | ToolCallsReply | JsonReply | StatusFault | DelayFault | ResetFault | MalformedJsonFault
+    TextReply
+    | ToolCallsReply
+    | JsonReply
+    | StatusFault
+    | DelayFault
+    | ResetFault
+    | MalformedJsonFault
+    | CutStreamFault
 )
 """One scripted answer; each consumes exactly one chat-completions request."""
 
 Responder: TypeAlias = Callable[[dict[str, Any]], Scripted]
 """Called with the parsed request body when the script queue is empty."""
+
+Writes: TypeAlias = Literal["burst", "per_event", "random", "inside_utf8", "inside_tool_args"]
+"""How a streamed body is cut into socket writes; see `Chunking`."""
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How the SSE body of a streamed reply reaches the socket, that is what one read of the client can see.
+
+    - `"burst"`: the whole body in one write (a recorded cassette, a proxy, a coalesced TCP read): the client
+      parses every delta before it yields the first.
+    - `"per_event"`: one write per SSE event, `pause` seconds apart, so the client reads one delta at a time.
+    - `"random"`: cut at random byte offsets (from `seed`, the same cuts every time), `pause` apart.
+    - `"inside_utf8"`: `"per_event"`, and every multi-byte UTF-8 character is cut after its first byte (text
+      is sent as raw UTF-8, not `\\u` escapes).
+    - `"inside_tool_args"`: `"per_event"`, and every tool-call arguments fragment is cut in its middle.
+    """
+
+    writes: Writes = "burst"
+    pause: float = 0.001
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,17 +182,20 @@ class Exchange:
 
 
 class LoopbackOpenAI:
-    """An OpenAI-compatible `POST /v1/chat/completions` server on 127.0.0.1, run in a background thread.
+    """An OpenAI-compatible `POST /v1/chat/completions` (and `POST /v1/responses`) server on 127.0.0.1, run in a
+    background thread.
 
     Each request takes the next item of a FIFO script (`reply_*` / `fault_*` / `enqueue`), else asks `responder`,
     else is answered with HTTP 500 "script exhausted" (with `x-should-retry: false`), so a test missing a reply
-    fails with a clear error instead of hanging. `"stream": true` requests get proper SSE chunks with usage.
-    Every request is recorded (`requests`, `received`, `request_count`, and its timing and status in `exchanges`);
-    all state is guarded by a lock.
+    fails with a clear error instead of hanging. `"stream": true` chat-completions requests get proper SSE chunks
+    with usage, cut into writes as `chunking` says (it may be changed between requests); the Responses API
+    answers text and tool calls, not streamed. Every request is recorded (`requests`, `received`,
+    `request_count`, and its timing and status in `exchanges`); all state is guarded by a lock.
     """
 
-    def __init__(self, *, responder: Responder | None = None) -> None:
+    def __init__(self, *, responder: Responder | None = None, chunking: Chunking | None = None) -> None:
         self.responder: Responder | None = responder
+        self.chunking: Chunking = chunking or Chunking()
         self._lock = threading.Lock()
         self._script: deque[Scripted] = deque()
         self._received: list[RecordedRequest] = []
@@ -258,6 +313,10 @@ class LoopbackOpenAI:
         """Queue a connection reset in the middle of a 200 response body."""
         return self.enqueue(ResetFault())
 
+    def fault_cut_stream(self, reply: Reply, *, after_deltas: int) -> Self:
+        """Queue a streamed `reply` whose connection closes after its first `after_deltas` deltas."""
+        return self.enqueue(CutStreamFault(reply, after_deltas))
+
     def fault_malformed_json(self) -> Self:
         """Queue a 200 response whose JSON body is broken."""
         return self.enqueue(MalformedJsonFault())
@@ -348,6 +407,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a write is sent as it is, never held back to join the next one
     server: _HTTPServer
     _number = 0  # this request's 1-based number on the server, once recorded
 
@@ -367,11 +427,16 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         number = self._record(body, received_at)
         path = self.path.split("?", 1)[0]
-        if path not in CHAT_COMPLETIONS_PATHS:
+        if path not in CHAT_COMPLETIONS_PATHS | RESPONSES_PATHS:
             self._send_error(404, f"no route for POST {path}", "not_found")
             return
         if not isinstance(body, dict):
             self._send_error(400, "request body must be a JSON object", "invalid_request_error")
+            return
+        if path in RESPONSES_PATHS and body.get("stream"):
+            self._send_error(
+                400, "LoopbackOpenAI answers non-streamed Responses requests only", "unsupported"
+            )
             return
         try:
             item = self.server.loopback._next_scripted(body)
@@ -386,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "script_exhausted",
             )
             return
-        self._answer(item, body)
+        self._answer(item, body, responses=path in RESPONSES_PATHS)
 
     # -- answers ---------------------------------------------------------------------------------------------
 
@@ -397,7 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         return self._number
 
-    def _answer(self, item: Scripted, request: dict[str, Any]) -> None:
+    def _answer(self, item: Scripted, request: dict[str, Any], *, responses: bool = False) -> None:
         match item:
             case StatusFault():
                 self._send_status_fault(item)
@@ -405,7 +470,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.server.loopback._stopping.wait(seconds) or then is None:
                     self.close_connection = True
                     return
-                self._answer(then, request)
+                self._answer(then, request, responses=responses)
             case ResetFault():
                 self._reset_mid_body(
                     _reply_body(request, "a reply cut short", (), None), _content_type(request)
@@ -414,13 +479,22 @@ class _Handler(BaseHTTPRequestHandler):
                 broken = b'{"id": "chatcmpl-broken", "choices": [{"index'
                 body = b"data: " + broken + b"\n\n" if request.get("stream") else broken
                 self._send(200, body, {"Content-Type": _content_type(request)})
+            case CutStreamFault(reply=reply, after_deltas=after):
+                if not request.get("stream"):
+                    self._send_error(400, "CutStreamFault answers streamed requests only", "unsupported")
+                    return
+                self._stream(_sse_events(request, *self._message(reply, request)), cut_after=after)
+            case TextReply() | ToolCallsReply() | JsonReply() if responses:
+                body = _response_body(request, *self._message(item, request))
+                self._send(200, body, {"Content-Type": "application/json"})
+            case TextReply() | ToolCallsReply() | JsonReply() if request.get("stream"):
+                self._stream(_sse_events(request, *self._message(item, request)))
             case TextReply() | ToolCallsReply() | JsonReply():
-                content, tool_calls, usage = self._message(item, request)
-                body = _reply_body(request, content, tool_calls, usage)
-                self._send(200, body, {"Content-Type": _content_type(request)})
+                body = _completion_body(request, *self._message(item, request))
+                self._send(200, body, {"Content-Type": "application/json"})
 
     def _message(
-        self, item: TextReply | ToolCallsReply | JsonReply, request: dict[str, Any]
+        self, item: Reply, request: dict[str, Any]
     ) -> tuple[str | None, tuple[tuple[str, str, str], ...], Usage | None]:
         """The assistant message of a reply: `(content, ((id, name, arguments_json), ...), usage)`."""
         calls: tuple[tuple[str, ToolArgs], ...]
@@ -437,7 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
             (
                 self.server.loopback._next_tool_call_id(),
                 name,
-                args if isinstance(args, str) else json.dumps(args),
+                args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
             )
             for name, args in calls
         )
@@ -463,9 +537,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, _error_body(message, code, code), {"x-should-retry": "false"})
 
     def _send(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        self._send_head(status, len(body), headers)
+        self.wfile.write(body)
+        self.server.loopback._answered(self._number, status)
+
+    def _send_head(self, status: int, length: int, headers: Mapping[str, str]) -> None:
         self.send_response(status)
         self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         # One request per connection: a keep-alive connection left in an unclosed client's pool would be closed
         # by the SDK's `__del__` on whatever event loop runs then, failing a later test with "Event loop is closed".
         self.send_header("Connection", "close")
@@ -473,8 +552,33 @@ class _Handler(BaseHTTPRequestHandler):
             if name != "Content-Type":
                 self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
-        self.server.loopback._answered(self._number, status)
+
+    def _stream(self, events: list[_Event], *, cut_after: int | None = None) -> None:
+        """Send SSE `events` in the writes of the server's chunking; with `cut_after`, only the events up to that
+        many deltas, then close the connection short of the promised body."""
+        body = b"".join(event.data for event in events)
+        if cut_after is not None:
+            deltas, sent = 0, 0
+            for event in events:
+                if event.delta is not None:
+                    if deltas == cut_after:
+                        break
+                    deltas += 1
+                sent += len(event.data)
+            body, promised = body[:sent], len(body)
+        chunking = self.server.loopback.chunking
+        self._send_head(
+            200, promised if cut_after is not None else len(body), {"Content-Type": "text/event-stream"}
+        )
+        for number, piece in enumerate(_writes(body, events, chunking)):
+            if number and self.server.loopback._stopping.wait(chunking.pause):
+                self.close_connection = True
+                return
+            self.wfile.write(piece)
+        self.server.loopback._answered(self._number, 200)
+        if cut_after is not None:
+            self.connection.shutdown(socket.SHUT_WR)  # an orderly close: every byte sent is read first
+            self.close_connection = True
 
     def _reset_mid_body(self, body: bytes, content_type: str) -> None:
         self.send_response(200)
@@ -492,7 +596,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _output_tool_name(request: Mapping[str, Any]) -> str | None:
     for tool in request.get("tools") or ():
-        name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict):
+            continue
+        name = (tool.get("function") or {}).get("name") or tool.get("name")  # chat completions / Responses
         if isinstance(name, str) and name.startswith(OUTPUT_TOOL_PREFIX):
             return name
     return None
@@ -510,7 +616,7 @@ def _reply_body(
 ) -> bytes:
     """An assistant message as a `chat.completion` JSON body, or as SSE chunks when the request streams."""
     if request.get("stream"):
-        return _sse_body(request, content, tool_calls, usage)
+        return b"".join(event.data for event in _sse_events(request, content, tool_calls, usage))
     return _completion_body(request, content, tool_calls, usage)
 
 
@@ -554,13 +660,85 @@ def _completion_body(
     return json.dumps(completion).encode()
 
 
-def _sse_body(
+def _response_body(
     request: Mapping[str, Any],
     content: str | None,
     tool_calls: Sequence[tuple[str, str, str]],
     usage: Usage | None,
 ) -> bytes:
-    """The reply as `chat.completion.chunk` SSE events: role, content, one chunk per tool call, finish, usage."""
+    """An assistant message as a Responses API `response` body: a message item, or one `function_call` each."""
+    output: list[dict[str, Any]] = [
+        {
+            "type": "function_call",
+            "id": f"fc_{uuid.uuid4().hex[:8]}",
+            "call_id": call_id,
+            "name": name,
+            "arguments": arguments,
+            "status": "completed",
+        }
+        for call_id, name, arguments in tool_calls
+    ]
+    if content is not None:
+        output.insert(
+            0,
+            {
+                "type": "message",
+                "id": f"msg_{uuid.uuid4().hex[:8]}",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": content, "annotations": []}],
+            },
+        )
+    prompt, completion = usage or (0, 0)
+    response = {
+        "id": f"resp_{uuid.uuid4().hex[:8]}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": request.get("model", "loopback"),
+        "status": "completed",
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }
+    return json.dumps(response).encode()
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One SSE event of a streamed reply; `delta` is the text or arguments fragment it carries, if any."""
+
+    data: bytes
+    delta: str | None = None
+    arguments: bool = False
+
+
+ARGUMENTS_PER_DELTA = 7
+"""Characters of a tool call's JSON arguments per streamed delta: most fragments end inside a key or a value."""
+
+
+def _words(text: str) -> list[str]:
+    """`text` as streamed text deltas, one word each (with the whitespace before it): `The`, ` capital`, ..."""
+    words = re.findall(r"\s*\S+", text) or [text]
+    words[-1] += text[len("".join(words)) :]  # trailing whitespace stays in the last delta
+    return words
+
+
+def _sse_events(
+    request: Mapping[str, Any],
+    content: str | None,
+    tool_calls: Sequence[tuple[str, str, str]],
+    usage: Usage | None,
+) -> list[_Event]:
+    """The reply as `chat.completion.chunk` SSE events: the role, a word per text delta, each tool call's name
+    and then its arguments a few characters at a time, the finish reason, the usage, `[DONE]`."""
     base = {
         "id": f"chatcmpl-{time.monotonic_ns()}",
         "object": "chat.completion.chunk",
@@ -568,23 +746,56 @@ def _sse_body(
         "model": request.get("model", "loopback"),
     }
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {
-            **base,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-        }
+    def event(change: dict[str, Any], finish_reason: str | None = None, **kind: Any) -> _Event:
+        choice = {"index": 0, "delta": change, "finish_reason": finish_reason, "logprobs": None}
+        return _Event(_sse({**base, "choices": [choice]}), **kind)
 
-    chunks = [chunk({"role": "assistant", "content": ""})]
+    events = [event({"role": "assistant", "content": ""})]
     if content:
-        chunks.append(chunk({"content": content}))
-    for index, call in enumerate(_tool_calls_json(tool_calls)):
-        chunks.append(chunk({"tool_calls": [{"index": index, **call}]}))
-    chunks.append(chunk({}, "tool_calls" if tool_calls else "stop"))
+        events.extend(event({"content": word}, delta=word) for word in _words(content))
+    for index, (call_id, name, arguments) in enumerate(tool_calls):
+        opening = {
+            "index": index,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
+        events.append(event({"tool_calls": [opening]}))
+        for start in range(0, len(arguments), ARGUMENTS_PER_DELTA):
+            piece = arguments[start : start + ARGUMENTS_PER_DELTA]
+            fragment = {"index": index, "function": {"arguments": piece}}
+            events.append(event({"tool_calls": [fragment]}, delta=piece, arguments=True))
+    events.append(event({}, "tool_calls" if tool_calls else "stop"))
     if usage is not None and (request.get("stream_options") or {}).get("include_usage"):
-        chunks.append({**base, "choices": [], "usage": _usage_json(usage)})
-    events = [f"data: {json.dumps(c)}\n\n" for c in chunks]
-    events.append("data: [DONE]\n\n")
-    return "".join(events).encode()
+        events.append(_Event(_sse({**base, "choices": [], "usage": _usage_json(usage)})))
+    events.append(_Event(b"data: [DONE]\n\n"))
+    return events
+
+
+def _sse(chunk: Mapping[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()  # raw UTF-8, as providers send
+
+
+def _writes(body: bytes, events: Sequence[_Event], chunking: Chunking) -> list[bytes]:
+    """`body` (the events' bytes, maybe cut short) as the socket writes `chunking` asks for."""
+    cuts: set[int] = set()
+    if chunking.writes == "random":
+        rng, at = random.Random(chunking.seed), 0
+        while (at := at + rng.randint(1, 160)) < len(body):
+            cuts.add(at)
+    elif chunking.writes != "burst":
+        at = 0
+        for event in events:
+            if chunking.writes == "inside_tool_args" and event.arguments and event.delta:
+                value = event.data.index(b'"arguments": "') + len(b'"arguments": "')
+                fragment = json.dumps(event.delta, ensure_ascii=False)[1:-1].encode()
+                cuts.add(at + value + max(1, len(fragment) // 2))
+            if chunking.writes == "inside_utf8":
+                cuts.update(at + i + 1 for i, byte in enumerate(event.data) if byte >= 0xC0)
+            at += len(event.data)
+            cuts.add(at)
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(body)), len(body)]
+    return [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def _error_body(message: str, error_type: str, code: str | None) -> bytes:
