@@ -179,4 +179,9 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
 def test_the_readme_lists_the_layers_in_the_tests_order() -> None:
     section = README.read_text().split("Layout (`src/prefect_pydantic_ai/`)", 1)[1].split("\n\n", 2)[1]
     listed = [line.split("`")[1].rstrip("/") for line in section.splitlines() if line.startswith("- `")]
-    assert listed == [layer for layer in LAYERS if layer != "(root)"] + ["errors", "prefect_settings", "settings", "ledger"]
+    assert listed == [layer for layer in LAYERS if layer != "(root)"] + [
+        "errors",
+        "prefect_settings",
+        "settings",
+        "ledger",
+    ]
