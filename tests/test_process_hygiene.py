@@ -1,7 +1,8 @@
 """What an agent run leaves behind in the caller's process: no unclosed connection and no warning from our code.
 
-The whole suite fails on both (pyproject `filterwarnings`); these tests run each form of run in a fresh context,
-without the session's sync Prefect client (conftest), as it runs in a user's process."""
+The whole suite fails on a warning from our code (pyproject `filterwarnings`); an unclosed connection is checked
+here, where each form of run runs in a fresh context, without the session's sync Prefect client (conftest), as it
+runs in a user's process."""
 
 from __future__ import annotations
 
