@@ -53,10 +53,9 @@ def prefect_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _prefect_sync_client() -> Iterator[None]:
-    """One sync Prefect client for the session, closed at its end: the suite fails on unclosed sockets
-    (pyproject `filterwarnings`), and Prefect 3.9.1 leaves one behind at the start of every async flow run
-    outside a client context (`prefect.results._read_server_default_result_storage_block_id` opens a sync
-    client and never closes it). A test's own `@flow` is such a run; the agent's own flow runs and every
+    """One sync Prefect client for the session, closed at its end: Prefect 3.9.1 leaves an unclosed socket
+    behind at the start of every async flow run outside a client context
+    (`prefect.results._read_server_default_result_storage_block_id` opens a sync client and never closes it). A test's own `@flow` is such a run; the agent's own flow runs and every
     agent run are not (`PrefectDurability` runs inside Prefect's client contexts, test_process_hygiene.py).
     With this context, Prefect takes its client instead of opening one. Entering it checks no server version
     (a module may skip the session's server), and it connects only when Prefect first uses it."""
