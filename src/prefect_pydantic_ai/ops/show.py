@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import time
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
+import anyio
 from pydantic import BaseModel
 
 from prefect_pydantic_ai.ledger import Ledger
@@ -17,8 +21,18 @@ from prefect_pydantic_ai.ops.timeline import (
     timeline,
     with_steps_died_in,
 )
-from prefect_pydantic_ai.store.prefect_rest import RECALL_TAG, TAG, prefect_api, tag_values
-from prefect_pydantic_ai.store.records import read_records
+from prefect_pydantic_ai.store.crashes import EVENTS_LAG
+from prefect_pydantic_ai.store.prefect_rest import (
+    RECALL_TAG,
+    TAG,
+    UNFINISHED,
+    ApiFlowRun,
+    ApiTaskRun,
+    PrefectApi,
+    prefect_api,
+    tag_values,
+)
+from prefect_pydantic_ai.store.records import RunRecord, read_records
 from prefect_pydantic_ai.store.waits import PendingCall, waiting_for
 
 
@@ -43,6 +57,37 @@ class RunDetail(BaseModel):
     """For a paused run, the calls its latest attempt waits for a decision on, after its last step."""
 
 
+CATCH_UP_S = 3.0
+"""How long `show` waits for Prefect to record the last task-run events of an attempt that just ended."""
+
+
+async def _task_runs_caught_up(
+    api: PrefectApi, runs: list[ApiFlowRun], flow_run: ApiFlowRun, records: list[RunRecord]
+) -> dict[UUID, list[ApiTaskRun]]:
+    """The task runs of `runs`, read again while Prefect is still recording those of `flow_run`'s latest attempt.
+
+    Prefect records task runs from events its client sends in the background, a fraction of a second behind
+    the run: read right after an attempt ended (as its run record says), its last steps may still be Pending,
+    Running or without a state. Waiting for them (at most `CATCH_UP_S`) shows what Prefect will keep."""
+    deadline = time.monotonic() + CATCH_UP_S
+    count = max(flow_run.run_count, 1)
+    just_ended = any(
+        a.run_count == count and a.state != "running" and datetime.now(UTC) - a.finished_at < EVENTS_LAG
+        for r in records
+        for a in r.attempts
+    )
+    while True:
+        grouped = await task_runs_of(api, runs)
+        in_flight = [
+            t
+            for t in grouped[flow_run.id]
+            if t.flow_run_run_count in (0, count) and (t.state is None or t.state_type in UNFINISHED)
+        ]
+        if not just_ended or not in_flight or time.monotonic() > deadline:
+            return grouped
+        await anyio.sleep(0.1)
+
+
 async def show_run(ref: str) -> RunDetail:
     """The timeline of the latest attempt of a run (and of its earlier attempts), its output and its ledger."""
     async with prefect_api() as api:
@@ -61,11 +106,12 @@ async def show_run(ref: str) -> RunDetail:
                     or fr.start_time <= flow_run.start_time
                 )
             ]
-        steps_by_run = await task_runs_of(api, runs)
+        agents = tag_values(flow_run, "agent:")
+        records = await read_records(str(flow_run.id), agents)
+        steps_by_run = await _task_runs_caught_up(api, runs, flow_run, records)
         waiting = await waiting_for(api, flow_run)
-    agents = tag_values(flow_run, "agent:")
-    records = await read_records(str(flow_run.id), agents)
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
+    succeeded = {a.run_count for r in records for a in r.attempts if a.state in ("completed", "waiting")}
     waited = {a.run_count for r in records for a in r.attempts if a.state == "waiting"}
     executing: dict[
         int, list[str]
@@ -82,8 +128,13 @@ async def show_run(ref: str) -> RunDetail:
             last = fr.id == flow_run.id and count == attempts_of_run
             died = state_of(fr) == "crashed" if fr.id != flow_run.id else count not in ended
             over = state_of(fr) == "crashed" or not last
+            ours = fr.id == flow_run.id  # only its attempts have records here
             steps = timeline(
-                steps_by_run[fr.id], count, over, completed.get(count, set()) if fr.id == flow_run.id else ()
+                steps_by_run[fr.id],
+                count,
+                over,
+                completed.get(count, set()) if ours else (),
+                succeeded=ours and count in succeeded,
             )
             if fr.id == flow_run.id and died and over:  # the steps it was killed in, recorded or not
                 steps = with_steps_died_in(steps, executing.get(count, []))

@@ -15,7 +15,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, computed_field
 
-from prefect_pydantic_ai.store.prefect_rest import ApiTaskRun, StateType
+from prefect_pydantic_ai.store.prefect_rest import UNFINISHED, ApiTaskRun, StateType
 from prefect_pydantic_ai.store.step_names import parse_task_run_name, step_title
 
 StepStatus = Literal["executed", "replayed", "retried", "failed", "crashed", "awaited", "not_reached"]
@@ -62,10 +62,14 @@ def _with_asked_for(views: list[StepView]) -> list[StepView]:
     return views
 
 
-def _step_status(task_run: ApiTaskRun, attempt_crashed: bool, completed: bool) -> StepStatus:
+def _step_status(
+    task_run: ApiTaskRun, attempt_crashed: bool, completed: bool, attempt_succeeded: bool
+) -> StepStatus:
     state = task_run.state
     if completed and (state is None or state.type != StateType.COMPLETED):
         return "retried" if task_run.run_count > 1 else "executed"  # its last events died with the process
+    if attempt_succeeded and (state is None or state.type in UNFINISHED):
+        return "retried" if task_run.run_count > 1 else "executed"  # its last events are still on their way
     if state is None:
         return "crashed" if attempt_crashed else "failed"
     if state.name == "Cached":
@@ -74,16 +78,23 @@ def _step_status(task_run: ApiTaskRun, attempt_crashed: bool, completed: bool) -
         return "retried" if task_run.run_count > 1 else "executed"
     if state.type == StateType.CRASHED:
         return "crashed"
-    if state.type in (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED):
+    if state.type in UNFINISHED:
         return "crashed" if attempt_crashed else "executed"
     return "failed"
 
 
 def timeline(
-    task_runs: list[ApiTaskRun], attempt: int, attempt_crashed: bool, completed: Collection[str] = ()
+    task_runs: list[ApiTaskRun],
+    attempt: int,
+    attempt_crashed: bool,
+    completed: Collection[str] = (),
+    *,
+    succeeded: bool = False,
 ) -> list[StepView]:
     """The steps of one attempt of a flow run, in the order they started. `completed` names steps the run
-    record says completed: a killed process may have taken the events that say so to Prefect with it."""
+    record says completed: a killed process may have taken the events that say so to Prefect with it.
+    `succeeded`: the run record says the attempt completed (or stopped to wait for a decision), so each of its
+    steps ended, even one whose last events Prefect has not recorded yet."""
     parsed = [
         (task_run, names)
         for task_run in task_runs
@@ -100,7 +111,7 @@ def timeline(
                 kind=kind,
                 name=name,
                 agent=agent,
-                status=_step_status(task_run, attempt_crashed, task_run.name in completed),
+                status=_step_status(task_run, attempt_crashed, task_run.name in completed, succeeded),
                 attempts=task_run.run_count if task_run.state_name != "Cached" else 0,
                 duration_s=task_run.total_run_time.total_seconds() if task_run.total_run_time else None,
                 parent=_parent_step(task_run, indexes),

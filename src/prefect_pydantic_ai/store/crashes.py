@@ -16,10 +16,16 @@ from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
 from prefect_pydantic_ai.store.file_locks import process_alive
-from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun, ApiTaskRun, PrefectApi, StateType, tag_values
+from prefect_pydantic_ai.store.prefect_rest import (
+    UNFINISHED,
+    ApiFlowRun,
+    ApiTaskRun,
+    PrefectApi,
+    StateType,
+    tag_values,
+)
 from prefect_pydantic_ai.store.records import HOST, read_records
 
-_UNFINISHED = (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED)
 _OVER = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
 
@@ -47,7 +53,7 @@ async def crash_unfinished_task_runs(
     """Mark the task runs of a flow run that is not running (any more) but left them unfinished as Crashed, except
     those its run record says completed (`completed`: attempt and task run name), whose last events the killed
     process took with it: those are Completed."""
-    orphans = (await api.task_runs([flow_run_id], states=_UNFINISHED))[flow_run_id]
+    orphans = (await api.task_runs([flow_run_id], states=UNFINISHED))[flow_run_id]
     await _settle(api, orphans, reason, completed)
     return len(orphans)
 
@@ -57,7 +63,9 @@ async def settle_orphans(api: PrefectApi, flow_run: ApiFlowRun, task_runs: Itera
     events in the background, so a killed process's last events can create one after its crash was settled.
 
     An attempt is over when a later one started, or when the flow run ended more than `EVENTS_LAG` seconds ago:
-    until then, the last events of a run that just completed may still be on their way. Returns how many."""
+    until then, the last events of a run that just completed may still be on their way. A task run recorded
+    from its Pending event alone has no attempt yet (`flow_run_run_count` 0): it may be the current attempt's,
+    so it is only settled once the flow run ended long ago. Returns how many."""
     state = flow_run.state
     if state is None:
         return 0
@@ -67,7 +75,7 @@ async def settle_orphans(api: PrefectApi, flow_run: ApiFlowRun, task_runs: Itera
     orphans = [
         t
         for t in task_runs
-        if t.state_type in _UNFINISHED and (t.flow_run_run_count < flow_run.run_count or ended_long_ago)
+        if t.state_type in UNFINISHED and (0 < t.flow_run_run_count < flow_run.run_count or ended_long_ago)
     ]
     await _settle(api, orphans, "Its attempt of the flow run ended before it finished.")
     return len(orphans)

@@ -49,6 +49,10 @@ class StateType(StrEnum):
     CANCELLING = "CANCELLING"
 
 
+UNFINISHED = (StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED)
+"""The states of a task run that has not ended (or whose end Prefect has not recorded)."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -194,7 +198,11 @@ class PrefectApi:
         grouped: dict[UUID, list[ApiTaskRun]] = {i: [] for i in flow_run_ids}
         if not grouped:
             return grouped
-        body: dict[str, Any] = {"flow_runs": {"id": {"any_": [str(i) for i in grouped]}}, "limit": PAGE}
+        body: dict[str, Any] = {
+            "flow_runs": {"id": {"any_": [str(i) for i in grouped]}},
+            "sort": "ID_DESC",  # a total order: pages by offset neither skip nor repeat a task run
+            "limit": PAGE,
+        }
         if states is not None:
             body["task_runs"] = {"state": {"type": {"any_": [str(s) for s in states]}}}
         offset = 0
