@@ -19,6 +19,7 @@ from pydantic_ai.models import ModelRequestParameters
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of, show_run
+from prefect_pydantic_ai.durable.journal import messages_fingerprint
 from prefect_pydantic_ai.durable.steps import StepEvent, observe_steps
 
 pytestmark = pytest.mark.anyio
@@ -41,6 +42,10 @@ class _PreparingModel(FunctionModel):
 def _agent(
     calls: list[str], name: str, fail_second_lookup: list[bool] | None = None
 ) -> PrefectAgent[None, str]:
+    return PrefectAgent(_plain_agent(calls, name, fail_second_lookup))
+
+
+def _plain_agent(calls: list[str], name: str, fail_second_lookup: list[bool] | None = None) -> Agent[None, str]:
     """model → lookup → model → lookup → model; the second lookup fails while `fail_second_lookup[0]` is true."""
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -60,7 +65,7 @@ def _agent(
             raise ConnectionError("lookup service unreachable")
         return n * 10
 
-    return PrefectAgent(agent)
+    return agent
 
 
 async def _task_runs(key: str, expected: int) -> dict[uuid.UUID, list[TaskRun]]:
@@ -182,3 +187,15 @@ async def test_concurrent_resumes_of_one_agent_each_replay_their_own_steps() -> 
     assert [r.output for r in results] == ["found 0 and 10"] * 3
     # only the first run had anything left to do: its second lookup and last model request
     assert sorted(calls) == sorted(["lookup", "prepare", "model"])
+
+
+async def test_one_conversation_run_twice_has_one_fingerprint_per_message() -> None:
+    """Whatever a pydantic-ai release adds to its messages that differs between two runs of one conversation
+    (pydantic-ai 2.78 added `request_timestamp` and `duration`) must stay out of step keys: otherwise every step
+    after a re-executed one runs again."""
+    calls: list[str] = []
+    agent = _plain_agent(calls, f"fingerprint_{uuid.uuid4().hex[:6]}")
+    first = (await agent.run("go")).all_messages()
+    second = (await agent.run("go")).all_messages()
+    assert calls.count("model") == 6 and len(first) == len(second) == 6
+    assert [messages_fingerprint([m]) for m in first] == [messages_fingerprint([m]) for m in second]

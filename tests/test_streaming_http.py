@@ -51,7 +51,7 @@ ENTRIES += ["event_stream_handler", "iter_node_stream"]
 TEXT_ONLY = frozenset({"stream_text", "stream_text_delta", "stream_response"})
 RETRIED = ["run_stream_events", "event_stream_handler", "iter_node_stream"]
 """The consumers that see a retry as events (`StreamRetryEvent`)."""
-VOLATILE = frozenset({"timestamp", "tool_call_id", "provider_response_id"})
+VOLATILE = frozenset({"timestamp", "tool_call_id", "provider_response_id", "run_id"})
 """Fields that differ between any two runs (the server numbers tool calls across runs)."""
 
 
