@@ -28,6 +28,7 @@ PATTERN_CASES = [
     ("url password", "db at postgresql://app:hunter2@db/prod now", f"db at postgresql://app:{R}@db/prod now"),
     ("url password, no user", "redis://:s3cr3t-pw@cache:6379/0", f"redis://:{R}@cache:6379/0"),
     ("bearer token", "Authorization: Bearer abc123XYZ.def-456", f"Authorization: Bearer {R}"),
+    ("bearer token ending a sentence", "Send Bearer abc123def456.", f"Send Bearer {R}."),
     ("assignment", "host=db user=app password=hunter2 port=5432", f"host=db user=app password={R} port=5432"),
     ("quoted key", '{"api_key": "k-9f8e7d6c", "region": "eu"}', f'{{"api_key": "{R}", "region": "eu"}}'),
     ("env assignment", "export PGPASSWORD=hunter2;", f"export PGPASSWORD={R};"),
