@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -353,6 +354,9 @@ service_agent: Agent[Service, str] = Agent(FunctionModel(script), name="service_
 @service_agent.tool(name="who_am_i")
 def who_am_i_at_the_service(ctx: RunContext[Service]) -> str:
     tool_saw.append(ctx.deps.api_key)
+    # code in a run logs its secrets, as drivers and clients do at DEBUG: to the process and to Prefect's API
+    logging.getLogger("service.driver").debug("connecting to %s with %s", ctx.deps.db_url, ctx.deps.headers)
+    get_run_logger().info("calling the service with key %s (%s)", ctx.deps.api_key, ctx.deps.keys)
     if fail_tool:  # the error quotes the secrets, as a driver's connection error does
         deps = ctx.deps
         raise ConnectionError(f"cannot reach {deps.db_url} as {deps.login.password.get_secret_value()}")
@@ -443,6 +447,13 @@ async def test_secrets_in_free_text_urls_configs_and_the_prompt_are_written_nowh
         "ConnectionError: cannot reach postgresql://app:<redacted>@db/prod as <redacted>"
     ]
 
+    driver_line = "connecting to postgresql://app:<redacted>@db/prod with {'Authorization': '<redacted>'"
+    assert any(line.startswith(f"service.driver {driver_line}") for line in debug_logs.lines)
+    async with get_client() as client:  # the run logger's line reached Prefect, scrubbed
+        logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_runs)))
+    assert any(
+        log.message.startswith("calling the service with key <redacted> (['aws <redacted>'") for log in logs
+    )
     secrets = [*secrets_of(deps), prompt_token, prompt_bearer, metadata["auth_token"], hook_password]
     assert len(set(secrets)) == 14
     await _assert_written_nowhere(secrets, flow_runs, debug_logs)
@@ -506,3 +517,22 @@ async def test_with_store_deps_false_a_resume_without_deps_for_resume_fails_in_o
         f"The deps of run {flow_run_id} were not stored (store_deps=False); pass deps_for_resume= to "
         "PrefectAgent('service_agent') to rebuild them on resume."
     )
+
+
+async def test_a_step_error_is_scrubbed_before_prefect_records_it_even_with_its_run_logs_off() -> None:
+    """With Prefect's run loggers off no log record is made (and scrubbed) of the failure: the error must
+    already be clean when it leaves the step, because Prefect makes it the task run's state message."""
+    quiet = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        deps = service(uuid.uuid4().hex)
+        flow_run_id = await _fail_after_the_first_model_step(durable_service, deps)
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+
+    api = await _api_view(flow_run_id)
+    assert "cannot reach postgresql://app:<redacted>@db/prod as <redacted>" in api  # the task run's state
+    assert [s for s in secrets_of(deps) if s in api] == []
