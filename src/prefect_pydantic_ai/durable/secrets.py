@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -107,9 +108,10 @@ class Redactor:
         """Both redactors' secrets: a sub-agent run also hides the secrets of the run that started it."""
         return self if not other.values else Redactor.of((*self.values, *other.values))
 
-    @property
+    @functools.cached_property
     def _values_pattern(self) -> re.Pattern[str] | None:
-        return _alternation(self.values)
+        """One pattern matching any of the values, longest first (compiled once per redactor)."""
+        return re.compile("|".join(map(re.escape, self.values))) if self.values else None
 
     def scrub(self, text: str) -> str:
         """`text` with every secret value and every known secret format replaced by `<redacted>`."""
@@ -166,20 +168,6 @@ class Redactor:
             record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
         if record.stack_info:
             record.stack_info = self.scrub(record.stack_info)
-
-
-_alternations: dict[tuple[str, ...], re.Pattern[str] | None] = {}
-
-
-def _alternation(values: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One compiled pattern matching any of `values`, longest first (compiled once per set of values)."""
-    if not values:
-        return None
-    if values not in _alternations:
-        if len(_alternations) >= 256:
-            del _alternations[next(iter(_alternations))]
-        _alternations[values] = re.compile("|".join(re.escape(v) for v in values))
-    return _alternations[values]
 
 
 def _children(value: Any) -> list[tuple[Any, Any]]:
