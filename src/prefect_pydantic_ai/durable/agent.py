@@ -33,7 +33,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
     every step that completed and continues from the first one that did not.
 
     `deps_for_resume` rebuilds deps when a run is resumed by `prefect-pydantic-ai resume` and its deps held
-    secret-looking values, which are never stored: it receives the stored (redacted) deps JSON.
+    secret-looking values, which are never stored: it receives the stored (redacted) deps JSON. With
+    `store_deps=False` the run record keeps nothing of the deps, and `deps_for_resume` receives `None`.
 
     The arguments of pydantic-ai's own `PrefectAgent` mean the same here (docs/migrating.md): `name` names the
     durable agent instead of the wrapped agent's name; `event_stream_handler` is the handler of every run that
@@ -60,6 +61,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         deps_for_resume: Callable[[Any], AgentDepsT] | None = None,
         approvals: ApprovalMode = "suspend",
         approval_timeout_seconds: int = 3600,
+        store_deps: bool = True,
     ) -> None:
         super().__init__(wrapped)
         if durability_of(wrapped) is not None:
@@ -83,6 +85,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             deps_for_resume=deps_for_resume,
             approvals=approvals,
             approval_timeout_seconds=approval_timeout_seconds,
+            store_deps=store_deps,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
         self._defined_in: str | None = (

@@ -52,6 +52,8 @@ from prefect_pydantic_ai.durable.model_step import (
     attach_sub_run,
 )
 from prefect_pydantic_ai.durable.report import artifact_key, ledger_markdown, remember_ledger
+from prefect_pydantic_ai.durable.secrets import current as current_redactor
+from prefect_pydantic_ai.durable.secrets import redacting
 from prefect_pydantic_ai.durable.steps import (
     RunningStep,
     StepPhase,
@@ -135,6 +137,9 @@ class PrefectDurability(AbstractCapability[Any]):
       outside the journal. A layering that does not fit fails here, when the capability is built.
     - `deps_for_resume`: rebuilds deps when `prefect-pydantic-ai resume` re-creates a run whose deps held
       secret-looking values, which are never stored; it receives the stored (redacted) deps JSON.
+    - `store_deps`: the run record keeps the deps as JSON with their secrets removed, so `resume` can rebuild
+      them in another process (default). `False` stores nothing of them (deps that may hold secrets no rule
+      recognises, or personal data); `resume` then needs `deps_for_resume`, which receives `None`.
 
     The arguments of pydantic-ai's own `PrefectDurability` mean the same here (see docs/migrating.md): `name`
     names the durable agent (journal keys, flow name) instead of the agent's name; `event_stream_handler`
@@ -164,6 +169,7 @@ class PrefectDurability(AbstractCapability[Any]):
         event_stream_handler_task_config: TaskConfigLike | None = None,
         approvals: ApprovalMode = "suspend",
         approval_timeout_seconds: int = 3600,
+        store_deps: bool = True,
     ) -> None:
         self.model_task_config = TaskConfig.of(model_task_config)
         self.tool_task_config = TaskConfig.of(tool_task_config)
@@ -175,6 +181,7 @@ class PrefectDurability(AbstractCapability[Any]):
         # every per-tool config layered over its default now: one whose fields do not fit fails here, not mid-run
         ToolTasks(self.tool_task_config, self.tool_task_config_by_name, agent="", mcp=self.mcp_task_config)
         self.deps_for_resume = deps_for_resume
+        self.store_deps = store_deps
         self.models: dict[str, Model] = dict(models or {})
         self._name = name
         self._events = None if event_stream_handler is None else ProcessEventStream[Any](event_stream_handler)
@@ -252,7 +259,16 @@ class PrefectDurability(AbstractCapability[Any]):
     async def _wrapped_run(self, ctx: RunContext[Any], handler: WrapRunHandler) -> AgentRunResult[Any]:
         if not isinstance(ctx.model, Model):  # a realtime session: a live connection, nothing to replay
             raise realtime_refused(self.agent_name)
-        inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata))  # fails before any flow run exists
+        prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
+        # fails before any flow run exists
+        inputs = RunInputs.of(ctx.deps, _journaled_metadata(ctx.metadata), prompt)
+        with redacting(inputs.secrets):  # everything the run writes or logs from here on
+            return await self._run_in_flow(ctx, inputs, handler)
+
+    async def _run_in_flow(
+        self, ctx: RunContext[Any], inputs: RunInputs, handler: WrapRunHandler
+    ) -> AgentRunResult[Any]:
+        """The durable run as a task of the enclosing flow run, or as a flow run of its own (a bare run)."""
         if FlowRunContext.get() is not None:
             return await self._durable(ctx, inputs, handler)
         ensure_api()  # no server configured: the persistent local one, started once per PREFECT_HOME
@@ -268,10 +284,11 @@ class PrefectDurability(AbstractCapability[Any]):
             return await self._durable(ctx, inputs, handler, recall_of)
 
         flow = self.flow(agent_run, key)
-        prompt = ctx.prompt if isinstance(ctx.prompt, str) else None
         try:
-            with awaiting_approval_of_bare_run():
-                return cast(AgentRunResult[Any], await cast(Any, flow)(prompt=prompt, idempotency_key=key))
+            with awaiting_approval_of_bare_run():  # the prompt parameter is shown, never read back: scrubbed
+                return cast(
+                    AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
+                )
         except (asyncio.CancelledError, KeyboardInterrupt):
             if started:
                 await _cancelled(started[0], key)
@@ -301,6 +318,7 @@ class PrefectDurability(AbstractCapability[Any]):
             await _record_attempt(run.record, run.model_steps.log, "waiting")
             raise
         except BaseException as exc:
+            current_redactor().scrub_exception(exc)  # before Prefect makes it the flow run's state message
             await _finish(run.record, run.model_steps.log, error=exc)
             raise
         remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
@@ -333,7 +351,7 @@ class PrefectDurability(AbstractCapability[Any]):
             ordinal = parent.next_run(name)
             run_key = f"step:{parent.key}"
         identity = RunIdentity(run_key=run_key, agent=name, ordinal=ordinal)
-        record = await self._record(flow_ctx, ordinal, ctx.prompt, key, inputs, recall_of, parent)
+        record = await self._record(flow_ctx, ordinal, key, inputs, recall_of, parent)
         log = StepLog(recall=recall_of is not None)
         parent_spent = attach_sub_run(name, log)
 
@@ -367,7 +385,6 @@ class PrefectDurability(AbstractCapability[Any]):
         self,
         flow_ctx: FlowRunContext,
         ordinal: int,
-        user_prompt: Any,
         key: str | None,
         inputs: RunInputs,
         recall_of: str | None,
@@ -391,10 +408,10 @@ class PrefectDurability(AbstractCapability[Any]):
                 if bare
                 else entrypoint_of(flow_ctx.flow, getattr(flow_fn, "__module__", None)),
                 entrypoint_kind="agent" if bare else "flow",
-                prompt=user_prompt if isinstance(user_prompt, str) else None,
-                deps=inputs.deps,
+                prompt=inputs.prompt,
+                deps=inputs.deps if self.store_deps else None,
                 metadata=inputs.metadata,
-                redacted=list(inputs.redacted),
+                redacted=self._redacted(inputs),
                 recall_of=recall_of,
                 parent_step=parent.key if parent else None,
                 parent_step_name=parent.name if parent else None,
@@ -414,6 +431,12 @@ class PrefectDurability(AbstractCapability[Any]):
                 await client.update_flow_run(flow_ctx.flow_run.id, tags=tags)
             flow_ctx.flow_run.tags = tags
         return record
+
+    def _redacted(self, inputs: RunInputs) -> list[str]:
+        """What the run record leaves out: the redacted paths, or all of the deps (`deps`) when they are not stored."""
+        if self.store_deps or inputs.deps is None:
+            return list(inputs.redacted)
+        return ["deps", *(path for path in inputs.redacted if not path.startswith("deps"))]
 
     # -- the steps ---------------------------------------------------------------------------------------------
 
@@ -518,12 +541,23 @@ class PrefectDurability(AbstractCapability[Any]):
         """The `run()` arguments that re-create a recorded run: its deps (rebuilt by `deps_for_resume` when they
         held secrets) and its metadata, which seeds the step keys. Raises `RunError` before anything changes."""
         assert self._agent is not None
+        if "prompt" in record.redacted:
+            raise RunError(
+                f"The prompt of run {flow_run_id} held secret-looking values that were not stored, so `resume` "
+                "cannot re-create it; run the agent again from your code with the same prompt and idempotency_key= "
+                "(its completed steps replay), and keep secrets in deps (rebuilt by deps_for_resume=)."
+            )
         deps = rehydrate_deps(self._agent.deps_type, record.deps)
-        if any(path.startswith("deps") for path in record.redacted):
+        hidden = [path for path in record.redacted if path.startswith("deps")]
+        if hidden:
             if self.deps_for_resume is None:
+                why = (
+                    "were not stored (store_deps=False)"
+                    if hidden == ["deps"]
+                    else f"held secret-looking values that were not stored ({', '.join(hidden)})"
+                )
                 raise RunError(
-                    f"The deps of run {flow_run_id} held secret-looking values that were not stored "
-                    f"({', '.join(p for p in record.redacted if p.startswith('deps'))}); pass deps_for_resume= to "
+                    f"The deps of run {flow_run_id} {why}; pass deps_for_resume= to "
                     f"PrefectAgent({self.agent_name!r}) to rebuild them on resume."
                 )
             deps = self.deps_for_resume(record.deps)
@@ -623,12 +657,15 @@ async def _record_attempt(
         stored_output = to_journal_json(output, what="the run output")
     except NotJournalableError:
         stored_output = repr(output)
+    secrets = (
+        current_redactor()
+    )  # the output and the error may quote a secret (a tool's error, a model's echo)
     attempt = AttemptRecord(
         run_count=run_count,
         state=state,
         finished_at=datetime.now(UTC),
-        output=stored_output,
-        error=None if error is None else describe_failure(error),
+        output=secrets.scrub_data(stored_output),
+        error=None if error is None else secrets.scrub(describe_failure(error)),
         ledger=log.spent if state == "running" else log.ledger(),
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
 
 from prefect_pydantic_ai.durable.errors import NotJournalableError
+from prefect_pydantic_ai.durable.secrets import Redactor, redact, secrets_in
 from prefect_pydantic_ai.store.step_names import StepKind
 
 FORMAT = "prefect-pydantic-ai/journal/1"
@@ -113,16 +113,10 @@ def step_key(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-_SECRET_NAME = re.compile(
-    r"api[_-]?key|token|secret|passw(or)?d|credential|auth|private[_-]?key", re.IGNORECASE
-)
-_SECRET_VALUE = re.compile(r"^(sk-|sk_|pk_|rk_|ghp_|gho_|github_pat_|xox[abp]-|AKIA|AIza|eyJ)")
-REDACTED = "<redacted>"
-
-
 @dataclasses.dataclass(frozen=True)
 class RunInputs:
-    """A run's deps and metadata as journaled JSON, with secret-looking values removed (`redacted` says where).
+    """A run's deps, metadata and prompt as they may be written, with its secrets removed (`redacted` says where),
+    and the redactor that removes those secrets from everything else the run writes (`secrets`).
 
     Secrets never reach a key or a record: rotating an API key does not invalidate a journal, and nothing stored
     or shown by Prefect contains it.
@@ -131,43 +125,32 @@ class RunInputs:
     deps: Any
     metadata: Any
     redacted: tuple[str, ...]
+    prompt: str | None = None
+    secrets: Redactor = dataclasses.field(default_factory=Redactor)
 
     @classmethod
-    def of(cls, deps: Any, metadata: Any) -> RunInputs:
-        clean_deps, hidden = redact(to_journal_json(deps, what="deps"), "deps")
-        clean_meta, hidden_meta = redact(to_journal_json(metadata, what="metadata"), "metadata")
-        return cls(deps=clean_deps, metadata=clean_meta, redacted=(*hidden, *hidden_meta))
+    def of(cls, deps: Any, metadata: Any, prompt: str | None = None) -> RunInputs:
+        deps_json = to_journal_json(deps, what="deps")
+        meta_json = to_journal_json(metadata, what="metadata")
+        # the objects (a SecretStr's value, fields excluded from JSON) and their JSON (custom serializers)
+        secrets = Redactor.collect(deps, metadata, deps_json, meta_json)
+        if prompt is not None:  # free text: only what is a secret by its format
+            secrets = secrets.merged(Redactor.of(secrets_in(prompt)))
+        clean_deps, hidden = redact(deps_json, "deps", secrets)
+        clean_meta, hidden_meta = redact(meta_json, "metadata", secrets)
+        clean_prompt = None if prompt is None else secrets.scrub(prompt)
+        hidden_prompt = ["prompt"] if clean_prompt != prompt else []
+        return cls(
+            deps=clean_deps,
+            metadata=clean_meta,
+            redacted=(*hidden, *hidden_meta, *hidden_prompt),
+            prompt=clean_prompt,
+            secrets=secrets,
+        )
 
     def seed(self, agent: str) -> bytes:
         """Bytes that start a run's digest: two runs with different deps or metadata never share a step."""
         return canonical_json({"agent": agent, "deps": self.deps, "metadata": self.metadata})
-
-
-def redact(value: Any, path: str = "deps") -> tuple[Any, list[str]]:
-    """`value` (plain JSON data) with secret-looking fields replaced, and the paths of what was replaced."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        hidden: list[str] = []
-        for key, item in value.items():
-            child = f"{path}.{key}"
-            if isinstance(key, str) and _SECRET_NAME.search(key) and item not in (None, ""):
-                out[key] = REDACTED
-                hidden.append(child)
-            else:
-                out[key], more = redact(item, child)
-                hidden += more
-        return out, hidden
-    if isinstance(value, list):
-        items: list[Any] = []
-        hidden = []
-        for index, item in enumerate(value):
-            clean, more = redact(item, f"{path}[{index}]")
-            items.append(clean)
-            hidden += more
-        return items, hidden
-    if isinstance(value, str) and (_SECRET_VALUE.match(value) or value == "**********"):
-        return REDACTED, [path]
-    return value, []
 
 
 def _dataframe_json(value: Any) -> Any:

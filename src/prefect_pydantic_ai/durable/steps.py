@@ -52,6 +52,7 @@ from pydantic_ai.exceptions import (
 )
 
 from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
+from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
 from prefect_pydantic_ai.errors import StorageReadError, UnverifiedEffectError
 from prefect_pydantic_ai.settings import Settings
@@ -439,6 +440,7 @@ class StepTasks:
                 try:
                     return await _within(self.config.timeout_seconds, work, f"{self.kind} step {name!r}")
                 except Exception as exc:
+                    current_redactor().scrub_exception(exc)  # before Prefect records it as the step's state
                     after = _retry_after(exc)
                     wait_until = time.monotonic() + after
                     _remember_retry_after(after)
