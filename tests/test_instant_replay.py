@@ -45,7 +45,9 @@ def _agent(
     return PrefectAgent(_plain_agent(calls, name, fail_second_lookup))
 
 
-def _plain_agent(calls: list[str], name: str, fail_second_lookup: list[bool] | None = None) -> Agent[None, str]:
+def _plain_agent(
+    calls: list[str], name: str, fail_second_lookup: list[bool] | None = None
+) -> Agent[None, str]:
     """model → lookup → model → lookup → model; the second lookup fails while `fail_second_lookup[0]` is true."""
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
