@@ -2,7 +2,7 @@
 
 With no `PREFECT_API_URL` (environment or active Prefect profile), Prefect would boot a temporary server in every
 process and throw it away, so each script and CLI command would pay ~15 s, a killed script would orphan it and the
-UI would vanish with the run. Instead, `ensure_api()` starts `prefect server start` once, detached (its own
+UI would vanish with the run. Instead, `ensure_api()` starts Prefect's server once (`local_app`), detached (its own
 session, its log in PREFECT_HOME), records its address in PREFECT_HOME, and every later process reuses it. An
 exclusive lock on a file in PREFECT_HOME around "read the address, check health, start" makes concurrent first
 processes agree on one server. `PREFECT_PYDANTIC_AI_LOCAL_SERVER=false` keeps Prefect's temporary-server behaviour.
@@ -293,7 +293,8 @@ def _is_server_process(pid: int) -> bool:
             if f.read().rpartition(")")[2].split()[0] == "Z":  # a zombie of ours, not yet reaped
                 return False
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return b"prefect" in cmdline[1:3] and b"server" in cmdline
+        ours = SERVER_MODULE.encode() in cmdline[1:3]
+        return ours or (b"prefect" in cmdline[1:3] and b"server" in cmdline)  # or one an earlier version started
     return True
 
 
@@ -382,10 +383,14 @@ class _Progress:
 KEEP_ALIVE_SECONDS = 30
 
 
+SERVER_MODULE = "prefect_pydantic_ai.infra.local_app"
+
+
 def server_command(port: int) -> list[str]:
-    """`prefect server start` on 127.0.0.1:`port`, keeping idle connections longer than Prefect's client does."""
+    """Prefect's server (as `prefect server start` runs it, with busy-database retries: `local_app`) on
+    127.0.0.1:`port`, keeping idle connections longer than Prefect's client does."""
     return [
-        *(sys.executable, "-m", "prefect", "server", "start"),
+        *(sys.executable, "-m", SERVER_MODULE),
         *("--host", "127.0.0.1", "--port", str(port), "--keep-alive-timeout", str(KEEP_ALIVE_SECONDS)),
     ]
 
