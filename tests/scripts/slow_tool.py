@@ -1,4 +1,5 @@
-"""An agent whose tool waits (asynchronously) on its first call while $SLOW_TOOL_HANG is set, for Ctrl-C tests.
+"""An agent whose tool waits (asynchronously) on its first call while $SLOW_TOOL_HANG is set, for Ctrl-C tests, or
+until the file $SLOW_TOOL_WAIT_FOR exists, for tests that break the infrastructure while a tool runs.
 
 Each model and tool call is appended to $SLOW_TOOL_LOG; the tool prints `WAITING` when it starts waiting. Run as a
 script: `slow_tool.py KEY` runs the agent with that idempotency key.
@@ -38,6 +39,10 @@ async def lookup() -> str:
     if os.environ.get("SLOW_TOOL_HANG"):
         print("WAITING", flush=True)
         await asyncio.sleep(3600)  # a person presses Ctrl-C here
+    if until := os.environ.get("SLOW_TOOL_WAIT_FOR"):
+        print("WAITING", flush=True)
+        while not os.path.exists(until):
+            await asyncio.sleep(0.05)
     return "the answer"
 
 
