@@ -7,6 +7,8 @@ runs reuse it and reinstall only when `pyproject.toml` changes or a command need
 `uv` (seconds instead of a minute or more), reading the package indexes from this machine's pip configuration;
 when uv cannot be used, pip does the install. Any other arguments are passed on: `python3 dev.py demo --kill`,
 `python3 dev.py test -k resume`, `python3 dev.py cli runs --json`, `python3 dev.py bench`.
+`python3 dev.py test-lowest -m 'not slow'` runs the tests on the lowest versions pyproject.toml allows of
+pydantic-ai-slim, prefect and typer, in `.venv-lowest/` (installed the same way; `test` gets the highest).
 `python3 dev.py cluster up|status|env|down` is `prefect-pydantic-ai cluster ...`: PostgreSQL, Redis, a Prefect
 server and two workers on this machine, its state in `.cluster/` of the clone (docs/scale-out.md).
 """
@@ -22,15 +24,44 @@ import sys
 import time
 import venv
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = ROOT / ".venv"
-BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
-STAMP = VENV / ".installed-from"
-LOG = VENV / "install.log"
-NEEDS_DEV = {"test", "check", "bench", "cluster"}  # the cluster needs prefect-redis (in the extra)
+
+
+@dataclass(frozen=True)
+class Env:
+    """A virtual environment the project is installed into, editable; `pins` are installed with it."""
+
+    path: Path
+    pins: tuple[str, ...] = ()
+
+    @property
+    def bin(self) -> Path:
+        return self.path / ("Scripts" if os.name == "nt" else "bin")
+
+    @property
+    def python(self) -> Path:
+        return self.bin / ("python.exe" if os.name == "nt" else "python")
+
+    @property
+    def stamp(self) -> Path:
+        return self.path / ".installed-from"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "install.log"
+
+
+VENV = Env(ROOT / ".venv")
+BIN = VENV.bin
+PYTHON = VENV.python
+# The cluster needs prefect-redis (in the extra).
+NEEDS_DEV = {"test", "test-lowest", "check", "bench", "cluster"}
+# The dependencies `test-lowest` installs at the lowest version their range in pyproject.toml allows: the two the
+# package builds on, and typer (the CLI catches the usage errors of the click it vendors).
+LOWEST_OF = ("pydantic-ai-slim", "prefect", "typer")
 # Bumped when the way we install changes, so an existing .venv is reinstalled. 2: bytecode is compiled at install
 # (with PYTHONDONTWRITEBYTECODE=1, as on many CI machines, every process otherwise compiled ~1,150 modules: ~3 s).
 INSTALL_FORMAT = b"install-format-2"
@@ -55,57 +86,77 @@ _PIP_HARMLESS = {
 _PIP_HARMLESS |= {"progress-bar", "quiet", "verbose", "retries", "trusted-host", "no-input", "no-index"}
 
 
-def _ensure_env(dev: bool) -> None:
+def _lowest_env() -> Env:
+    """`.venv-lowest/`, with each of `LOWEST_OF` pinned to the lower bound (`>=X`) of its range in pyproject.toml."""
+    import re
+    import tomllib
+
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = []
+    for name in LOWEST_OF:
+        spec = next(d for d in dependencies if re.match(rf"{re.escape(name)}\s*[\[<>=~!;]", d))
+        lower = re.search(r">=\s*([\w.]+)", spec)
+        if lower is None:
+            sys.exit(f"dev.py: pyproject.toml gives {name} no lower bound (>=): {spec!r}")
+        pins.append(f"{name}=={lower[1]}")
+    return Env(ROOT / ".venv-lowest", tuple(pins))
+
+
+def _ensure_env(env: Env, dev: bool) -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 (dev.py runs on whatever python3 the user has)
         sys.exit(f"prefect-pydantic-ai needs Python >= 3.11 (this is {sys.version.split()[0]}).")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + INSTALL_FORMAT).hexdigest()
-    installed = _read_stamp()
-    if PYTHON.exists() and installed.get("pyproject") == wanted and (installed.get("dev") or not dev):
+    pinned = "".join(f"\n{pin}" for pin in env.pins).encode()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + INSTALL_FORMAT + pinned).hexdigest()
+    installed = _read_stamp(env)
+    if env.python.exists() and installed.get("pyproject") == wanted and (installed.get("dev") or not dev):
         return
     dev = dev or installed.get("dev") is True  # a reinstall keeps the extra once it was there
     started = time.monotonic()
-    if not PYTHON.exists() or not STAMP.exists():  # absent, or left half-made by an interrupted first run
+    if not env.python.exists() or not env.stamp.exists():  # absent, or left half-made by an interruption
         _with_progress(
-            f"creating {VENV.relative_to(ROOT)}/",
-            lambda: venv.EnvBuilder(with_pip=True, clear=True).create(VENV),
+            f"creating {env.path.relative_to(ROOT)}/",
+            lambda: venv.EnvBuilder(with_pip=True, clear=True).create(env.path),
         )
     target = f"{ROOT}[dev]" if dev else str(ROOT)
     what = "the project and its test dependencies" if dev else "the project (what the demo needs)"
-    if not _install_with_uv(target, what):
-        _run_step(f"installing {what} with pip", [str(PYTHON), "-m", "pip", "install", "-q", "-e", target])
-    STAMP.write_text(json.dumps({"pyproject": wanted, "dev": dev}))
+    if env.pins:
+        what += f" ({', '.join(env.pins)})"
+    if not _install_with_uv(env, target, what):
+        command = [str(env.python), "-m", "pip", "install", "-q", "-e", target, *env.pins]
+        _run_step(env, f"installing {what} with pip", command)
+    env.stamp.write_text(json.dumps({"pyproject": wanted, "dev": dev}))
     _say(f"ready in {time.monotonic() - started:.0f}s")
 
 
-def _install_with_uv(target: str, what: str) -> bool:
-    """Install `target` with uv, given the same indexes pip would use; False when uv cannot do it."""
-    options = _uv_options()
+def _install_with_uv(env: Env, target: str, what: str) -> bool:
+    """Install `target` (and `env.pins`) with uv, given the same indexes pip would use; False when uv cannot."""
+    options = _uv_options(env)
     if options is None:
         return False
-    uv = BIN / ("uv.exe" if os.name == "nt" else "uv")
+    uv = env.bin / ("uv.exe" if os.name == "nt" else "uv")
     try:
         if not uv.exists():
-            _run_step("installing uv", [str(PYTHON), "-m", "pip", "install", "-q", "uv"])
-        env = dict(os.environ)
+            _run_step(env, "installing uv", [str(env.python), "-m", "pip", "install", "-q", "uv"])
+        environ = dict(os.environ)
         if isinstance(cert := options.get("cert"), str):
-            env.setdefault("SSL_CERT_FILE", cert)
-        command = [str(uv), "pip", "install", "--compile-bytecode", "--python", str(PYTHON), "-e", target]
-        command += options["args"]
-        _run_step(f"installing {what} with uv", command, env=env)
+            environ.setdefault("SSL_CERT_FILE", cert)
+        command = [str(uv), "pip", "install", "--compile-bytecode", "--python", str(env.python), "-e", target]
+        command += [*env.pins, *options["args"]]
+        _run_step(env, f"installing {what} with uv", command, environ=environ)
     except subprocess.CalledProcessError:
         _say("uv could not install it; trying pip")
         return False
     return True
 
 
-def _uv_options() -> dict[str, list[str] | str] | None:
+def _uv_options(env: Env) -> dict[str, list[str] | str] | None:
     """uv's options for the indexes, find-links and constraints of `pip config list` (None: settings uv lacks).
 
     Like pip, uv is told to pick the best version across all indexes (`--index-strategy unsafe-best-match`).
     """
     try:
         listing = subprocess.run(
-            [str(PYTHON), "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+            [str(env.python), "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -143,16 +194,16 @@ def _uv_options() -> dict[str, list[str] | str] | None:
     return options
 
 
-def _run_step(what: str, command: list[str], env: dict[str, str] | None = None) -> None:
-    """Run an install step, its output to .venv/install.log, showing elapsed seconds; its log tail on failure."""
-    with LOG.open("a") as log:
+def _run_step(env: Env, what: str, command: list[str], environ: dict[str, str] | None = None) -> None:
+    """Run an install step, its output to the env's install.log, showing elapsed seconds; its log tail on failure."""
+    with env.log.open("a") as log:
         log.write(f"\n$ {shlex.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
         _with_progress(what, process.wait)
     if process.returncode != 0:
-        tail = LOG.read_text().splitlines()[-15:]
-        _say(f"{what} failed (exit {process.returncode}); the end of {LOG}:\n  " + "\n  ".join(tail))
+        tail = env.log.read_text().splitlines()[-15:]
+        _say(f"{what} failed (exit {process.returncode}); the end of {env.log}:\n  " + "\n  ".join(tail))
         raise subprocess.CalledProcessError(process.returncode, command)
 
 
@@ -193,9 +244,9 @@ def _test_workers(args: list[str]) -> list[str]:
     return ["-n", TEST_WORKERS, "--dist", "loadgroup"]
 
 
-def _read_stamp() -> dict[str, object]:
+def _read_stamp(env: Env) -> dict[str, object]:
     try:
-        stamp = json.loads(STAMP.read_text())
+        stamp = json.loads(env.stamp.read_text())
         return stamp if isinstance(stamp, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -210,11 +261,13 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     command, rest = argv[0], argv[1:]
+    target = _lowest_env() if command == "test-lowest" else VENV
     commands = {
         "demo": [str(BIN / "prefect-pydantic-ai"), "demo", *rest],
         "cli": [str(BIN / "prefect-pydantic-ai"), *rest],
         "cluster": [str(BIN / "prefect-pydantic-ai"), "cluster", *rest],
         "test": [str(PYTHON), "-m", "pytest", *_test_workers(rest), *rest],
+        "test-lowest": [str(target.python), "-m", "pytest", *_test_workers(rest), *rest],
         "bench": [str(PYTHON), str(ROOT / "benchmarks" / "run.py"), *rest],
         "check": [str(BIN / "ruff"), "check", "src", "tests", "benchmarks", "examples"],
     }
@@ -222,7 +275,7 @@ def main(argv: list[str]) -> int:
         print(f"dev.py: unknown command {command!r}; use one of: {', '.join(commands)}", file=sys.stderr)
         return 2
     try:
-        _ensure_env(dev=command in NEEDS_DEV)
+        _ensure_env(target, dev=command in NEEDS_DEV)
     except subprocess.CalledProcessError:
         return 1
     env = dict(os.environ)

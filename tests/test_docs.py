@@ -360,7 +360,7 @@ def _check_use_it(run: Run) -> None:
     agent = run.namespace["prefect_agent"]
     # the configs are the ones tests/test_task_config.py checks the layering of
     assert agent.model_task_config == MODEL_CONFIG and agent.tool_task_config == TOOL_CONFIG
-    tools = agent.durability._tool_tasks
+    tools = agent.durability.tool_tasks
     assert tools.config_of("send_email") == BY_NAME["send_email"] and tools.config_of("cheap_lookup") is None
     assert run.answers.texts == ["loopback answer 1", "loopback answer 2"]  # two runs, each executed live
     assert [body["model"] for body in run.server.requests] == ["gpt-4o", "gpt-4o"]

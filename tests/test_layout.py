@@ -3,6 +3,8 @@ layer imports a layer above it.
 
 Every import inside the package counts, wherever it is written: at module level, inside a function, or under
 `if TYPE_CHECKING:`, relative or absolute. A lazy import only hides a cycle; it does not remove it.
+
+The private modules and names of the libraries we build on are imported in `compat/` alone, the bottom layer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ README = PACKAGE.parents[1] / "README.md"
 
 # The layers, top down: each imports only from the ones below it. "(root)" is the package's own modules
 # (errors, settings, ledger); the package `__init__` and `__main__` are the entry points above every layer.
-LAYERS = ["demo", "cli", "testing", "ops", "durable", "infra", "store", "(root)"]
+# `compat` is the one door to the private parts of the libraries below us (tests/test_compat_private.py).
+LAYERS = ["demo", "cli", "testing", "ops", "durable", "infra", "store", "(root)", "compat"]
+ROOT_MODULES = ["errors", "prefect_settings", "settings", "ledger"]  # "(root)", in the README's order
+
+# The libraries whose private modules and names only `compat` may import.
+GUARDED = {"prefect", "pydantic_ai", "prefect_redis", "typer", "click"}
 
 # The one import allowed to run upward, and why: the CLI's `demo` command imports the walkthrough (which renders
 # with `cli.display`) only when it runs, so no other command pays for it. It must stay inside a function.
@@ -110,6 +117,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def private_imports(root: Path, package: str) -> list[str]:
+    """Every import, outside `<package>.compat`, of a private module or name (`_x`, not `__x__`) of a library in
+    GUARDED, as `module: dotted.name`."""
+    found: list[str] = []
+    for path in sorted(root.rglob("*.py")):
+        module = ".".join([package, *path.relative_to(root).with_suffix("").parts])
+        if module.split(".")[1:2] == ["compat"]:
+            continue
+        for node in _imports(ast.parse(path.read_text(), str(path)), top_level_only=False):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif node.level == 0 and node.module:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] in GUARDED and any(p.startswith("_") and not p.startswith("__") for p in parts):
+                    found.append(f"{module}: {name}")
+    return found
+
+
 def test_the_package_has_no_import_cycle() -> None:
     graph = import_graph(PACKAGE, "prefect_pydantic_ai")
     assert {"prefect_pydantic_ai.durable.capability", "prefect_pydantic_ai.testing.faults"} <= set(graph)
@@ -179,9 +208,29 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
 def test_the_readme_lists_the_layers_in_the_tests_order() -> None:
     section = README.read_text().split("Layout (`src/prefect_pydantic_ai/`)", 1)[1].split("\n\n", 2)[1]
     listed = [line.split("`")[1].rstrip("/") for line in section.splitlines() if line.startswith("- `")]
-    assert listed == [layer for layer in LAYERS if layer != "(root)"] + [
-        "errors",
-        "prefect_settings",
-        "settings",
-        "ledger",
+    root = LAYERS.index("(root)")
+    assert listed == [*LAYERS[:root], *ROOT_MODULES, *LAYERS[root + 1 :]]
+
+
+def test_private_parts_of_other_libraries_are_imported_only_in_compat() -> None:
+    assert private_imports(PACKAGE, "prefect_pydantic_ai") == [], (
+        "move each into prefect_pydantic_ai/compat/ with a test in tests/test_compat_private.py"
+    )
+
+
+def test_the_private_import_check_sees_modules_and_names_and_spares_compat(tmp_path: Path) -> None:
+    root = tmp_path / "prefect_pydantic_ai"
+    (root / "compat").mkdir(parents=True)
+    (root / "compat" / "prefect.py").write_text("from prefect._internal.uuid7 import uuid7\n")
+    (root / "cli.py").write_text(
+        "import typer._click.exceptions\nfrom prefect import __version__, flow\n"
+        "def f():\n    from pydantic_ai.models import _private\n"
+    )
+    (root / "steps.py").write_text(
+        "from prefect.types._datetime import now\nfrom prefect_pydantic_ai import _x\n"
+    )
+    assert private_imports(root, "prefect_pydantic_ai") == [
+        "prefect_pydantic_ai.cli: typer._click.exceptions",
+        "prefect_pydantic_ai.cli: pydantic_ai.models._private",
+        "prefect_pydantic_ai.steps: prefect.types._datetime.now",
     ]

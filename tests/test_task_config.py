@@ -98,7 +98,7 @@ def test_the_readme_configs_give_the_documented_effective_configs() -> None:
         tool_task_config_by_name=BY_NAME,
     )
     assert durable.model_task_config == MODEL_CONFIG and durable.tool_task_config == TOOL_CONFIG
-    resolved = durable.durability._tool_tasks
+    resolved = durable.durability.tool_tasks
     assert resolved.config_of("send_email") == {"retries": 0} and resolved.config_of("cheap_lookup") is None
 
 
@@ -311,7 +311,7 @@ async def test_the_readme_config_runs_send_email_once_and_a_metadata_config_retr
     assert calls == Counter(
         model=2, send_email=1, cheap_lookup=1, flaky_report=2
     )  # flaky: its metadata's retry
-    resolved = durable.durability._tool_tasks
+    resolved = durable.durability.tool_tasks
     send_email_tasks = resolved.for_tool("send_email")
     assert send_email_tasks is not None and send_email_tasks.config == {"retries": 0}
     assert send_email_tasks.task("send_email").retries == 0

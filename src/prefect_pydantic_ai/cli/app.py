@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click: its own classes
 
 from prefect_pydantic_ai.cli.display import (
     STATE_STYLE,
@@ -25,6 +24,7 @@ from prefect_pydantic_ai.cli.display import (
     seconds,
     when,
 )
+from prefect_pydantic_ai.compat.typer import NoArgsIsHelpError, UsageError
 
 if TYPE_CHECKING:
     from prefect_pydantic_ai.infra.cluster import Cluster

@@ -245,6 +245,12 @@ class PrefectDurability(AbstractCapability[Any]):
         return fresh
 
     @property
+    def tool_tasks(self) -> ToolTasks:
+        """Each tool's effective task config (`config_of(name)`) and the step tasks its calls run as, once bound."""
+        assert self._agent is not None, "PrefectDurability used before for_agent()"
+        return self._tool_tasks
+
+    @property
     def agent_name(self) -> str:
         """The durable agent's name (`name=`, else the agent's): it keys the journal and names the flow."""
         assert self._agent is not None and self._name, "PrefectDurability used before for_agent()"

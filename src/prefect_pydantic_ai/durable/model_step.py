@@ -11,9 +11,9 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic_ai._utils import now_utc as _now
 from pydantic_ai.messages import (
     CapabilityEvent,
     ModelMessage,
@@ -28,6 +28,7 @@ from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.tools import RunContext
 
+from prefect_pydantic_ai.compat.pydantic_ai import EventStreamResponse
 from prefect_pydantic_ai.durable.journal import (
     ConversationDigest,
     canonical_json,
@@ -356,7 +357,7 @@ class StreamRetryEvent(CapabilityEvent, namespace="prefect_pydantic_ai"):
     """The indices of the parts the consumer was shown and must drop."""
 
 
-class _LiveStream(StreamedResponse):
+class _LiveStream(EventStreamResponse):
     """The consumer's side of a streamed model step: the events of the step task's stream as they arrive, or
     the journaled response's parts when the step was replayed.
 
@@ -423,19 +424,19 @@ class _LiveStream(StreamedResponse):
         if self._emit is not None:
             await self._emit(retry)
 
-    async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+    async def events(self) -> AsyncIterator[ModelResponseStreamEvent]:
         assert self._step is not None
         while (item := await self._queue.get()) is not _END:
             if isinstance(item, StreamRetryEvent):
                 await self._discarded(item)
                 continue
-            self._parts_manager.apply_event(item)
+            self.apply_event(item)
             yield item
         self._response = await self._step
-        self._usage = self._response.usage
+        self.set_usage(self._response.usage)
         if not self._forwarded:  # replayed from the journal: its parts, at once
             for index, part in enumerate(self._response.parts):
-                yield self._parts_manager.handle_part(vendor_part_id=index, part=part)
+                yield self.part_event(index, part)
 
     async def close(self) -> None:
         """Leave the step only once it has finished: drained by the consumer, or cancelled when abandoned."""
@@ -461,4 +462,4 @@ class _LiveStream(StreamedResponse):
 
     @property
     def timestamp(self) -> Any:
-        return self._response.timestamp if self._response is not None else _now()
+        return self._response.timestamp if self._response is not None else datetime.now(UTC)

@@ -24,14 +24,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
 
 from prefect import Task
-from prefect._internal.result_records import ResultRecord
-from prefect._internal.uuid7 import uuid7
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.client.schemas.objects import State, StateDetails, TaskRun, TaskRunResult
 from prefect.context import FlowRunContext, TaskRunContext
@@ -40,7 +38,6 @@ from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from prefect.states import Completed, Pending
 from prefect.transactions import BaseTransaction
-from prefect.types._datetime import now
 from prefect.utilities.engine import emit_task_run_state_change_event
 from pydantic_ai.exceptions import (
     AgentRunError,
@@ -51,6 +48,7 @@ from pydantic_ai.exceptions import (
     UserError,
 )
 
+from prefect_pydantic_ai.compat.prefect import read_result_record
 from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
 from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
@@ -557,12 +555,12 @@ class StepTasks:
                 if view.result_storage is None or view.metadata_storage is not None:
                     return None
                 content = await _read_path(view.result_storage, key)
-            record: ResultRecord[Any] = ResultRecord.deserialize(content)
+            result, expiration = read_result_record(content)
         except Exception:
             return None
-        if record.expiration is not None and record.expiration <= now("UTC"):
+        if expiration is not None and expiration <= datetime.now(UTC):
             return None
-        return record.result
+        return result
 
     def _report(
         self, name: str, ordinal: int, replayed: bool, attempts: int, started: float, error: str | None = None
@@ -594,7 +592,7 @@ class StepTasks:
                 flow_run_id=context.flow_run.id if context is not None and context.flow_run else None,
                 flow_run_count=context.flow_run.run_count if context is not None and context.flow_run else 0,
                 parent=parent.task_run.id if parent is not None else None,
-                at=now("UTC"),
+                at=datetime.now(UTC),
             )
         )
 
@@ -668,8 +666,7 @@ def _record(batch: list[_Replay]) -> None:
         inputs: dict[str, Any] = {}
         if replay.parent is not None:
             inputs["__parents__"] = [TaskRunResult(id=replay.parent)]
-        task_run = TaskRun(
-            id=uuid7(),
+        task_run = TaskRun(  # its id: a new uuid7, as Prefect's own task runs get
             name=replay.name,
             flow_run_id=replay.flow_run_id,
             flow_run_run_count=replay.flow_run_count,

@@ -20,18 +20,19 @@ from prefect.context import AsyncClientContext
 from prefect.filesystems import LocalFileSystem
 from prefect.results import aget_default_result_storage
 
+from prefect_pydantic_ai.compat.prefect import ResolvesPaths
 from prefect_pydantic_ai.errors import StorageReadError
 
 _INLINE_BYTES = 256 * 1024
 """Entries up to this size are read and written on the event loop; larger ones in a worker thread."""
 
 
-class JournalFileSystem(LocalFileSystem):
+class JournalFileSystem(ResolvesPaths, LocalFileSystem):
     """A `LocalFileSystem` for journal entries: inline I/O for small files, atomic writes, base path resolved once."""
 
     _block_type_name = "Prefect Pydantic AI Journal"
 
-    def _resolve_path(self, path: str) -> Path:
+    def resolve_path(self, path: str) -> Path:
         base = self._base()
         if not path:
             return base
@@ -42,7 +43,7 @@ class JournalFileSystem(LocalFileSystem):
             return base / candidate  # a relative path below the base (a run record's): no resolving needed
         if candidate.parent == base and candidate.name not in (".", ".."):
             return candidate  # an entry's full path, as Prefect passes it back
-        return super()._resolve_path(path)
+        return super().resolve_path(path)
 
     def root(self) -> Path:
         """The directory every entry lives under."""
@@ -50,7 +51,7 @@ class JournalFileSystem(LocalFileSystem):
 
     def entry_path(self, key: str) -> Path:
         """The file of the journal entry stored under `key`."""
-        return self._resolve_path(key)
+        return self.resolve_path(key)
 
     def _base(self) -> Path:
         base: Path | None = self.__dict__.get("_resolved_base")
@@ -60,7 +61,7 @@ class JournalFileSystem(LocalFileSystem):
         return base
 
     async def aread_path(self, path: str) -> bytes:
-        target = self._resolve_path(path)
+        target = self.resolve_path(path)
         try:
             if target.stat().st_size <= _INLINE_BYTES:
                 return target.read_bytes()
@@ -70,14 +71,14 @@ class JournalFileSystem(LocalFileSystem):
 
     def append_path(self, path: str, content: bytes) -> None:
         """Append `content` to the file at `path` (created with its directories if needed), in one write."""
-        fd = _open_creating(self._resolve_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        fd = _open_creating(self.resolve_path(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
             os.write(fd, content)
         finally:
             os.close(fd)
 
     async def awrite_path(self, path: str, content: bytes) -> str:
-        target = self._resolve_path(path)
+        target = self.resolve_path(path)
         if len(content) <= _INLINE_BYTES:
             _write_atomically(target, content)
         else:

@@ -310,8 +310,10 @@ async def record_storage_name() -> str:
     """Where this machine looks for run records, as a user would name it: a saved block's slug, a bucket, a path."""
     from prefect.filesystems import LocalFileSystem
 
+    from prefect_pydantic_ai.compat.prefect import saved_block_name
+
     storage = await _storage()
-    block = getattr(storage, "_block_document_name", None)
+    block = saved_block_name(storage)
     if block:
         return f"block {storage.get_block_type_slug()}/{block}"
     if isinstance(storage, LocalFileSystem):

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError, LockError, RedisError, TimeoutErro
 from redis.lock import Lock
 from redis.retry import Retry
 
+from prefect_pydantic_ai.compat.prefect_redis import lock_name
 from prefect_pydantic_ai.settings import without_password
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -143,7 +144,7 @@ class LeasedRedisLockManager(RedisLockManager):
                     self._renewer = None
                     return
             for key, holder in held.items():
-                lock = Lock(self.client, self._lock_name_for_key(key), timeout=self.lease_seconds)
+                lock = Lock(self.client, lock_name(self, key), timeout=self.lease_seconds)
                 lock.local.token = holder.encode()
                 try:
                     lock.reacquire()
