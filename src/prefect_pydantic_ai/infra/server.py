@@ -294,7 +294,9 @@ def _is_server_process(pid: int) -> bool:
                 return False
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         ours = SERVER_MODULE.encode() in cmdline[1:3]
-        return ours or (b"prefect" in cmdline[1:3] and b"server" in cmdline)  # or one an earlier version started
+        return ours or (
+            b"prefect" in cmdline[1:3] and b"server" in cmdline
+        )  # or one an earlier version started
     return True
 
 
