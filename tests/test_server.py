@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 FIVE_STEP = Path(__file__).parent / "scripts" / "five_step.py"
 TWO_AGENTS = Path(__file__).parent / "scripts" / "two_agents_flow.py"
+SLOW_TOOL = Path(__file__).parent / "scripts" / "slow_tool.py"
 ENSURE_API = "from prefect_pydantic_ai.infra.server import ensure_api; print('API', ensure_api())"
 STARTED_LINE = "started a local Prefect server"
 TIMEOUT = 180  # a hang fails the test instead of stalling the suite
@@ -258,6 +259,37 @@ def test_stale_address_of_a_killed_server_is_detected_and_the_server_restarted(h
     assert restarted is not None and restarted["pid"] != killed["pid"]
     assert _api(home.run("-c", ENSURE_API)) == restarted["url"]
     assert home.processes() == [restarted["pid"]]
+    _stop(home)
+
+
+def test_a_local_server_killed_during_a_run_is_started_again_and_the_run_completes_each_step_once(
+    home: Home,
+) -> None:
+    started = home.cli("server", "start", "--json")
+    assert started.returncode == 0, started.stderr
+    killed = json.loads(started.stdout)
+    calls, go = home.path.parent / "calls.log", home.path.parent / "go"
+    script = subprocess.Popen(
+        [sys.executable, str(SLOW_TOOL), "killed-server"],
+        env={**home.env, "SLOW_TOOL_LOG": str(calls), "SLOW_TOOL_WAIT_FOR": str(go)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert script.stdout is not None and script.stdout.readline() == "WAITING\n"  # inside the tool
+        os.kill(killed["pid"], signal.SIGKILL)  # as the OOM killer would
+        go.touch()
+        out, err = script.communicate(timeout=TIMEOUT)
+    finally:
+        script.kill()
+        script.wait()
+    assert script.returncode == 0, err[-3000:]
+    assert out.splitlines()[-1] == "OUTPUT found it"
+    assert calls.read_text().split() == ["model", "lookup", "model"]  # nothing ran twice
+    assert err.count("had died; started it again at " + killed["url"]) == 1
+    restarted = home.recorded()
+    assert restarted is not None and restarted["pid"] != killed["pid"] and restarted["url"] == killed["url"]
     _stop(home)
 
 

@@ -70,7 +70,7 @@ from prefect_pydantic_ai.durable.wait import (
     awaiting_approval_of_bare_run,
 )
 from prefect_pydantic_ai.errors import RunError
-from prefect_pydantic_ai.infra.server import cli_name, ensure_api
+from prefect_pydantic_ai.infra.server import cli_name, ensure_api, local_server_kept_up
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.store.crashes import settle_if_dead
 from prefect_pydantic_ai.store.prefect_rest import RECALL_TAG, TAG, StateType, prefect_api
@@ -291,7 +291,7 @@ class PrefectDurability(AbstractCapability[Any]):
 
         flow = self.flow(agent_run, key)
         try:
-            with awaiting_approval_of_bare_run():  # the prompt parameter is shown, never read back: scrubbed
+            with local_server_kept_up(), awaiting_approval_of_bare_run():  # the prompt parameter: scrubbed
                 return cast(
                     AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
                 )

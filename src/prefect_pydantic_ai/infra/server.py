@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -164,7 +165,7 @@ def running_server(home: Path) -> ServerAddress | None:
     return address
 
 
-def find_or_start(home: Path, *, announce: bool = False) -> ServerAddress:
+def find_or_start(home: Path, *, announce: bool = False, restarted: bool = False) -> ServerAddress:
     """The running server of `home`, else a new one: started detached, recorded, and waited for until healthy.
 
     The lock makes this one decision across processes: whoever holds it either sees a healthy server or starts
@@ -181,17 +182,50 @@ def find_or_start(home: Path, *, announce: bool = False) -> ServerAddress:
                 return address
             _terminate(address.pid)  # alive but never healthy: replace it
         address = _spawn(home)
-        progress = _Progress("Starting a local Prefect server") if announce else None
+        progress = _Progress("Starting a local Prefect server") if announce or restarted else None
         if not _wait_healthy(address, progress):
             _terminate(address.pid)
             _address_path(home).unlink(missing_ok=True)
             raise LocalServerError(f"The local Prefect server did not start; see its log {address.log}.")
     if progress is not None:
         progress.done(
-            f"prefect-pydantic-ai: started a local Prefect server for {home}, UI at {address.ui_url} "
+            f"prefect-pydantic-ai: the local Prefect server of {home} had died; started it again at {address.url}"
+            if restarted
+            else f"prefect-pydantic-ai: started a local Prefect server for {home}, UI at {address.ui_url} "
             f"(it keeps running for later runs; stop it with `{cli_name()} server stop`)."
         )
     return address
+
+
+WATCH_INTERVAL_S = 1.0
+
+
+@contextlib.contextmanager
+def local_server_kept_up() -> Iterator[None]:
+    """While the block runs (a bare agent run on the persistent local server), a server that died (killed, the OOM
+    killer) is started again on its port, so the run's Prefect client, which retries a refused connection for
+    about a minute, reconnects and the run completes. A server stopped on purpose (`server stop` removes its
+    address) is left stopped. Outside the embedded default (a configured API) this does nothing."""
+    if local_api() is None:
+        yield
+        return
+    home = prefect_home()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(WATCH_INTERVAL_S):
+            address = _read_address(home)
+            if address is not None and not _is_server_process(address.pid):
+                with contextlib.suppress(LocalServerError, OSError):
+                    find_or_start(home, restarted=True)
+
+    watcher = threading.Thread(target=watch, name="prefect-pydantic-ai-server-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def stop_server(home: Path) -> ServerAddress | None:
