@@ -1,5 +1,5 @@
 """The persistent local server's process: Prefect's own server app, with a request that found SQLite busy retried
-inside the server instead of answered 503.
+inside the server instead of answered 503, and writes taking turns.
 
 SQLite lets one connection write at a time, and a transaction that read before it writes fails at once
 (`SQLITE_BUSY_SNAPSHOT`, no busy timeout helps) when another connection wrote in between. The server's own
@@ -7,7 +7,9 @@ services (the event persister, the task-run recorder) write beside every request
 now and then meets that. Prefect answers it with 503 "Service Unavailable", and Prefect's client, given no
 `Retry-After`, backs off 2, 4, 8 ... seconds (with jitter): a run stalls for seconds on a conflict that is gone
 in milliseconds. Here the request, whose transaction was rolled back, runs again after 10 ms, 20 ms ... (at most
-`ATTEMPTS` times); only a conflict that outlasts them reaches the client, with a short `Retry-After`.
+`ATTEMPTS` times); only a conflict that outlasts them reaches the client, with a short `Retry-After`. Requests
+that write take turns, so they do not conflict with each other (one user's server: SQLite writes one at a time
+anyway); reads, and the writes of the server's own services, go on beside them.
 
 Run as `python -m prefect_pydantic_ai.infra.local_app --host H --port P --keep-alive-timeout S`: what
 `prefect server start` runs in the foreground, with this app around it.
@@ -36,7 +38,8 @@ _BUSY_BODY = {"exception_message": "Service Unavailable"}
 
 
 class RetryBusy:
-    """ASGI middleware: an HTTP request answered with Prefect's retryable 503 is run again, its body replayed."""
+    """ASGI middleware: an HTTP request answered with Prefect's retryable 503 is run again, its body replayed;
+    requests that write are answered one at a time."""
 
     def __init__(self, app: App, attempts: int = ATTEMPTS, first_wait_s: float = FIRST_WAIT_S) -> None:
         self.app = app
@@ -61,7 +64,7 @@ class RetryBusy:
         wait = self.first_wait_s
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts
-            answer = _Answer(send, hold_503=True)
+            answer = _Answer(send)
             try:
                 # a fresh scope each time: routing writes into it (a mount's path and root_path)
                 await self.app(dict(scope), _replay(body, receive), answer.send)
@@ -120,14 +123,13 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 class _Answer:
     """Passes a response through, except a 503, which is held until it is known to be Prefect's retryable one."""
 
-    def __init__(self, send: Send, hold_503: bool) -> None:
+    def __init__(self, send: Send) -> None:
         self._send = send
-        self._hold = hold_503
         self._held: list[Message] = []
         self.busy = False
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 503 and self._hold:
+        if message["type"] == "http.response.start" and message["status"] == 503:
             self._held.append(message)
             return
         if self._held:  # the body of a held 503
