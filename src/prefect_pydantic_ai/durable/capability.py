@@ -663,9 +663,8 @@ async def _record_attempt(
         stored_output = to_journal_json(output, what="the run output")
     except NotJournalableError:
         stored_output = repr(output)
-    secrets = (
-        current_redactor()
-    )  # the output and the error may quote a secret (a tool's error, a model's echo)
+    # the output and the error may quote a secret (a tool's error, a model's echo)
+    secrets = current_redactor()
     attempt = AttemptRecord(
         run_count=run_count,
         state=state,
