@@ -206,3 +206,25 @@ def test_prefect_redis_keeps_a_steps_lock_under_the_name_compat_gives() -> None:
         "prefect-redis",
         f"RedisLockManager reads the lock of a key under {asked}, not _lock_name_for_key(key)",
     )
+
+
+def test_prefect_events_workers_are_found_and_their_clients_told_to_try_each_event_once() -> None:
+    import inspect
+
+    from prefect._internal.concurrency.services import _QueueServiceBase
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.events.worker import EventsWorker
+
+    send_each_event_once = compat("prefect", "prefect").send_each_event_once
+    client = PrefectEventsClient(api_url="http://127.0.0.1:9/api")  # built, not connected
+    assert client._reconnection_attempts == 10, broke(
+        "prefect", "PrefectEventsClient keeps no _reconnection_attempts"
+    )
+    assert "range(self._reconnection_attempts + 1)" in inspect.getsource(PrefectEventsClient._emit), broke(
+        "prefect", "PrefectEventsClient._emit no longer tries an event _reconnection_attempts + 1 times"
+    )
+    worker = EventsWorker.__new__(EventsWorker)  # a running worker holds its client as _client
+    worker._client = client
+    with mock.patch.dict(vars(_QueueServiceBase)["_instances"], {-1: worker}):
+        assert send_each_event_once() == 1, broke("prefect", "services are no longer kept in _instances")
+    assert client._reconnection_attempts == 0

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .durable.task_config import TaskConfig as TaskConfig
     from .durable.wait import ApprovalTimeout as ApprovalTimeout
     from .durable.wait import AwaitingApproval as AwaitingApproval
+    from .errors import PrefectUnreachableError as PrefectUnreachableError
     from .errors import RunError as RunError
     from .errors import StorageReadError as StorageReadError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
@@ -47,6 +48,7 @@ _EXPORTS = {
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "durable.report",
+    "PrefectUnreachableError": "errors",
     "RunError": "errors",
     "StorageReadError": "errors",
     "list_runs": "ops.runs",

@@ -19,3 +19,9 @@ class StorageReadError(RuntimeError):
 
 class RunError(Exception):
     """A run cannot be found, resolved or resumed; the message says what to do. The CLI exits with code 2."""
+
+
+class PrefectUnreachableError(RuntimeError):
+    """The Prefect API did not answer through the client's retries, so a run stopped: the message names the API,
+    says that the completed steps are kept in the journal, and gives the command that continues the run. The CLI
+    exits with code 1 (not the user's input)."""

@@ -49,7 +49,7 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> _T:
-        from prefect_pydantic_ai.errors import RunError
+        from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
         from prefect_pydantic_ai.store.prefect_rest import ApiError
 
         try:
@@ -60,6 +60,7 @@ def _user_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
         except (
             httpx.TransportError,
             ApiError,
+            PrefectUnreachableError,
         ) as exc:  # not the user's input: exit 1, one line naming the server
             line = _unreachable(exc) if isinstance(exc, httpx.TransportError) else str(exc)
             errors.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
@@ -258,7 +259,7 @@ def _crashed_to_resume(agent: str | None) -> list[str]:
 
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
     from prefect_pydantic_ai.durable.steps import observe_steps
-    from prefect_pydantic_ai.errors import RunError
+    from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
     from prefect_pydantic_ai.ops.resume import Rescheduled, resume_run
     from prefect_pydantic_ai.ops.show import show_run
 
@@ -279,7 +280,7 @@ def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None)
                 f"Scheduled it again on its deployment; a worker of pool {resumed.work_pool or '?'} resumes it."
             )
             return 0
-    except RunError:
+    except (RunError, PrefectUnreachableError):
         raise
     except Exception as exc:
         errors.print(f"[red]The resumed run failed:[/red] {type(exc).__name__}: {exc}", highlight=False)

@@ -64,6 +64,11 @@ from prefect_pydantic_ai.durable.steps import (
 )
 from prefect_pydantic_ai.durable.task_config import TaskConfig, TaskConfigLike, tool_config_from_metadata
 from prefect_pydantic_ai.durable.tool_step import ToolSteps, ToolTasks
+from prefect_pydantic_ai.durable.unreachable import (
+    api_gone,
+    stopping_when_unreachable,
+    unreachable_api_ends_run,
+)
 from prefect_pydantic_ai.durable.wait import (
     WaitSuspended,
     await_decision,
@@ -279,9 +284,8 @@ class PrefectDurability(AbstractCapability[Any]):
             return await self._durable(ctx, inputs, handler)
         ensure_api()  # no server configured: the persistent local one, started once per PREFECT_HOME
         key = _run_key.get()
-        recall_of = await _earlier_attempts(key) if key is not None else None
-
         started: list[UUID] = []  # the flow run, once it exists
+        recall_of: str | None = None
 
         async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
             flow_ctx = FlowRunContext.get()
@@ -291,10 +295,15 @@ class PrefectDurability(AbstractCapability[Any]):
 
         flow = self.flow(agent_run, key)
         try:
-            with local_server_kept_up(), awaiting_approval_of_bare_run():  # the prompt parameter: scrubbed
-                return cast(
-                    AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
-                )
+            with unreachable_api_ends_run(lambda: started[0] if started else None, key):
+                recall_of = await _earlier_attempts(key) if key is not None else None
+                with (
+                    local_server_kept_up(),
+                    awaiting_approval_of_bare_run(),
+                ):  # the prompt parameter: scrubbed
+                    return cast(
+                        AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
+                    )
         except (asyncio.CancelledError, KeyboardInterrupt):
             if started:
                 await _cancelled(started[0], key)
@@ -317,18 +326,23 @@ class PrefectDurability(AbstractCapability[Any]):
     ) -> AgentRunResult[Any]:
         """Run `handler` (the agent run) as this flow run's durable agent run; `recall_of` names the flow run
         that already completed this logical run (this one then only returns its stored result)."""
-        self._run = run = await self._begin(ctx, inputs, recall_of)
-        try:
-            result = await handler()
-        except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
-            await _record_attempt(run.record, run.model_steps.log, "waiting")
-            raise
-        except BaseException as exc:
-            current_redactor().scrub_exception(exc)  # before Prefect makes it the flow run's state message
-            await _finish(run.record, run.model_steps.log, error=exc)
-            raise
-        remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
-        return result
+        flow_ctx = FlowRunContext.get()
+        assert flow_ctx is not None and flow_ctx.flow_run is not None
+        with stopping_when_unreachable(flow_ctx.flow_run.id, _run_key.get()):
+            self._run = run = await self._begin(ctx, inputs, recall_of)
+            try:
+                result = await handler()
+            except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
+                await _record_attempt(run.record, run.model_steps.log, "waiting")
+                raise
+            except BaseException as exc:
+                current_redactor().scrub_exception(
+                    exc
+                )  # before Prefect makes it the flow run's state message
+                await _finish(run.record, run.model_steps.log, error=exc)
+                raise
+            remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
+            return result
 
     async def _begin(self, ctx: RunContext[Any], inputs: RunInputs, recall_of: str | None) -> _DurableRun:
         flow_ctx = FlowRunContext.get()
@@ -582,9 +596,11 @@ class PrefectDurability(AbstractCapability[Any]):
             with _within_key(idempotency_key):
                 return await agent.run(record.prompt, **inputs)
 
-        return await run_flow_async(
-            self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
-        )
+        key = record.idempotency_key
+        with unreachable_api_ends_run(lambda: flow_run.id, key):
+            return await run_flow_async(
+                self.flow(agent_run, flow_run.name), flow_run=flow_run, parameters=flow_run.parameters
+            )
 
 
 @contextlib.asynccontextmanager
@@ -687,11 +703,14 @@ def _run_count() -> int:
 async def _finish(
     record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
 ) -> Ledger:
-    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact."""
+    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact (not when the
+    Prefect API is what ended it: the journal has the record, and the artifact would wait out the retries again)."""
     record_replays(wait=True)
     attempt = await _record_attempt(
         record, log, "failed" if error is not None else "completed", output=output, error=error
     )
+    if error is not None and api_gone(error):
+        return attempt.ledger
     await acreate_markdown_artifact(
         key=artifact_key(record.agent),
         markdown=ledger_markdown(record.agent, attempt.ledger, attempt),

@@ -18,6 +18,7 @@ from prefect.states import AwaitingRetry, Scheduled
 
 from prefect_pydantic_ai.durable.capability import durability_of
 from prefect_pydantic_ai.durable.tool_step import unverified_override
+from prefect_pydantic_ai.durable.unreachable import unreachable_api_ends_run
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
 from prefect_pydantic_ai.store.crashes import crash_unfinished_task_runs
@@ -77,10 +78,11 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
                 f"{target} is not a Prefect flow; pass --entrypoint of the @flow that ran the agents."
             )
         again = await _back_in_line(flow_run.id, AwaitingRetry())
-        if obj.isasync:
-            return await run_flow_async(obj, flow_run=again, parameters=again.parameters)
-        # A synchronous flow runs its own event loops (`run_sync`), so it cannot run on this one.
-        return await asyncio.to_thread(run_flow_sync, obj, flow_run=again, parameters=again.parameters)
+        with unreachable_api_ends_run(lambda: flow_run.id, first.idempotency_key):
+            if obj.isasync:
+                return await run_flow_async(obj, flow_run=again, parameters=again.parameters)
+            # A synchronous flow runs its own event loops (`run_sync`), so it cannot run on this one.
+            return await asyncio.to_thread(run_flow_sync, obj, flow_run=again, parameters=again.parameters)
     durability = durability_of(obj)
     if durability is None:
         raise RunError(
