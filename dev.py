@@ -278,10 +278,20 @@ def main(argv: list[str]) -> int:
         _ensure_env(target, dev=command in NEEDS_DEV)
     except subprocess.CalledProcessError:
         return 1
+    _compile_sources(target)
     env = dict(os.environ)
     if command in {"demo", "cli", "cluster"}:  # their hints then name a command that works from the clone
         env["PREFECT_PYDANTIC_AI_CLI"] = "python3 dev.py cli"
     return _call(commands[command], env)
+
+
+def _compile_sources(env: Env) -> None:
+    """Bring the bytecode of the clone's own package up to date. Its install is editable, so `--compile-bytecode`
+    skips it, and with PYTHONDONTWRITEBYTECODE=1 every process (each CLI command, script and test subprocess)
+    would compile its ~60 modules again: ~0.25 s each time. Only files changed since run again."""
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        compileall = [str(env.python), "-m", "compileall", "-q", str(ROOT / "src")]
+        subprocess.run(compileall, cwd=ROOT, stdout=subprocess.DEVNULL, check=False)
 
 
 def _call(command: list[str], env: dict[str, str]) -> int:
