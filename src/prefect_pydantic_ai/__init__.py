@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .durable.wait import AwaitingApproval as AwaitingApproval
     from .errors import RunError as RunError
     from .errors import StorageReadError as StorageReadError
+    from .errors import StorageWriteError as StorageWriteError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .ops.approve import approve_run as approve_run
@@ -49,6 +50,7 @@ _EXPORTS = {
     "ledger_of": "durable.report",
     "RunError": "errors",
     "StorageReadError": "errors",
+    "StorageWriteError": "errors",
     "list_runs": "ops.runs",
     "Rescheduled": "ops.resume",
     "resume_run": "ops.resume",
