@@ -61,6 +61,7 @@ from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
 from prefect_pydantic_ai.store.journal_storage import (
     JournalFileSystem,
+    describe_cause,
     describe_storage,
     journal_storage,
     read_if_present,
@@ -533,8 +534,8 @@ class StepTasks:
             where = storage.entry_path(key) if isinstance(storage, JournalFileSystem) else key
             raise StorageWriteError(
                 f"{self.kind.capitalize()} step {name!r} completed, but its journal entry could not be written "
-                f"to {str(where)!r} in the result storage {describe_storage(storage)}: {type(exc).__name__}: "
-                f"{exc}. The run stops here: fix the storage, then resume the run (the step runs again unless its "
+                f"to {str(where)!r} in the result storage {describe_storage(storage)}: {describe_cause(exc)}. "
+                "The run stops here: fix the storage, then resume the run (the step runs again unless its "
                 "entry did reach the storage)."
             ) from exc
         logger.warning(

@@ -156,9 +156,16 @@ async def read_if_present(storage: Any, path: str) -> bytes | None:
         if _is_absent(exc):
             return None
         raise StorageReadError(
-            f"Cannot read {path!r} from the result storage {describe_storage(storage)}: "
-            f"{type(exc).__name__}: {exc}"
+            f"Cannot read {path!r} from the result storage {describe_storage(storage)}: {describe_cause(exc)}"
         ) from exc
+
+
+def describe_cause(exc: BaseException) -> str:
+    """A storage error as one line, `Type: message` without a closing period (the caller's sentence goes on);
+    a transfer's "Max Retries Exceeded" (s3transfer) says what its last try met."""
+    text = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+    last = getattr(exc, "last_exception", None)
+    return f"{text} ({describe_cause(last)})" if isinstance(last, BaseException) else text
 
 
 def describe_storage(storage: Any) -> str:
