@@ -25,6 +25,7 @@ import pytest
 
 from prefect_pydantic_ai.infra.server import free_port
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
+from tests.s3_servers import moto_s3, save_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]  # conftest: HEAVY
 
@@ -108,45 +109,8 @@ def s3_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, s
     """A real S3-compatible server (moto's, in its own process) on a free loopback port, with a bucket saved as
     the `S3Bucket` block `s3-bucket/<name>` on the shared Prefect server; yields the environment that points a
     machine's default result storage (records and journal) at it."""
-    import boto3
-    from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
-
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path_factory.mktemp("moto"),
-    )
-    endpoint, bucket = f"http://127.0.0.1:{port}", f"journal-{uuid.uuid4().hex[:8]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
-
-    def bucket_created() -> bool:
-        try:
-            client.create_bucket(Bucket=bucket)
-            return True
-        except Exception:
-            return False
-
-    try:
-        _wait_until(bucket_created, "moto_server")
-        credentials = AwsCredentials(
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint),
-        )
-        S3Bucket(bucket_name=bucket, credentials=credentials).save(bucket, _sync=True)  # type: ignore[call-arg]
-        yield {"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": f"s3-bucket/{bucket}"}
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with moto_s3(tmp_path_factory.mktemp("moto")) as (endpoint, bucket):
+        yield {"PREFECT_DEFAULT_RESULT_STORAGE_BLOCK": save_bucket(bucket, endpoint)}
 
 
 def machine(

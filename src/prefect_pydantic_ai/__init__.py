@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .errors import PrefectUnreachableError as PrefectUnreachableError
     from .errors import RunError as RunError
     from .errors import StorageReadError as StorageReadError
+    from .errors import StorageWriteError as StorageWriteError
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .ops.approve import approve_run as approve_run
@@ -51,6 +52,7 @@ _EXPORTS = {
     "PrefectUnreachableError": "errors",
     "RunError": "errors",
     "StorageReadError": "errors",
+    "StorageWriteError": "errors",
     "list_runs": "ops.runs",
     "Rescheduled": "ops.resume",
     "resume_run": "ops.resume",

@@ -17,6 +17,12 @@ class StorageReadError(RuntimeError):
     storage, the path and the cause."""
 
 
+class StorageWriteError(RuntimeError):
+    """A step completed but its journal entry could not be written to the result storage, even on a second try:
+    the step's result is not kept, so the run stops here instead of going on with a step a resume would not
+    find. The message names the step, the storage and the cause."""
+
+
 class RunError(Exception):
     """A run cannot be found, resolved or resumed; the message says what to do. The CLI exits with code 2."""
 

@@ -7,8 +7,12 @@ storage holds the entry as JSON (a Prefect result record stored under the step k
 
 A step whose entry is already journaled is replayed instantly: the entry is read from the result storage and
 checked, and Prefect is told of a "Cached" task run by one state event, without running the task engine (no
-transaction, lock or state round trips). An entry that is missing, unreadable, expired or corrupt goes through
-the task as before: it executes (a corrupt one is overwritten) under the step's SERIALIZABLE lock.
+transaction, lock or state round trips). An entry that is missing, expired or corrupt goes through the task as
+before: it executes (a corrupt one is overwritten) under the step's SERIALIZABLE lock.
+
+A storage that fails is never taken for an empty one: a read that fails (not "nothing there") stops the step
+with `StorageReadError` instead of executing it again, and an entry Prefect could not write when the step
+completed (it logs the error and goes on) is written once more, or the step fails with `StorageWriteError`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from prefect.locking.protocol import LockManager
 from prefect.results import get_result_store
 from prefect.settings import PREFECT_HOME
 from prefect.states import Completed, Pending
-from prefect.transactions import BaseTransaction
+from prefect.transactions import BaseTransaction, TransactionState, get_transaction
 from prefect.utilities.engine import emit_task_run_state_change_event
 from pydantic_ai.exceptions import (
     AgentRunError,
@@ -52,10 +56,16 @@ from prefect_pydantic_ai.compat.prefect import read_result_record
 from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
 from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
-from prefect_pydantic_ai.errors import StorageReadError, UnverifiedEffectError
+from prefect_pydantic_ai.errors import StorageReadError, StorageWriteError, UnverifiedEffectError
 from prefect_pydantic_ai.settings import Settings
 from prefect_pydantic_ai.store.file_locks import ReclaimingLockManager
-from prefect_pydantic_ai.store.journal_storage import JournalFileSystem, journal_storage, read_if_present
+from prefect_pydantic_ai.store.journal_storage import (
+    JournalFileSystem,
+    describe_cause,
+    describe_storage,
+    journal_storage,
+    read_if_present,
+)
 from prefect_pydantic_ai.store.step_names import StepKind, step_title, task_run_name
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -413,14 +423,16 @@ class StepTasks:
         then complete or stop (fail, be cancelled or suspended). A replayed step calls it for neither.
         """
         attempts = 0
+        transaction: BaseTransaction | None = None  # the step task's, which writes the entry when it commits
         started = time.perf_counter()
         wait_until = 0.0  # a server's Retry-After, honoured by the next attempt
         storage = await self.storage() if self.journaled else self.config.result_storage
         guarded = unverified is not None and self.journaled and storage is not None
 
         async def attempt() -> Any:
-            nonlocal attempts, wait_until
+            nonlocal attempts, wait_until, transaction
             attempts += 1
+            transaction = get_transaction()
             if attempts == 1 and self.journaled and not overwrite:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
@@ -485,6 +497,12 @@ class StepTasks:
             finally:
                 _PENDING.pop(key, None)
                 _TASK_RUN_NAMES.pop(key, None)
+            if attempts and self.journaled and transaction is not None:
+                try:
+                    await self._journal_if_not_written(name, key, storage, entry, transaction)
+                except StorageWriteError as exc:
+                    self._report(name, ordinal, False, attempts, started, describe_failure(exc))
+                    raise
             try:
                 result = StepResult(data=unseal(entry, self.kind), replayed=attempts == 0, attempts=attempts)
             except JournalCorruptError as exc:
@@ -500,6 +518,31 @@ class StepTasks:
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    async def _journal_if_not_written(
+        self, name: str, key: str, storage: Any, entry: Any, transaction: BaseTransaction
+    ) -> None:
+        """Make sure the entry of the step that just executed is stored. Prefect writes it when the step's
+        transaction commits; a write that fails there (the storage answered 500, timed out, the disk is full) is
+        logged and rolled back, and the step still completes, so a resume would execute it again. Write it once
+        more through the same result store; if that fails too, fail the step naming the storage and the cause."""
+        if transaction.state is not TransactionState.ROLLED_BACK or transaction.store is None:
+            return
+        try:
+            await transaction.store.awrite(obj=entry, key=key)
+        except Exception as exc:
+            where = storage.entry_path(key) if isinstance(storage, JournalFileSystem) else key
+            raise StorageWriteError(
+                f"{self.kind.capitalize()} step {name!r} completed, but its journal entry could not be written "
+                f"to {str(where)!r} in the result storage {describe_storage(storage)}: {describe_cause(exc)}. "
+                "The run stops here: fix the storage, then resume the run (the step runs again unless its "
+                "entry did reach the storage)."
+            ) from exc
+        logger.warning(
+            "Journal entry of %s step %r was not written when the step completed; written on a second try.",
+            self.kind,
+            name,
+        )
 
     async def _started_before(self, name: str, storage: Any, key: str) -> bool:
         """Whether an earlier attempt of guarded step `key` started and never finished (its marker says
@@ -546,15 +589,25 @@ class StepTasks:
 
     async def _journaled_entry(self, name: str, key: str, storage: Any) -> Any:
         """The journal entry stored under `key` (Prefect's result record, parsed by Prefect's own class), or `None`
-        when there is none to replay instantly: absent, unreadable, expired, or kept apart from its metadata."""
+        when there is none to replay instantly: absent, not a result record, expired, or kept apart from its
+        metadata. A read that fails raises `StorageReadError`: whether the step completed is unknown, and Prefect
+        would take the failure for "not stored" and execute the step again."""
+        where = storage
+        if not isinstance(storage, JournalFileSystem):
+            view = await get_result_store().aupdate_for_task(self.task(name, storage))
+            if view.result_storage is None or view.metadata_storage is not None:
+                return None
+            where = view.result_storage
         try:
-            if isinstance(storage, JournalFileSystem):  # the common case: one read, no thread hop
-                content = storage.entry_path(key).read_bytes()
-            else:
-                view = await get_result_store().aupdate_for_task(self.task(name, storage))
-                if view.result_storage is None or view.metadata_storage is not None:
-                    return None
-                content = await _read_path(view.result_storage, key)
+            content = await read_if_present(where, key)
+        except StorageReadError as exc:
+            raise StorageReadError(
+                f"{self.kind.capitalize()} step {name!r} cannot tell whether it completed in an earlier attempt, "
+                f"so it does not run: {exc}. Fix the storage, then resume the run."
+            ) from exc
+        if content is None:
+            return None
+        try:
             result, expiration = read_result_record(content)
         except Exception:
             return None

@@ -97,15 +97,18 @@ def _open_creating(path: Path, flags: int) -> int:
 
 def _write_atomically(target: Path, content: bytes) -> None:
     """Write `content` to a temporary file beside `target` (one per process and thread, so no two writers share
-    it; created with the usual permissions), then rename it over `target`."""
+    it; created with the usual permissions), then rename it over `target`. A failed write (a full disk) removes
+    the temporary file and leaves `target` as it was; its `OSError` names `target`."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = _open_creating(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk's ENOSPC names no file: name it
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
         raise
 
 
@@ -153,9 +156,16 @@ async def read_if_present(storage: Any, path: str) -> bytes | None:
         if _is_absent(exc):
             return None
         raise StorageReadError(
-            f"Cannot read {path!r} from the result storage {describe_storage(storage)}: "
-            f"{type(exc).__name__}: {exc}"
+            f"Cannot read {path!r} from the result storage {describe_storage(storage)}: {describe_cause(exc)}"
         ) from exc
+
+
+def describe_cause(exc: BaseException) -> str:
+    """A storage error as one line, `Type: message` without a closing period (the caller's sentence goes on);
+    a transfer's "Max Retries Exceeded" (s3transfer) says what its last try met."""
+    text = f"{type(exc).__name__}: {str(exc).rstrip('.')}"
+    last = getattr(exc, "last_exception", None)
+    return f"{text} ({describe_cause(last)})" if isinstance(last, BaseException) else text
 
 
 def describe_storage(storage: Any) -> str:
