@@ -8,6 +8,7 @@ or refuses connections while the tool runs. Every model and tool call is counted
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -170,4 +171,12 @@ def test_a_server_unreachable_past_the_client_retries_stops_the_run_in_one_line_
         "tool #2: lookup @ slow_tool (attempt 2)": "Cached",
         "model #3: function:model: @ slow_tool (attempt 2)": "Cached",
     }
+    first = {s for name, s in task_runs.items() if name.endswith("(attempt 1)")}
+    assert first <= {"Completed"}, task_runs  # settled as the record says: attempt 1's agent run completed
+    earlier = json.loads(cli("show", key, "--json").stdout)["earlier_attempts"][0]
+    assert [(s["name"], s["status"]) for s in earlier] == [  # Prefect missed the last two
+        ("function:model:", "executed"),
+        ("lookup", "executed"),
+        ("function:model:", "executed"),
+    ]
     print("attempt 1 as Prefect records it after the resume:", task_runs)

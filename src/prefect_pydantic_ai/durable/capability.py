@@ -703,14 +703,17 @@ def _run_count() -> int:
 async def _finish(
     record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
 ) -> Ledger:
-    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact (not when the
-    Prefect API is what ended it: the journal has the record, and the artifact would wait out the retries again)."""
+    """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact.
+
+    An attempt the Prefect API ended is recorded as a killed one is (its progress, no end): Prefect missed its
+    last task-run events, so `show` and the settling of the flow run read its steps from the step marks, as for a
+    process that died; no artifact either (it would wait out the client's retries again)."""
     record_replays(wait=True)
+    if error is not None and api_gone(error):
+        return (await _record_attempt(record, log, "running")).ledger
     attempt = await _record_attempt(
         record, log, "failed" if error is not None else "completed", output=output, error=error
     )
-    if error is not None and api_gone(error):
-        return attempt.ledger
     await acreate_markdown_artifact(
         key=artifact_key(record.agent),
         markdown=ledger_markdown(record.agent, attempt.ledger, attempt),

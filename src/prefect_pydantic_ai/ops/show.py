@@ -138,14 +138,17 @@ async def show_run(ref: str) -> RunDetail:
             )
             if fr.id == flow_run.id and died and over:  # the steps it was killed in, recorded or not
                 steps = with_steps_died_in(steps, executing.get(count, []))
+            # An attempt the record says completed, yet followed by another, lost its last events with the
+            # Prefect API (docs/reliability.md): like a killed one, the next attempt's replays complete it.
+            lost_events = died or (ours and count in succeeded and count not in waited)
             if steps or last or died:  # a killed attempt may have lost every task-run event
-                attempts.append((steps, died and not last, fr.id == flow_run.id and count in waited))
+                attempts.append((steps, lost_events and not last, fr.id == flow_run.id and count in waited))
     latest = attempts[-1][0]
     earlier = []
-    for (steps, died, stopped_to_wait), (following, _, _) in itertools.pairwise(attempts):
-        if died:
+    for (steps, lost_events, stopped_to_wait), (following, _, _) in itertools.pairwise(attempts):
+        if lost_events:
             steps = completed_before_the_kill(steps, following)
-        earlier.append(steps + not_reached(steps, latest, crashed=died, waited=stopped_to_wait))
+        earlier.append(steps + not_reached(steps, latest, crashed=lost_events, waited=stopped_to_wait))
     output: Any = None
     error: str | None = None
     ledger: Ledger | None = None

@@ -43,18 +43,24 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     reason = f"The process running it (pid {latest.pid} on {latest.host}) is gone."
     await api.set_state("flow_runs", flow_run.id, StateType.CRASHED, "Crashed", reason)
     completed = {(a.run_count, title) for r in records for a in r.attempts for title in a.completed_steps}
-    await crash_unfinished_task_runs(api, flow_run.id, reason, completed)
+    finished = {a.run_count for r in records for a in r.attempts if a.state == "completed"}
+    await crash_unfinished_task_runs(api, flow_run.id, reason, completed, finished)
     return await api.flow_run(flow_run.id) or flow_run
 
 
 async def crash_unfinished_task_runs(
-    api: PrefectApi, flow_run_id: UUID, reason: str, completed: Collection[tuple[int, str]] = ()
+    api: PrefectApi,
+    flow_run_id: UUID,
+    reason: str,
+    completed: Collection[tuple[int, str]] = (),
+    finished: Collection[int] = (),
 ) -> int:
     """Mark the task runs of a flow run that is not running (any more) but left them unfinished as Crashed, except
-    those its run record says completed (`completed`: attempt and task run name), whose last events the killed
-    process took with it: those are Completed."""
+    those its run record says completed, whose last events the process took with it: those are Completed.
+    `completed` names steps (attempt and task run name) from the step marks; `finished` names attempts whose
+    agent run completed (the Prefect API went away before their last events reached it)."""
     orphans = (await api.task_runs([flow_run_id], states=UNFINISHED))[flow_run_id]
-    await _settle(api, orphans, reason, completed)
+    await _settle(api, orphans, reason, completed, finished)
     return len(orphans)
 
 
@@ -90,10 +96,17 @@ def _now() -> datetime:
 
 
 async def _settle(
-    api: PrefectApi, orphans: Iterable[ApiTaskRun], reason: str, completed: Collection[tuple[int, str]] = ()
+    api: PrefectApi,
+    orphans: Iterable[ApiTaskRun],
+    reason: str,
+    completed: Collection[tuple[int, str]] = (),
+    finished: Collection[int] = (),
 ) -> None:
     for task_run in orphans:
-        if (task_run.flow_run_run_count, task_run.name) in completed:
+        if (
+            task_run.flow_run_run_count,
+            task_run.name,
+        ) in completed or task_run.flow_run_run_count in finished:
             message = "It completed just before its process died, as its run record says."
             await api.set_state("task_runs", task_run.id, StateType.COMPLETED, "Completed", message)
         else:
