@@ -265,12 +265,12 @@ class LeasedRedisLockManager(RedisLockManager):
                 self.where,
             )
         elif outcome == 0:
-            with self._guard:
-                if self._held.get(key) == holder:
-                    del self._held[key]
             logger.warning(
                 "Step lock %s is held by another process now (Redis at %s lost it, or it expired while Redis was "
                 "unreachable for a lease): that process may execute this step too.",
                 key[:12],
                 self.where,
             )
+            with self._guard:
+                if self._held.get(key) == holder:
+                    del self._held[key]
