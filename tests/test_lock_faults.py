@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def test_redis_restarted_without_its_data_while_a_step_holds_its_lock_still_runs
         servers[0].send_signal(signal.SIGKILL)  # Redis dies with every lock it held
         servers[0].wait(timeout=10)
         servers.append(start_redis(port, tmp_path / "redis-2")[0])
+        restarted = time.monotonic()
         _wait_until(lambda: len(_lock_keys(url)) == 1, "save's lock in the new Redis", timeout=2 * LEASE)
+        print(f"A took its lock back {time.monotonic() - restarted:.2f}s after Redis answered again")
         gate.touch()  # A's save completes
         (out_a, err_a), (out_b, err_b) = finished(a), finished(b)
     finally:
