@@ -68,13 +68,14 @@ def _wait_until(ready: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@contextlib.contextmanager
-def redis_server(port: int, directory: Path) -> Iterator[str]:
-    """A real redis-server on 127.0.0.1:`port` (data in `directory`) while the block runs; its URL."""
+def start_redis(port: int, directory: Path) -> tuple[subprocess.Popen[str], str]:
+    """A real redis-server on 127.0.0.1:`port` (data in `directory`, never saved), once it answers: its process,
+    which the caller stops, and its URL."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     import redis
 
+    directory.mkdir(parents=True, exist_ok=True)
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
         stdout=subprocess.DEVNULL,
@@ -84,13 +85,26 @@ def redis_server(port: int, directory: Path) -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
 
     def pong() -> bool:
-        try:
-            return bool(redis.Redis.from_url(url).ping())
-        except redis.ConnectionError:
-            return False
+        with redis.Redis.from_url(url) as client:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
 
     try:
         _wait_until(pong, "redis-server")
+    except BaseException:
+        server.kill()
+        server.wait(timeout=10)
+        raise
+    return server, url
+
+
+@contextlib.contextmanager
+def redis_server(port: int, directory: Path) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1:`port` (data in `directory`) while the block runs; its URL."""
+    server, url = start_redis(port, directory)
+    try:
         yield url
     finally:
         server.terminate()
@@ -135,6 +149,11 @@ def machine(
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
     """The run's output line, once the machine's process exits successfully."""
+    return finished(proc, timeout)[0]
+
+
+def finished(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[str, str]:
+    """The run's output line and the machine's stderr, once its process exits successfully."""
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -142,7 +161,8 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> str:
         stdout, stderr = proc.communicate()
         stderr = f"still running after {timeout}s, killed\n{stderr}"
     assert proc.returncode == 0, f"pid {proc.pid} exited with {proc.returncode}: {stderr[-3000:]}"
-    return next(line for line in stdout.splitlines() if line.startswith("OUTPUT ")).removeprefix("OUTPUT ")
+    output = next(line for line in stdout.splitlines() if line.startswith("OUTPUT "))
+    return output.removeprefix("OUTPUT "), stderr
 
 
 def _executions(calls: Path) -> dict[str, int]:
@@ -508,14 +528,15 @@ def _five_step_calls(root: Path) -> list[str]:
 
 
 def test_a_step_waits_out_a_redis_outage_shorter_than_a_lease_and_each_step_runs_once(tmp_path: Path) -> None:
-    """Redis drops every connection for 8 s, well within the 20 s lease: the first step waits for it, then the
-    run completes, each call made once. (Without our retrying clients the step failed at the first drop.)"""
+    """Redis drops every connection for 5 s, well within the 10 s lease: the first step waits for it (and then
+    for the restarted Redis's first lease), then the run completes, each call made once. (Without our retrying
+    clients the step failed at the first drop.)"""
     port, key = free_port(), f"outage-{uuid.uuid4().hex[:8]}"
     dropping = _DroppingPort(port)
     try:
-        run = _five_step_with_locks_at(port, key, tmp_path, lease=20)
+        run = _five_step_with_locks_at(port, key, tmp_path, lease=10)
         _wait_until(lambda: dropping.connections > 0, "a first connection to the Redis port", timeout=120)
-        time.sleep(8)
+        time.sleep(5)
     finally:
         dropping.close()
     assert _five_step_calls(tmp_path) == []  # nothing ran while the step could not take its lock

@@ -7,7 +7,8 @@ each model request, outside every step (a SIGKILL there lands between two steps)
 `tool:save` are hit inside those tools; `reach:save` is logged when `save`'s arguments are validated, just
 before its step. With `--barrier DIR`, the process waits before its `--barrier-at`th model request (also
 outside every step) until `--parties` processes have arrived in DIR, so concurrent resumers reach the same
-unfinished step at the same moment.
+unfinished step at the same moment. With `--save-waits-for FILE`, `save` waits (inside its step, holding its
+lock) until FILE exists.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ parser.add_argument("--step-seconds", type=float, default=0.0)
 parser.add_argument("--barrier", type=Path)
 parser.add_argument("--barrier-at", type=int, default=1)
 parser.add_argument("--parties", type=int, default=2)
+parser.add_argument("--save-waits-for", type=Path)
 opts = parser.parse_args()
 
 plan = FaultPlan.from_env()
@@ -106,6 +108,11 @@ def reach_save(value: str) -> str:
 async def save(value: Annotated[str, AfterValidator(reach_save)]) -> str:
     calls.record("tool:save", value)
     await plan.hit("tool:save")
+    deadline = time.monotonic() + 120
+    while opts.save_waits_for is not None and not opts.save_waits_for.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{opts.save_waits_for} did not appear within 120s")
+        await asyncio.sleep(0.02)
     await asyncio.sleep(opts.step_seconds)
     return f"{value}-saved"
 

@@ -44,6 +44,7 @@ from pydantic_ai.toolsets import FunctionToolset
 
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
+from prefect_pydantic_ai.durable.lock_scope import warn_if_run_moved
 from prefect_pydantic_ai.durable.model_step import (
     DurableModel,
     ModelSteps,
@@ -286,17 +287,19 @@ class PrefectDurability(AbstractCapability[Any]):
         key = _run_key.get()
         started: list[UUID] = []  # the flow run, once it exists
         recall_of: str | None = None
+        earlier: list[str] = []
 
         async def agent_run(prompt: str | None = None, idempotency_key: str | None = None) -> Any:
             flow_ctx = FlowRunContext.get()
             if flow_ctx is not None and flow_ctx.flow_run is not None:
                 started.append(flow_ctx.flow_run.id)
-            return await self._durable(ctx, inputs, handler, recall_of)
+            return await self._durable(ctx, inputs, handler, recall_of, earlier)
 
         flow = self.flow(agent_run, key)
         try:
             with unreachable_api_ends_run(lambda: started[0] if started else None, key):
-                recall_of = await _earlier_attempts(key) if key is not None else None
+                if key is not None:
+                    recall_of, earlier = await _earlier_attempts(key)
                 with (
                     local_server_kept_up(),
                     awaiting_approval_of_bare_run(),
@@ -322,14 +325,20 @@ class PrefectDurability(AbstractCapability[Any]):
         )
 
     async def _durable(
-        self, ctx: RunContext[Any], inputs: RunInputs, handler: WrapRunHandler, recall_of: str | None = None
+        self,
+        ctx: RunContext[Any],
+        inputs: RunInputs,
+        handler: WrapRunHandler,
+        recall_of: str | None = None,
+        earlier: list[str] | None = None,
     ) -> AgentRunResult[Any]:
         """Run `handler` (the agent run) as this flow run's durable agent run; `recall_of` names the flow run
-        that already completed this logical run (this one then only returns its stored result)."""
+        that already completed this logical run (this one then only returns its stored result), `earlier` the
+        flow runs of its earlier attempts, newest first."""
         flow_ctx = FlowRunContext.get()
         assert flow_ctx is not None and flow_ctx.flow_run is not None
         with stopping_when_unreachable(flow_ctx.flow_run.id, _run_key.get()):
-            self._run = run = await self._begin(ctx, inputs, recall_of)
+            self._run = run = await self._begin(ctx, inputs, recall_of, earlier or [])
             try:
                 result = await handler()
             except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
@@ -344,7 +353,9 @@ class PrefectDurability(AbstractCapability[Any]):
             remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
             return result
 
-    async def _begin(self, ctx: RunContext[Any], inputs: RunInputs, recall_of: str | None) -> _DurableRun:
+    async def _begin(
+        self, ctx: RunContext[Any], inputs: RunInputs, recall_of: str | None, earlier: list[str]
+    ) -> _DurableRun:
         flow_ctx = FlowRunContext.get()
         assert flow_ctx is not None and flow_ctx.flow_run is not None
         flow_run = flow_ctx.flow_run
@@ -354,6 +365,8 @@ class PrefectDurability(AbstractCapability[Any]):
         _forget_old_scopes()
         if scope not in _owners:  # the attempt's first agent run: refuse twins before anything is paid for
             _refuse_twins(getattr(flow_ctx.flow, "fn", None), flow_run.name)
+            if running_step() is None:
+                await warn_if_run_moved(flow_run, name, _run_key.get(), earlier)
         owner = _owners.setdefault(scope, {}).setdefault(name, id(self._agent))
         if owner != id(self._agent):
             raise DurabilityConfigError(
@@ -732,8 +745,9 @@ async def _cancelled(flow_run_id: UUID, key: str | None) -> None:
             await client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
 
 
-async def _earlier_attempts(key: str) -> str | None:
-    """Settle earlier attempts of logical run `key` whose process died; the flow run that completed it, if any."""
+async def _earlier_attempts(key: str) -> tuple[str | None, list[str]]:
+    """Settle earlier attempts of logical run `key` whose process died; the flow run that completed it, if any,
+    and the flow runs of its earlier attempts, newest first."""
     async with prefect_api() as api:
         earlier = await api.flow_runs({"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_DESC", 50)
         completed = None
@@ -742,7 +756,7 @@ async def _earlier_attempts(key: str) -> str | None:
             done = flow_run.state is not None and flow_run.state.type == StateType.COMPLETED
             if completed is None and done and RECALL_TAG not in flow_run.tags:
                 completed = str(flow_run.id)
-        return completed
+        return completed, [str(flow_run.id) for flow_run in earlier]
 
 
 def _refuse_twins(flow_fn: Any, flow_run_name: str) -> None:

@@ -5,10 +5,19 @@ machine that died holding it and block every resume forever. Here each lock is t
 (`hold_timeout`), and a daemon thread of the holding process extends the leases it holds every third of the
 lease: a step may run longer than the lease while its process lives, and the lock of a dead machine expires at
 most one lease after its last renewal, after which the next attempt takes it and executes the step.
+
+A Redis that restarts without its data forgets the locks of steps still running, so another machine could take
+one and execute that step a second time. Two rules close this. A holder whose renewal finds its lock gone takes
+it back (nobody else can have it, by the second rule). And no lock is granted while Redis has been up for less
+than a lease: a lock lost in the restart would have lived at most that long, and within it every live holder
+has renewed (taken back) its own. Taking a lock and checking Redis's uptime is one Lua script, so a request
+retried across the restart is judged by the new server. (A `FLUSHALL`, or a failover to a replica that missed
+the latest locks, is not seen: its holders take their locks back at their next renewal.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -20,8 +29,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, LockError, RedisError, TimeoutError
-from redis.lock import Lock
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from redis.retry import Retry
 
 from prefect_pydantic_ai.compat.prefect_redis import lock_name
@@ -31,6 +39,41 @@ logger = logging.getLogger("prefect_pydantic_ai")
 
 _UNREACHABLE = (ConnectionError, TimeoutError)
 _BACKOFF_CAP = 1.0  # seconds between two tries, at most, once Redis has been unreachable for a while
+_POLL = 0.1  # seconds between two tries at a lock another holder has (redis-py's `Lock` default)
+
+# KEYS[1] the lock; ARGV[1] the holder's token, ARGV[2] the lease in ms. Returns 1: the lock is the holder's now;
+# 0: another holder has it; -N: Redis started less than a lease ago, N ms before any lock may be granted.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+local left = tonumber(ARGV[2]) - up * 1000
+if left > 0 then return -left end
+if current then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# Returns 1: the lease is extended; 2: the lock was gone (Redis lost it) and is the holder's again; 0: another
+# holder has it.
+_RENEW = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if current then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class StepLockUnavailableError(RuntimeError):
@@ -43,7 +86,8 @@ class LeasedRedisLockManager(RedisLockManager):
     Redis being unreachable for less than a lease (a restart, a failover) delays the step that needs a lock
     instead of failing it; after about a lease (plus 1.5 s of shorter first back-offs), taking a lock fails with
     one clear `StepLockUnavailableError` before the step runs, and releasing one only logs a warning (its lease
-    ends it).
+    ends it). Which locks this process holds is known here (`is_lock_holder`), and forgotten when a renewal finds
+    a lock taken by another holder.
     """
 
     def __init__(self, connection_url: str, *, lease_seconds: float) -> None:
@@ -55,6 +99,7 @@ class LeasedRedisLockManager(RedisLockManager):
         self._held: dict[str, str] = {}  # key -> holder, for the locks this process holds
         self._guard = threading.Lock()
         self._renewer: threading.Thread | None = None
+        self._waiting_for_restart = False  # warned that Redis restarted less than a lease ago
         # Clients that keep trying an unreachable Redis for about one lease (the ones prefect-redis builds gave up
         # at the first dropped connection), and wait on a silent one at most 5 s a try.
         backoff = ExponentialBackoff(cap=_BACKOFF_CAP, base=0.05)
@@ -70,6 +115,10 @@ class LeasedRedisLockManager(RedisLockManager):
             socket_connect_timeout=5.0,
             socket_timeout=5.0,
         )
+        self._acquire, self._renew_script, self._release = (
+            self.client.register_script(script) for script in (_ACQUIRE, _RENEW, _RELEASE)
+        )
+        self._aacquire = self.async_client.register_script(_ACQUIRE)
 
     @property
     def where(self) -> str:
@@ -90,33 +139,86 @@ class LeasedRedisLockManager(RedisLockManager):
         super().__setstate__(state)
         self._init_leases()
 
+    def _lease_ms(self, hold_timeout: float | None) -> int:
+        return math.ceil((hold_timeout or self.lease_seconds) * 1000)
+
     def acquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        since = time.monotonic()
-        try:
-            acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc, since) from exc
-        return self._holding(key, holder) if acquired else False
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            since = time.monotonic()
+            try:
+                outcome = int(
+                    self._acquire(keys=[lock_name(self, key)], args=[holder, self._lease_ms(hold_timeout)])
+                )
+            except _UNREACHABLE as exc:
+                raise self._unavailable(exc, since) from exc
+            pause = self._after(key, holder, outcome, deadline)
+            if pause is None:
+                return outcome == 1
+            time.sleep(pause)
 
     async def aacquire_lock(
         self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None
     ) -> bool:
-        since = time.monotonic()
-        try:
-            acquired = await super().aacquire_lock(
-                key, holder, acquire_timeout, hold_timeout or self.lease_seconds
-            )
-        except _UNREACHABLE as exc:
-            raise self._unavailable(exc, since) from exc
-        return self._holding(key, holder) if acquired else False
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        while True:
+            since = time.monotonic()
+            try:
+                outcome = int(
+                    await self._aacquire(
+                        keys=[lock_name(self, key)], args=[holder, self._lease_ms(hold_timeout)]
+                    )
+                )
+            except _UNREACHABLE as exc:
+                raise self._unavailable(exc, since) from exc
+            pause = self._after(key, holder, outcome, deadline)
+            if pause is None:
+                return outcome == 1
+            await asyncio.sleep(pause)
+
+    def _after(self, key: str, holder: str, outcome: int, deadline: float | None) -> float | None:
+        """What one try at a lock leads to: `None` when the answer is final (taken, or out of time), else how long
+        to wait before the next try (another holder has it, or Redis restarted less than a lease ago)."""
+        if outcome == 1:
+            self._holding(key, holder)
+            return None
+        pause = _POLL
+        if outcome < 0:
+            pause = -outcome / 1000
+            self._warn_restarted(pause)
+        else:
+            self._waiting_for_restart = False
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            pause = min(pause, left)
+        return pause
+
+    def _warn_restarted(self, wait: float) -> None:
+        with self._guard:
+            if self._waiting_for_restart:
+                return
+            self._waiting_for_restart = True
+        logger.warning(
+            "Step locks: Redis at %s started less than a lease (%gs) ago and may have lost the locks of steps "
+            "still running; no step lock is taken for %.1fs, so that their holders take them back.",
+            self.where,
+            self.lease_seconds,
+            wait,
+        )
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        with self._guard:
+            return self._held.get(key) == holder
 
     def release_lock(self, key: str, holder: str) -> None:
         with self._guard:
             self._held.pop(key, None)
         try:
-            super().release_lock(key, holder)
+            self._release(keys=[lock_name(self, key)], args=[holder])
         except _UNREACHABLE as exc:  # the step is journaled already; the lock's lease ends it
             logger.warning(
                 "Could not release step lock %s in Redis at %s (%s); it expires within %gs.",
@@ -126,13 +228,13 @@ class LeasedRedisLockManager(RedisLockManager):
                 self.lease_seconds,
             )
 
-    def _holding(self, key: str, holder: str) -> bool:
+    def _holding(self, key: str, holder: str) -> None:
         with self._guard:
             self._held[key] = holder
+            self._waiting_for_restart = False
             if self._renewer is None or not self._renewer.is_alive():
                 self._renewer = threading.Thread(target=self._renew, name="ppa-lock-leases", daemon=True)
                 self._renewer.start()
-        return True
 
     def _renew(self) -> None:
         """Extend every lease this process holds, every third of a lease, until it holds none."""
@@ -144,12 +246,31 @@ class LeasedRedisLockManager(RedisLockManager):
                     self._renewer = None
                     return
             for key, holder in held.items():
-                lock = Lock(self.client, lock_name(self, key), timeout=self.lease_seconds)
-                lock.local.token = holder.encode()
-                try:
-                    lock.reacquire()
-                except (LockError, RedisError) as exc:  # lost (expired, taken over) or Redis unreachable
-                    logger.warning("Could not renew the lease of step lock %s: %s", key[:12], exc)
-                    if isinstance(exc, LockError):
-                        with self._guard:
-                            self._held.pop(key, None)
+                self._renew_one(key, holder)
+
+    def _renew_one(self, key: str, holder: str) -> None:
+        """Extend one lease; take a lock that Redis lost back, and forget one that another holder has now."""
+        try:
+            outcome = int(
+                self._renew_script(keys=[lock_name(self, key)], args=[holder, self._lease_ms(None)])
+            )
+        except RedisError as exc:  # unreachable for about a lease: the next renewal tries again
+            logger.warning("Could not renew the lease of step lock %s: %s", key[:12], exc)
+            return
+        if outcome == 2:
+            logger.warning(
+                "Step lock %s was gone from Redis at %s (it restarted without its data, or the lease lapsed while it "
+                "was unreachable); this process, still running the step, holds it again.",
+                key[:12],
+                self.where,
+            )
+        elif outcome == 0:
+            logger.warning(
+                "Step lock %s is held by another process now (Redis at %s lost it, or it expired while Redis was "
+                "unreachable for a lease): that process may execute this step too.",
+                key[:12],
+                self.where,
+            )
+            with self._guard:
+                if self._held.get(key) == holder:
+                    del self._held[key]
