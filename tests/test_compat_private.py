@@ -225,6 +225,6 @@ def test_prefect_events_workers_are_found_and_their_clients_told_to_try_each_eve
     )
     worker = EventsWorker.__new__(EventsWorker)  # a running worker holds its client as _client
     worker._client = client
-    with mock.patch.dict(vars(_QueueServiceBase)["_instances"], {-1: worker}):
+    with mock.patch.dict(vars(_QueueServiceBase)["_instances"], {-1: worker}, clear=True):  # this one alone
         assert send_each_event_once() == 1, broke("prefect", "services are no longer kept in _instances")
     assert client._reconnection_attempts == 0
