@@ -21,7 +21,7 @@ from prefect_pydantic_ai.ops.timeline import (
     timeline,
     with_steps_died_in,
 )
-from prefect_pydantic_ai.store.crashes import EVENTS_LAG
+from prefect_pydantic_ai.store.crashes import EVENTS_LAG, completed_attempts
 from prefect_pydantic_ai.store.prefect_rest import (
     RECALL_TAG,
     TAG,
@@ -113,6 +113,7 @@ async def show_run(ref: str) -> RunDetail:
     ended = {a.run_count for r in records for a in r.attempts if a.state != "running"}  # not killed
     succeeded = {a.run_count for r in records for a in r.attempts if a.state in ("completed", "waiting")}
     waited = {a.run_count for r in records for a in r.attempts if a.state == "waiting"}
+    completed_everywhere = completed_attempts(records)
     executing: dict[
         int, list[str]
     ] = {}  # by attempt: the steps its progress log says it was in, and completed
@@ -140,7 +141,7 @@ async def show_run(ref: str) -> RunDetail:
                 steps = with_steps_died_in(steps, executing.get(count, []))
             # An attempt the record says completed, yet followed by another, lost its last events with the
             # Prefect API (docs/reliability.md): like a killed one, the next attempt's replays complete it.
-            lost_events = died or (ours and count in succeeded and count not in waited)
+            lost_events = died or (ours and count in completed_everywhere)
             if steps or last or died:  # a killed attempt may have lost every task-run event
                 attempts.append((steps, lost_events and not last, fr.id == flow_run.id and count in waited))
     latest = attempts[-1][0]

@@ -24,7 +24,7 @@ from prefect_pydantic_ai.store.prefect_rest import (
     StateType,
     tag_values,
 )
-from prefect_pydantic_ai.store.records import HOST, read_records
+from prefect_pydantic_ai.store.records import HOST, RunRecord, read_records
 
 _OVER = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
@@ -43,9 +43,16 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     reason = f"The process running it (pid {latest.pid} on {latest.host}) is gone."
     await api.set_state("flow_runs", flow_run.id, StateType.CRASHED, "Crashed", reason)
     completed = {(a.run_count, title) for r in records for a in r.attempts for title in a.completed_steps}
-    finished = {a.run_count for r in records for a in r.attempts if a.state == "completed"}
+    finished = completed_attempts(records)
     await crash_unfinished_task_runs(api, flow_run.id, reason, completed, finished)
     return await api.flow_run(flow_run.id) or flow_run
+
+
+def completed_attempts(records: Iterable[RunRecord]) -> set[int]:
+    """The attempts in which every agent run of the flow run completed, as their records say: each step task run
+    of such an attempt completed, whatever Prefect recorded (the API may have gone away before the last events)."""
+    per_record = [{a.run_count for a in r.attempts if a.state == "completed"} for r in records]
+    return set.intersection(*per_record) if per_record else set()
 
 
 async def crash_unfinished_task_runs(
