@@ -17,7 +17,7 @@ import re
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +64,23 @@ def proxy(s3: tuple[S3FaultProxy, str]) -> Iterator[S3FaultProxy]:
     proxy.clear()
 
 
-def counted_agent(**task_configs: Any) -> tuple[PrefectAgent[None, str], Counter[str]]:
-    """model → fetch → model, counting the calls that execute."""
-    calls = Counter[str]()
+def counting_model(calls: Counter[str]) -> Callable[[list[ModelMessage], AgentInfo], ModelResponse]:
+    """The model of model → fetch → model: asks for `fetch`, then answers; counts each call in `calls`."""
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         calls["model"] += 1
         if not any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
             return ModelResponse(parts=[ToolCallPart("fetch", {"order": 42})])
         return ModelResponse(parts=[TextPart("done: order-42")])
+
+    return model
+
+
+def counted_agent(**task_configs: Any) -> tuple[PrefectAgent[None, str], Counter[str]]:
+    """model → fetch → model, counting the calls that execute."""
+    calls = Counter[str]()
+
+    model = counting_model(calls)
 
     agent = Agent(FunctionModel(model), name="journal_faults")
 
@@ -224,11 +232,7 @@ def test_a_full_disk_stops_the_step_in_one_line_and_the_resume_repeats_nothing_c
     filler = small_tmpfs / "filler"
     calls = Counter[str]()
 
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        calls["model"] += 1
-        if not any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
-            return ModelResponse(parts=[ToolCallPart("fetch", {"order": 42})])
-        return ModelResponse(parts=[TextPart("done: order-42")])
+    model = counting_model(calls)
 
     agent = Agent(FunctionModel(model), name="full_disk")
     fill = True
