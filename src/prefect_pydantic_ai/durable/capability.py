@@ -300,10 +300,8 @@ class PrefectDurability(AbstractCapability[Any]):
             with unreachable_api_ends_run(lambda: started[0] if started else None, key):
                 if key is not None:
                     recall_of, earlier = await _earlier_attempts(key)
-                with (
-                    local_server_kept_up(),
-                    awaiting_approval_of_bare_run(),
-                ):  # the prompt parameter: scrubbed
+                # the prompt parameter is shown, never read back: scrubbed
+                with local_server_kept_up(), awaiting_approval_of_bare_run():
                     return cast(
                         AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
                     )
@@ -345,9 +343,8 @@ class PrefectDurability(AbstractCapability[Any]):
                 await _record_attempt(run.record, run.model_steps.log, "waiting")
                 raise
             except BaseException as exc:
-                current_redactor().scrub_exception(
-                    exc
-                )  # before Prefect makes it the flow run's state message
+                # before Prefect makes it the flow run's state message
+                current_redactor().scrub_exception(exc)
                 await _finish(run.record, run.model_steps.log, error=exc)
                 raise
             remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
