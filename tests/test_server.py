@@ -355,6 +355,10 @@ def test_a_temporary_server_that_does_not_answer_in_time_is_stopped_not_left_beh
     with pytest.raises(LocalServerError, match=r"did not start within 0\.5s; see "):
         server.wait_until_ready(timeout=0.5)  # booting takes seconds
     assert server.process.poll() is not None
+    log = Path(server.log.name)
+    assert log.exists()  # named in the error, so it stays
+    server.stop()  # a server stopped as usual leaves no log behind in the temporary directory
+    assert not log.exists()
 
 
 def test_ctrl_c_in_a_terminal_is_one_line_and_exit_code_130_from_dev_py(home: Home) -> None:

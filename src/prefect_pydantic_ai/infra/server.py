@@ -463,20 +463,23 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while not _healthy(self.url):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+                self.stop(keep_log=True)
                 raise LocalServerError(
                     f"The local Prefect server did not start within {timeout:g}s; see {self.log.name}."
                 )
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def stop(self, *, keep_log: bool = False) -> None:
+        """Stop the server; its log is removed unless `keep_log` (a failed start names it in its error)."""
         self.process.terminate()
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.log.close()  # the file stays, for its name in errors
+        self.log.close()
+        if not keep_log:
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
