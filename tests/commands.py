@@ -5,7 +5,8 @@ In-process runs call the console script's own `main()` (argument handling, one-l
 with stdout and stderr captured and the terminal `columns` wide, against this test session's Prefect server;
 a process start costs seconds, and read-only checks (`runs`, `show`, `costs`, `--help`) make hundreds of them.
 A test that needs another environment (another server, another PREFECT_HOME) or a real process (a pty,
-signals, imports from another directory) uses `process=True`.
+signals, imports from another directory) uses `process=True`: a process forked from the warm interpreter
+(tests/warm.py), or a fresh `python` when its environment changes a Prefect setting.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import threading
 from unittest import mock
 
+from tests.warm import python
+
 _CAPTURE = threading.Lock()  # sys.stdout is one per process: one in-process command at a time
 
 
@@ -32,12 +35,8 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """`prefect-pydantic-ai *args`: its exit code, stdout and stderr. `env` (extra variables) needs `process`."""
     if process or env:
-        return subprocess.run(
-            [sys.executable, "-m", "prefect_pydantic_ai", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "COLUMNS": str(columns), **(env or {})},
+        return python(
+            "-m", "prefect_pydantic_ai", *args, env={"COLUMNS": str(columns), **(env or {})}, timeout=timeout
         )
     try:
         asyncio.get_running_loop()

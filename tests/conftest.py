@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from prefect_pydantic_ai.infra.server import LocalServer, free_port  # imports no Prefect yet
+from tests import warm  # imports no Prefect either
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ppa-tests-"))
 
@@ -47,6 +48,7 @@ def prefect_server() -> Iterator[str]:
     server.wait_until_ready()
     _snapshot(Path(os.environ["PREFECT_HOME"]) / "prefect.db", MIGRATED_DATABASE)
     yield server.url
+    warm.stop()  # the session's warm interpreter, if a test started it
     _flush_run_logs()  # send queued run logs while the server is still up
     server.stop()
 

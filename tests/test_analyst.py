@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from prefect_pydantic_ai.demo.analyst import (
     offline_analyst_model,
     sales_dataset,
 )
+from tests.warm import python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,14 +386,7 @@ def test_load_csv_rejects_a_missing_file(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_example_prints_the_analysis_as_json() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "examples.data_analyst"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = python("-m", "examples.data_analyst", cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     analysis = DataAnalysis.model_validate_json(done.stdout)
     assert sorted(a.value for a in analysis.anomalies) == [1000.0, 2000.0]
@@ -403,24 +395,10 @@ def test_example_prints_the_analysis_as_json() -> None:
 
 @pytest.mark.slow
 def test_example_reads_a_csv_and_reports_bad_files(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "examples.data_analyst", "--csv"]
-    ok = subprocess.run(
-        [*command, str(write_visitors_csv(tmp_path / "visits.csv"))],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    command = ["-m", "examples.data_analyst", "--csv"]
+    ok = python(*command, str(write_visitors_csv(tmp_path / "visits.csv")), cwd=ROOT, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert DataAnalysis.model_validate_json(ok.stdout).columns_analyzed == ["visitors"]
-    bad = subprocess.run(
-        [*command, str(tmp_path / "missing.csv")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    bad = python(*command, str(tmp_path / "missing.csv"), cwd=ROOT, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and "no such file" in bad.stderr

@@ -22,6 +22,7 @@ from pydantic_ai.tools import DeferredToolRequests
 from prefect_pydantic_ai import ApprovalTimeout, AwaitingApproval, PrefectAgent, approve_run, list_runs
 from prefect_pydantic_ai.testing import CallLog
 from tests.scripts import approval
+from tests.warm import python
 
 pytestmark = pytest.mark.anyio
 
@@ -29,9 +30,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "approval.py"
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=240, env={**os.environ, **env}
-    )
+    return python(*args, env=env)
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -28,6 +28,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of
 from tests.commands import cli  # in this process unless a test gives its scripts an environment
+from tests.warm import python
 
 pytestmark = pytest.mark.slow  # starts processes
 
@@ -38,13 +39,7 @@ SHAPE = ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies",
 
 
 def script(path: Path, arg: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(path), arg],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, **env},
-    )
+    return python(str(path), arg, env=env)
 
 
 def calls(log: Path) -> list[str]:

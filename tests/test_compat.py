@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import uuid
 import warnings
 from collections import Counter
@@ -52,6 +50,7 @@ from prefect_pydantic_ai import (
     TaskConfig,
 )
 from prefect_pydantic_ai.store.step_names import parse_task_run_name
+from tests.warm import python
 
 pytestmark = pytest.mark.anyio
 
@@ -464,9 +463,7 @@ async def test_a_misspelled_tool_in_tool_task_config_by_name_fails_before_any_mo
 @pytest.mark.slow
 def test_streamed_and_iterated_runs_run_every_step_inside_their_flow_run() -> None:
     prefix = _name("streamed")
-    ran = subprocess.run(
-        [sys.executable, str(STREAM_MODES), prefix], capture_output=True, text=True, timeout=300, check=False
-    )
+    ran = python(str(STREAM_MODES), prefix, timeout=300)
     assert ran.returncode == 0, ran.stderr[-2000:]
     lines = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
     runs = [line for line in lines if line["agent"] != "baseline"]

@@ -4,16 +4,15 @@ back its run runs in this process)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.commands import cli
+from tests.warm import python
 
 pytestmark = pytest.mark.slow  # starts processes
 
@@ -21,13 +20,7 @@ SEED_SHAPE = ["model", "tool", "model", "tool", "model"]
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "160"},
-    )
+    return python("-m", "prefect_pydantic_ai", "demo", *args, env={"COLUMNS": "160"}, timeout=300)
 
 
 def shown(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

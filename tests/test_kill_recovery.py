@@ -9,16 +9,15 @@ under `with idempotency_key(...)`.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from prefect_pydantic_ai import list_runs, resume_run, show_run
+from tests.warm import python
 
 pytestmark = pytest.mark.slow  # starts processes
 
@@ -32,12 +31,10 @@ def form(request: pytest.FixtureRequest) -> str:
 
 
 def _run(log: Path, form: str, key: str, *kill: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FIVE_STEP_LOG": str(log), "FIVE_STEP_FORM": form}
+    env = {"FIVE_STEP_LOG": str(log), "FIVE_STEP_FORM": form}
     if kill:
         env[kill[0]] = kill[1]
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), key], capture_output=True, text=True, timeout=180, env=env
-    )
+    return python(str(SCRIPT), key, env=env, timeout=180)
 
 
 def _output(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
@@ -104,12 +101,13 @@ async def test_a_killed_bare_run_of_a_capability_agent_resumes_in_place(
     assert crashed.state == "crashed"
 
     if route == "cli":
-        resumed = subprocess.run(
-            [sys.executable, "-m", "prefect_pydantic_ai", "resume", crashed.run_id],
-            capture_output=True,
-            text=True,
+        resumed = python(
+            "-m",
+            "prefect_pydantic_ai",
+            "resume",
+            crashed.run_id,
+            env={"FIVE_STEP_LOG": str(log)},
             timeout=180,
-            env={**os.environ, "FIVE_STEP_LOG": str(log)},
         )
         assert resumed.returncode == 0, resumed.stderr[-3000:]
     else:

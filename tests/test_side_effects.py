@@ -4,9 +4,7 @@ silently repeated; every attempt of a call sees the same `step_idempotency_key()
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -24,14 +22,13 @@ from prefect_pydantic_ai import (
     show_run,
     step_idempotency_key,
 )
+from tests.warm import python
 
 SCRIPT = Path(__file__).parent / "scripts" / "send_email.py"
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=240, env={**os.environ, **env}
-    )
+    return python(*args, env=env)
 
 
 @pytest.mark.slow

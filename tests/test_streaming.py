@@ -4,10 +4,7 @@ task) is still running, a replayed step re-emits its journaled response, and a r
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
@@ -29,6 +26,7 @@ from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls
 from pydantic_ai.tools import RunContext
 
 from prefect_pydantic_ai import PrefectAgent, StreamRetryEvent, TaskConfig, idempotency_key
+from tests.warm import python
 
 pytestmark = pytest.mark.anyio
 
@@ -230,20 +228,12 @@ async def test_run_stream_events_and_iter_node_stream_are_live() -> None:
 def test_a_killed_streamed_run_resumes_without_re_requesting_its_streamed_steps(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     key = _key()
-    env = {**os.environ, "STREAMED_LOG": str(log)}
-    killed = subprocess.run(
-        [sys.executable, str(SCRIPT), key],
-        env={**env, "STREAMED_KILL_IN_TOOL": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    env = {"STREAMED_LOG": str(log)}
+    killed = python(str(SCRIPT), key, env={**env, "STREAMED_KILL_IN_TOOL": "1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert log.read_text().split() == ["model", "tool"]
 
-    resumed = subprocess.run(
-        [sys.executable, str(SCRIPT), key], env=env, capture_output=True, text=True, timeout=240
-    )
+    resumed = python(str(SCRIPT), key, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert '"the answer is 42"' in resumed.stdout
     assert log.read_text().split() == ["model", "tool", "tool", "model"]  # the streamed step 1 replayed

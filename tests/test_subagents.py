@@ -8,11 +8,9 @@ completed: the coordinator's tool step runs again, and the sub-agent inside it r
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -32,6 +30,7 @@ from prefect_pydantic_ai.ops.timeline import StepView, step_tree
 from prefect_pydantic_ai.store.prefect_rest import TAG, tag_values
 from prefect_pydantic_ai.store.records import RunRecord, read_records
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
+from tests.warm import python
 
 SCRIPT = Path(__file__).parent / "scripts" / "delegation.py"
 ONE = [
@@ -61,13 +60,7 @@ _NOT_A_STEP = {"coordinator:returned"}  # counted inside the delegate tool, afte
 
 
 def _run(plan: FaultPlan, key: str, shape: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), key, shape],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, **plan.to_env(), **env},
-    )
+    return python(str(SCRIPT), key, shape, env={**plan.to_env(), **env}, timeout=180)
 
 
 def _output(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

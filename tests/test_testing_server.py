@@ -44,6 +44,7 @@ from prefect_pydantic_ai.testing import (
     wrap_function_model,
 )
 from prefect_pydantic_ai.testing.openai_server import Writes
+from tests.warm import python
 
 
 @pytest.fixture
@@ -446,13 +447,7 @@ spec.loader.exec_module(faults)
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", SUBPROCESS_PRELUDE + code],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    return python("-c", SUBPROCESS_PRELUDE + code, env=env, timeout=20)
 
 
 @pytest.mark.slow

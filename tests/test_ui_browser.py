@@ -18,6 +18,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import PrefectAgent, show_run
+from tests.warm import python
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -102,8 +103,6 @@ def test_prefect_ui_shows_the_step_tasks_and_the_cost_artifact(
 def test_prefect_ui_resume_form_approves_a_waiting_run(tmp_path: object, browser_page: object) -> None:
     """The paused run's Resume form in the Prefect UI is the decision: submitted, the run continues and
     completes, with the approved call executed once."""
-    import subprocess
-    import sys
     from pathlib import Path
 
     from playwright.sync_api import Page, expect
@@ -113,15 +112,9 @@ def test_prefect_ui_resume_form_approves_a_waiting_run(tmp_path: object, browser
     page = browser_page
     assert isinstance(page, Page)
     calls = CallLog(Path(str(tmp_path)) / "calls.jsonl")
-    env = {**os.environ, "APPROVAL_CALLS": str(calls.path)}
+    env = {"APPROVAL_CALLS": str(calls.path)}
     script = Path(__file__).parent / "scripts" / "approval.py"
-    first = subprocess.run(
-        [sys.executable, str(script), f"ui-approve-{uuid.uuid4().hex[:6]}"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    first = python(str(script), f"ui-approve-{uuid.uuid4().hex[:6]}", env=env)
     assert first.stdout.startswith("AWAITING "), first.stdout + first.stderr
     run_id = first.stdout.split()[1]
     ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
@@ -130,13 +123,7 @@ def test_prefect_ui_resume_form_approves_a_waiting_run(tmp_path: object, browser
     expect(page.get_by_text("Approve refund(order_id=42)").first).to_be_visible()
     page.get_by_role("button", name="Submit").last.click()
     # a script's run has no worker: the decision is stored and `resume` continues it
-    resumed = subprocess.run(
-        [sys.executable, "-m", "prefect_pydantic_ai", "resume", run_id],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    resumed = python("-m", "prefect_pydantic_ai", "resume", run_id, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     page.reload()
     expect(page.get_by_text("Completed").first).to_be_visible()
