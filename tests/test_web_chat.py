@@ -60,3 +60,37 @@ def test_a_reconnect_gets_exactly_the_events_it_missed(chat: ChatServer, model: 
     # a finished turn read past its end: 204, which stops a browser's EventSource from reconnecting
     url = f"{chat.url}/api/conversations/{conversation}/turns/{turn}/events"
     assert httpx.get(url, headers={"Last-Event-ID": str(len(everything) - 1)}).status_code == 204
+
+
+def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
+    chat: ChatServer, model: LoopbackOpenAI
+) -> None:
+    model.reply_tool_calls([("order_status", {"order_id": 7})], usage=(100, 10))
+    model.reply_text(ANSWER, usage=(120, 40))  # cut by the kill
+    model.reply_text(ANSWER, usage=(120, 40))  # the resumed run sends the request again
+    conversation = _conversation()
+    turn = chat.send(conversation, "Where is order 7?")
+
+    before: list[tuple[int, str]] = []
+    for offset, data in chat.events(conversation, turn):
+        before.append((offset, data))
+        if sum('"text-delta"' in d for _, d in before) == 5:  # five words of the answer are on screen
+            break
+    chat.kill()
+    chat.start()
+    after = list(chat.events(conversation, turn, last_event_id=before[-1][0]))
+
+    events = before + after
+    assert [offset for offset, _ in events] == list(range(len(events)))  # no gap, no duplicate
+    assert events == list(chat.events(conversation, turn))
+    shown = [data for _, data in events]
+    assert rendered_text(shown) == ANSWER  # the killed attempt's five words are discarded, not doubled
+    assert any('"data-discard"' in d for d in shown)
+    assert sum('"tool-output-available"' in d for d in shown) == 1
+    assert chat.calls.counts() == {"order_status": 1}
+    # at the model: the tool-call request once, the answer cut by the kill and sent again, nothing else
+    assert model.request_count == 3
+    assert [e.status for e in model.exchanges] == [200, None, 200]
+    ledger = next(json.loads(d)["data"] for d in shown if '"data-ledger"' in d)
+    assert ledger["model_calls"] == {"executed": 1, "replayed": 1}
+    assert ledger["tool_calls"] == {"executed": 0, "replayed": 1}
