@@ -16,6 +16,7 @@ import pytest
 
 from prefect_pydantic_ai.testing import Chunking, LoopbackOpenAI
 from tests.chat_server import ChatServer, rendered_text
+from tests.commands import cli
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +95,35 @@ def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
     ledger = next(json.loads(d)["data"] for d in shown if '"data-ledger"' in d)
     assert ledger["model_calls"] == {"executed": 1, "replayed": 1}
     assert ledger["tool_calls"] == {"executed": 0, "replayed": 1}
+
+
+def test_an_approval_decided_by_the_cli_first_shows_in_the_stream_and_the_page_is_told(
+    chat: ChatServer, model: LoopbackOpenAI
+) -> None:
+    model.reply_tool_calls([("refund", {"order_id": 42})], usage=(100, 10))
+    model.reply_text("Order 42 is refunded.", usage=(120, 8))
+    conversation = _conversation()
+    turn = chat.send(conversation, "Please refund order 42.")
+
+    seen: list[str] = []
+    card: dict[str, object] = {}
+    for _, data in chat.events(conversation, turn):
+        seen.append(data)
+        if '"data-approval"' in data:
+            card = json.loads(data)["data"]
+            break
+    run_id = str(card["run_id"])
+    assert [(c["tool"], c["args"]) for c in card["calls"]] == [("refund", {"order_id": 42})]  # type: ignore[attr-defined]
+    assert any('"tool-approval-request"' in d for d in seen)
+
+    decided = cli("approve", run_id)  # the CLI decides first
+    assert decided.returncode == 0, decided.stdout + decided.stderr
+    rest = [data for _, data in chat.events(conversation, turn, last_event_id=len(seen) - 1)]
+    assert any('"tool-output-available"' in d and "order 42 refunded" in d for d in rest)
+    assert rendered_text(seen + rest) == "Order 42 is refunded."
+
+    late = httpx.post(f"{chat.url}/api/approvals/{run_id}", json={"approve": False})  # the page, too late
+    assert late.status_code == 409
+    assert late.json()["error"].startswith(f"Run {run_id} is not waiting for approval (its state is Completed)")
+    assert chat.calls.counts() == {"refund": 1}
+    assert model.request_count == 2
