@@ -12,15 +12,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from prefect_pydantic_ai.infra.server import free_port
-from prefect_pydantic_ai.testing import CallLog, LoopbackOpenAI
+from prefect_pydantic_ai.testing import CallLog, Chunking, LoopbackOpenAI
 
 AGENT = str(Path(__file__).parent / "scripts" / "chat_agent.py") + ":agent"
+
+
+@contextmanager
+def serving(directory: Path, pause: float = 0.03) -> Iterator[tuple[LoopbackOpenAI, ChatServer]]:
+    """The loopback model (one streamed event per write, `pause` apart) and a chat server using it, both stopped
+    at the end. Tests sharing them use their own conversations and count calls as differences."""
+    with LoopbackOpenAI(chunking=Chunking("per_event", pause=pause)) as model:
+        server = ChatServer(model, directory)
+        server.start()
+        try:
+            yield model, server
+        finally:
+            server.stop()
 
 
 class ChatServer:
