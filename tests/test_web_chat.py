@@ -17,8 +17,6 @@ from prefect_pydantic_ai.testing import LoopbackOpenAI
 from tests.chat_server import ChatServer, rendered_text, serving
 from tests.commands import cli
 
-pytestmark = pytest.mark.slow
-
 ANSWER = " ".join(f"word{n}" for n in range(40))
 
 
@@ -43,6 +41,7 @@ def _conversation() -> str:
     return "t" + uuid.uuid4().hex[:8]
 
 
+@pytest.mark.slow
 def test_a_reconnect_gets_exactly_the_events_it_missed(chat: ChatServer, model: LoopbackOpenAI) -> None:
     model.reply_text(ANSWER, usage=(100, 40))
     requests = model.request_count
@@ -66,6 +65,7 @@ def test_a_reconnect_gets_exactly_the_events_it_missed(chat: ChatServer, model: 
     assert httpx.get(url, headers={"Last-Event-ID": str(len(everything) - 1)}).status_code == 204
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
     chat: ChatServer, model: LoopbackOpenAI
 ) -> None:
@@ -100,6 +100,7 @@ def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
     assert ledger["tool_calls"] == {"executed": 0, "replayed": 1}
 
 
+@pytest.mark.slow
 def test_an_approval_decided_by_the_cli_first_shows_in_the_stream_and_the_page_is_told(
     chat: ChatServer, model: LoopbackOpenAI
 ) -> None:
@@ -133,3 +134,17 @@ def test_an_approval_decided_by_the_cli_first_shows_in_the_stream_and_the_page_i
     )
     assert chat.calls.counts() - calls == {"refund": 1}
     assert model.request_count - requests == 2
+
+
+def test_the_web_command_refuses_an_agent_that_is_not_durable_or_would_leave_at_a_wait() -> None:
+    suspending = cli("web", "examples/approve_refund.py:refund_desk")
+    assert (suspending.returncode, suspending.stderr.strip()) == (
+        2,
+        "error: Agent 'refund_desk' waits for approvals in 'suspend' mode; the chat app needs "
+        "PrefectAgent(..., approvals='pause'), so the turn continues in the server once someone decides.",
+    )
+    plain = cli("web", "examples/approve_refund.py:agent")
+    assert (plain.returncode, plain.stderr.strip()) == (
+        2,
+        "error: Agent 'refund_desk' is not durable: wrap it in PrefectAgent(...) or give it PrefectDurability().",
+    )

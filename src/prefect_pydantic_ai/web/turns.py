@@ -11,7 +11,8 @@ first event is segment 0, each node the run streams (a model request, the tool c
 hands each to `event_stream_handler` once) is segment 1, 2, ..., and the end of the run is `FINAL`. A segment
 whose events are all in the log is marked complete, and a resumed run writes none of its events again. A
 segment the killed process had begun is sent anew; before its first event a `data-discard` event names the
-text parts of the interrupted attempt, which the page removes (a tool call keeps its id and is updated in place).
+text parts and approval cards of the interrupted attempt, which the page removes (a tool call keeps its id and
+is updated in place).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class TurnWriter:
             return
         if segment not in self._begun:
             self._begun.add(segment)
-            interrupted = [_text_id(data) for data in self._earlier.get(segment, [])]
+            interrupted = [_discardable(data) for data in self._earlier.get(segment, [])]
             ids = [i for i in interrupted if i is not None]
             if ids:
                 self.log.append(
@@ -87,11 +88,17 @@ class TurnWriter:
             self.log.mark_complete(segment)
 
 
-def _text_id(data: str) -> str | None:
+def _discardable(data: str) -> str | None:
+    """The id a `data-discard` names to remove what `data` showed: a text part, or an approval card (whose wait
+    the resumed run asks again, in a flow run of its own)."""
     if not data.startswith("{"):
         return None
     chunk = json.loads(data)
-    return str(chunk["id"]) if chunk.get("type") in _TEXT_STARTS else None
+    if chunk.get("type") in _TEXT_STARTS:
+        return str(chunk["id"])
+    if chunk.get("type") == "data-approval":
+        return f"approval:{chunk['data']['run_id']}"
+    return None
 
 
 async def run_turn(
