@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
 from prefect_pydantic_ai.testing import LoopbackOpenAI
+from prefect_pydantic_ai.web.event_log import TurnLog
 from tests.chat_server import ChatServer, rendered_text, serving
 from tests.commands import cli
 
@@ -148,3 +151,40 @@ def test_the_web_command_refuses_an_agent_that_is_not_durable_or_would_leave_at_
         2,
         "error: Agent 'refund_desk' is not durable: wrap it in PrefectAgent(...) or give it PrefectDurability().",
     )
+
+
+@pytest.mark.anyio
+async def test_the_event_log_keeps_whole_lines_and_follows_from_an_offset(tmp_path: Path) -> None:
+    log = TurnLog(tmp_path / "c" / "0001.events.jsonl")
+    log.append('{"type":"start"}', 0)
+    log.mark_complete(0)
+    log.append('{"type":"text-start","id":"a"}', 1)
+    with log.path.open("ab") as f:  # a writer killed mid-line
+        f.write(b'{"s":1,"d":"{\\"type\\":\\"text-de')
+    state = log.read()
+    assert (state.events, state.segments, state.complete, state.ended) == (
+        ['{"type":"start"}', '{"type":"text-start","id":"a"}'],
+        [0, 1],
+        {0},
+        False,
+    )
+    log.append('{"type":"text-end","id":"a"}', 1)  # the next writer cuts the torn line off first
+    assert log.read().events[-1] == '{"type":"text-end","id":"a"}'
+
+    async def follow(start: int) -> list[tuple[int, str]]:
+        return [event async for event in log.follow(start)]
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            results: list[list[tuple[int, str]]] = []
+
+            async def collect() -> None:
+                results.append(await follow(1))
+
+            group.start_soon(collect)
+            await anyio.sleep(0)  # the follower waits at the end of the log
+            log.append("[DONE]", 2)
+            log.end()
+    assert results == [
+        [(1, '{"type":"text-start","id":"a"}'), (2, '{"type":"text-end","id":"a"}'), (3, "[DONE]")]
+    ]

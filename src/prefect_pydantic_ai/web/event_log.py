@@ -41,7 +41,7 @@ class TurnLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._changed = asyncio.Event()
+        self._followers: set[asyncio.Event] = set()
 
     def read(self) -> LogState:
         """Everything the log holds now (a torn last line is not part of it)."""
@@ -74,7 +74,8 @@ class TurnLog:
             os.write(fd, line)
         finally:
             os.close(fd)
-        self._changed.set()
+        for follower in self._followers:
+            follower.set()
 
     def _lines(self, position: int) -> tuple[list[dict[str, object]], int]:
         """The whole lines from byte `position` on, and the position after the last of them."""
@@ -90,18 +91,23 @@ class TurnLog:
     async def follow(self, start: int) -> AsyncIterator[tuple[int, str]]:
         """The events from offset `start` on, `(offset, data)`, as they are appended, until the turn ends."""
         position, offset = 0, 0
-        while True:
-            self._changed.clear()
-            lines, position = self._lines(position)
-            for line in lines:
-                if line.get("end"):
-                    return
-                if "d" in line:
-                    if offset >= start:
-                        yield offset, str(line["d"])
-                    offset += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), _POLL_SECONDS)
+        changed = asyncio.Event()
+        self._followers.add(changed)
+        try:
+            while True:
+                changed.clear()
+                lines, position = self._lines(position)
+                for line in lines:
+                    if line.get("end"):
+                        return
+                    if "d" in line:
+                        if offset >= start:
+                            yield offset, str(line["d"])
+                        offset += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), _POLL_SECONDS)
+        finally:
+            self._followers.discard(changed)
 
 
 def _apply(state: LogState, line: dict[str, object]) -> None:
