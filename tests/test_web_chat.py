@@ -137,6 +137,11 @@ def test_an_approval_decided_by_the_cli_first_shows_in_the_stream_and_the_page_i
     )
     assert chat.calls.counts() - calls == {"refund": 1}
     assert model.request_count - requests == 2
+    garbled = httpx.post(f"{chat.url}/api/approvals/{run_id}", content=b"yes please")
+    assert (garbled.status_code, garbled.json()) == (
+        400,
+        {"error": 'Send {"approve": true} or {"approve": false, "message": "<why>"}.'},
+    )
 
 
 def test_the_web_command_refuses_an_agent_that_is_not_durable_or_would_leave_at_a_wait() -> None:

@@ -107,7 +107,7 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
 
     async def start_turn(request: Request) -> Response:
         cid = check_conversation_id(request.path_params["conversation"])
-        body = await request.json()
+        body = await _json(request)
         message = body.get("message") if isinstance(body, dict) else None
         if not isinstance(message, str) or not message.strip():
             return _error(400, 'Send {"message": "<text>"}.')
@@ -141,7 +141,7 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     async def approve(request: Request) -> Response:
-        body = await request.json()
+        body = await _json(request)
         if not isinstance(body, dict) or not isinstance(body.get("approve"), bool):
             return _error(400, 'Send {"approve": true} or {"approve": false, "message": "<why>"}.')
         try:
@@ -184,6 +184,14 @@ def _start_offset(request: Request) -> int:
     if last is not None and last.strip().isdigit():
         start = max(start, int(last) + 1)
     return start
+
+
+async def _json(request: Request) -> Any:
+    """The request's JSON body; `None` when it is not JSON (answered with the 400 that says what to send)."""
+    try:
+        return await request.json()
+    except ValueError:
+        return None
 
 
 def _error(status: int, message: str) -> JSONResponse:
