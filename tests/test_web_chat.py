@@ -151,6 +151,10 @@ def test_the_web_command_refuses_an_agent_that_is_not_durable_or_would_leave_at_
         "error: Agent 'refund_desk' waits for approvals in 'suspend' mode; the chat app needs "
         "PrefectAgent(..., approvals='pause'), so the turn continues in the server once someone decides.",
     )
+    not_an_agent = cli("web", "examples/approve_refund.py:main")
+    assert not_an_agent.returncode == 2
+    assert not_an_agent.stderr.startswith("error: <function main at ")
+    assert not_an_agent.stderr.strip().endswith("is not a Pydantic AI agent: serve a PrefectAgent(...).")
     plain = cli("web", "examples/approve_refund.py:agent")
     assert (plain.returncode, plain.stderr.strip()) == (
         2,
@@ -192,4 +196,40 @@ async def test_the_event_log_keeps_whole_lines_and_follows_from_an_offset(tmp_pa
             log.end()
     assert results == [
         [(1, '{"type":"text-start","id":"a"}'), (2, '{"type":"text-end","id":"a"}'), (3, "[DONE]")]
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_example_desk_answers_in_process_through_the_app(tmp_path: Path) -> None:
+    """examples/chat_web.py offline, its app driven in this process: the page, a turn, its whole stream."""
+    from examples.chat_web import desk
+    from prefect_pydantic_ai.web.app import durable_chat_app
+
+    app = durable_chat_app(desk, events_dir=tmp_path)
+    await app.state.chat.start()  # what the lifespan does (httpx's ASGI transport runs none)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://chat"
+        ) as client:
+            page = await client.get("/")
+            assert page.status_code == 200 and "<title>support_desk · durable chat</title>" in page.text
+            started = await client.post("/api/conversations/ex1/turns", json={"message": "Where is order 7?"})
+            assert started.json() == {"turn": 1, "events": "/api/conversations/ex1/turns/1/events"}
+            busy = await client.post("/api/conversations/ex1/turns", json={"message": "And order 8?"})
+            assert (busy.status_code, busy.json()["error"]) == (
+                409,
+                "Turn 1 of conversation ex1 has not ended; wait for it.",
+            )
+            with anyio.fail_after(60):
+                body = (await client.get(started.json()["events"])).text  # ends with the turn
+            listing = (await client.get("/api/conversations/ex1")).json()
+    finally:
+        await app.state.chat.stop()
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+    assert ids == list(range(len(events))) and events[-1] == "[DONE]"
+    assert rendered_text(events) == "Done: order 7 shipped yesterday. Anything else? "
+    assert any('"tool-output-available"' in e and "order 7 shipped yesterday" in e for e in events)
+    assert listing["turns"] == [
+        {"turn": 1, "prompt": "Where is order 7?", "ended": True, "events": len(events)}
     ]

@@ -80,6 +80,8 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
     beside the journal, `web.conversations`). The agent must wait for approvals in `"pause"` mode, so the
     server's run is the one that continues once a decision arrives, streaming on.
     """
+    if not isinstance(agent, AbstractAgent):
+        raise DurabilityConfigError(f"{agent!r} is not a Pydantic AI agent: serve a PrefectAgent(...).")
     durability = getattr(agent, "durability", None) or durability_of(agent)
     if durability is None:
         raise DurabilityConfigError(
