@@ -49,7 +49,9 @@ class ChatServer:
         self.process: subprocess.Popen[bytes] | None = None
         self.output = directory / "server.log"
 
-    def start(self, deadline: float = 60) -> None:
+    def start(self, deadline: float = 120) -> None:
+        """Start the server and wait until it answers (a loaded machine takes tens of seconds to import, and
+        a restarted server first resumes its unfinished turns)."""
         args = ["web", AGENT, "--port", str(self.port), "--events-dir", str(self.events_dir)]
         with self.output.open("ab") as out:
             self.process = subprocess.Popen(

@@ -233,3 +233,40 @@ async def test_the_example_desk_answers_in_process_through_the_app(tmp_path: Pat
     assert listing["turns"] == [
         {"turn": 1, "prompt": "Where is order 7?", "ended": True, "events": len(events)}
     ]
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_a_turn_waits_asks_again_and_the_refund_runs_once(
+    chat: ChatServer, model: LoopbackOpenAI
+) -> None:
+    model.reply_tool_calls([("refund", {"order_id": 9})], usage=(100, 10))
+    model.reply_text("Order 9 is refunded.", usage=(120, 8))
+    requests, calls = model.request_count, chat.calls.counts()
+    conversation = _conversation()
+    turn = chat.send(conversation, "Please refund order 9.")
+    before: list[tuple[int, str]] = []
+    for offset, data in chat.events(conversation, turn):
+        before.append((offset, data))
+        if '"data-approval"' in data:
+            break
+    first_wait = json.loads(before[-1][1])["data"]["run_id"]
+    chat.kill()
+    chat.start()
+
+    after: list[tuple[int, str]] = []
+    for offset, data in chat.events(conversation, turn, last_event_id=before[-1][0]):
+        after.append((offset, data))
+        if '"data-approval"' in data:
+            break
+    discarded = next(json.loads(d)["data"]["ids"] for _, d in after if '"data-discard"' in d)
+    assert f"approval:{first_wait}" in discarded  # the page drops the card of the killed attempt
+    second_wait = json.loads(after[-1][1])["data"]["run_id"]
+    decided = httpx.post(f"{chat.url}/api/approvals/{second_wait}", json={"approve": True})
+    assert decided.status_code == 200, decided.text
+    rest = list(chat.events(conversation, turn, last_event_id=after[-1][0]))
+
+    events = before + after + rest
+    assert [offset for offset, _ in events] == list(range(len(events)))
+    assert rendered_text([d for _, d in events]) == "Order 9 is refunded."
+    assert chat.calls.counts() - calls == {"refund": 1}
+    assert model.request_count - requests == 2  # the tool-call request replayed from the journal
