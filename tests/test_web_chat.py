@@ -270,3 +270,10 @@ def test_a_server_killed_while_a_turn_waits_asks_again_and_the_refund_runs_once(
     assert rendered_text([d for _, d in events]) == "Order 9 is refunded."
     assert chat.calls.counts() - calls == {"refund": 1}
     assert model.request_count - requests == 2  # the tool-call request replayed from the journal
+
+
+@pytest.mark.anyio
+async def test_conversations_live_beside_the_journal_by_default(storage_dir: Path) -> None:
+    from prefect_pydantic_ai.web.conversations import default_directory
+
+    assert await default_directory() == storage_dir.resolve() / "chat"
