@@ -24,7 +24,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return commands.cli(*args, columns=80)  # in this process: no process boundary is under test here
 
 
-COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["server"]]
+COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["web"], ["server"]]
 COMMANDS += [["server", name] for name in ("status", "start", "stop", "env")]
 COMMANDS += [["cluster"], *(["cluster", name] for name in ("up", "status", "env", "down"))]
 

@@ -22,7 +22,7 @@ README = PACKAGE.parents[1] / "README.md"
 # The layers, top down: each imports only from the ones below it. "(root)" is the package's own modules
 # (errors, settings, ledger); the package `__init__` and `__main__` are the entry points above every layer.
 # `compat` is the one door to the private parts of the libraries below us (tests/test_compat_private.py).
-LAYERS = ["demo", "cli", "testing", "ops", "durable", "infra", "store", "(root)", "compat"]
+LAYERS = ["demo", "cli", "web", "testing", "ops", "durable", "infra", "store", "(root)", "compat"]
 ROOT_MODULES = ["errors", "prefect_settings", "settings", "ledger"]  # "(root)", in the README's order
 
 # The libraries whose private modules and names only `compat` may import.

@@ -766,3 +766,33 @@ def cluster_down_command(directory: _DirOption = Path(".cluster")) -> None:
     stopped = _cluster_errors(lambda: cluster_down(directory))
     names = ", ".join(c.name for c in stopped) or "nothing was running"
     console.print(f"Stopped {names}; removed {directory.resolve()}.", highlight=False, soft_wrap=True)
+
+
+@app.command("web")
+@_user_errors
+def web_command(
+    agent: Annotated[
+        str,
+        typer.Argument(
+            help="module:attribute or path/to/file.py:attribute of a PrefectAgent (approvals='pause')."
+        ),
+    ],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    events_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where conversations and their event logs live (default: beside the journal)."),
+    ] = None,
+) -> None:
+    """Chat with a durable agent in the browser: each turn is a durable run whose stream survives a closed tab
+    and a restarted server."""
+    import uvicorn
+
+    from prefect_pydantic_ai.store.records import load_entrypoint
+    from prefect_pydantic_ai.web.app import durable_chat_app
+
+    chat = durable_chat_app(load_entrypoint(agent), events_dir=events_dir)
+    console.print(
+        f"Chat with {agent} at http://{host}:{port}/ (Ctrl-C stops)", highlight=False, soft_wrap=True
+    )
+    uvicorn.run(chat, host=host, port=port, log_level="warning")

@@ -17,8 +17,9 @@ other calls, hence another key.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, cast
 
 import anyio
@@ -42,6 +43,21 @@ from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun
 from prefect_pydantic_ai.store.waits import PENDING_INPUT, ApprovalMode, PendingCall, Waiting
 
 _POLL_SECONDS = 2.0
+
+WaitObserver = Callable[[str, list[PendingCall]], Awaitable[None]]
+"""Told `(flow_run_id, calls)` when a run starts waiting for a decision (a page that shows the calls)."""
+
+_observer: ContextVar[WaitObserver | None] = ContextVar("ppa_wait_observer", default=None)
+
+
+@contextmanager
+def observing_waits(observer: WaitObserver) -> Iterator[None]:
+    """Runs started in this block tell `observer` each time they start waiting for a decision."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
 
 
 class AwaitingApproval(RunError):
@@ -238,6 +254,9 @@ async def await_decision(
         await acreate_flow_run_input(
             key=f"{PENDING_INPUT}-{key}", value=waiting.model_dump(mode="json"), flow_run_id=flow_run.id
         )
+        observer = _observer.get()
+        if observer is not None:
+            await observer(str(flow_run.id), calls)
         if mode == "suspend":
             raise WaitSuspended(state, str(flow_run.id), calls)
         with anyio.move_on_after(timeout_seconds):
