@@ -53,7 +53,8 @@ from pydantic_ai.exceptions import (
 )
 
 from prefect_pydantic_ai.compat.prefect import read_result_record
-from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
+from prefect_pydantic_ai.durable.fork import NO_RESULT, ForkSource, forking
+from prefect_pydantic_ai.durable.journal import JournalCorruptError, seal, unseal
 from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
 from prefect_pydantic_ai.errors import StorageReadError, StorageWriteError, UnverifiedEffectError
@@ -66,6 +67,7 @@ from prefect_pydantic_ai.store.journal_storage import (
     journal_storage,
     read_if_present,
 )
+from prefect_pydantic_ai.store.records import StepRef
 from prefect_pydantic_ai.store.step_names import StepKind, step_title, task_run_name
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -119,6 +121,17 @@ def step_idempotency_key() -> str:
             "step_idempotency_key() works only inside a model or tool step of a PrefectAgent run."
         )
     return step.key
+
+
+_index: contextvars.ContextVar[list[StepRef] | None] = contextvars.ContextVar("ppa_step_index", default=None)
+
+
+def index_steps() -> list[StepRef]:
+    """Collect the steps the agent run of this context takes from here on (set in its own context, so a
+    sub-agent run started inside a step collects its own): the list its run record keeps per attempt."""
+    steps: list[StepRef] = []
+    _index.set(steps)
+    return steps
 
 
 @contextmanager
@@ -471,7 +484,12 @@ class StepTasks:
             if data is not NOTHING:
                 self._record_replay(name, key, storage, ordinal)
                 self._report(name, ordinal, True, 0, started)
-                return StepResult(data=data, replayed=True, attempts=0)
+                return self._indexed(StepResult(data=data, replayed=True, attempts=0), ordinal, name, key)
+            if (fork := forking()) is not None:
+                forked = await self._from_original(fork, name, key, storage, ordinal)
+                if forked is not None:
+                    self._report(name, ordinal, forked.replayed, 0, started)
+                    return self._indexed(forked, ordinal, name, key)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
@@ -514,10 +532,41 @@ class StepTasks:
             if guarded and attempts:
                 await _set_marker(storage, key, _FINISHED)  # journaled now: the effect is verified
             self._report(name, ordinal, result.replayed, attempts, started)
-            return result
+            return self._indexed(result, ordinal, name, key)
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    def _indexed(self, result: StepResult, ordinal: int, name: str, key: str) -> StepResult:
+        """Add the step to the index of its agent run (when one collects: `index_steps`)."""
+        index = _index.get()
+        if index is not None:
+            index.append(
+                StepRef(ordinal=ordinal, kind=self.kind, name=name, key=key, replayed=result.replayed)
+            )
+        return result
+
+    async def _from_original(
+        self, fork: ForkSource, name: str, key: str, storage: Any, ordinal: int
+    ) -> StepResult | None:
+        """In a fork, the step answered without running: a step before `fork.at` by the original run's entry of
+        the same step (replayed), the tool step at `fork.at` by the edited result. Either is written under the
+        fork's own key first, so the fork resumes without its original. `None`: the step runs live."""
+        data: Any = NOTHING
+        if ordinal < fork.at and (original := fork.aliases.get(key)) is not None:
+            data, _ = await self._journaled_data(name, original, storage)
+            replayed = True
+        elif ordinal == fork.at and self.kind == "tool" and fork.tool_result is not NO_RESULT:
+            data = {"outcome": "return", "value": fork.tool_result}
+            replayed = False
+        if data is NOTHING:
+            return None
+        store = await get_result_store().aupdate_for_task(self.task(name, storage))
+        await store.awrite(obj=seal(self.kind, data), key=key)
+        if replayed:
+            fork.replayed += 1
+            self._record_replay(name, key, storage, ordinal)
+        return StepResult(data=data, replayed=replayed, attempts=0)
 
     async def _journal_if_not_written(
         self, name: str, key: str, storage: Any, entry: Any, transaction: BaseTransaction

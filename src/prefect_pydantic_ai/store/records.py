@@ -30,6 +30,18 @@ _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
 HOST = socket.gethostname()
 
 
+class StepRef(BaseModel):
+    """One step an attempt took, in order: where its journal entry lives (`key`) and what it was."""
+
+    ordinal: int
+    """The step's `#` in its attempt (`show`'s numbering)."""
+    kind: Literal["model", "tool"]
+    name: str
+    """The model's or tool's name."""
+    key: str
+    replayed: bool = False
+
+
 class AttemptRecord(BaseModel):
     """What one attempt (flow run count) of an agent run ended with."""
 
@@ -41,6 +53,8 @@ class AttemptRecord(BaseModel):
     output: Any = None
     error: str | None = None
     ledger: Ledger = Field(default_factory=Ledger)
+    steps: list[StepRef] = Field(default_factory=list)
+    """The steps the attempt took, in order, written when it ends: what `export` and `gc` read the journal by."""
     in_steps: list[str] = Field(default_factory=list, exclude=True)
     """While the attempt runs: the steps it is executing (task run names, `tool #4: search @ analyst`; several
     for parallel tool calls). A killed attempt keeps the steps it died in, even those Prefect never heard of."""
@@ -85,6 +99,10 @@ class RunRecord(BaseModel):
     `ordinal` then counts the runs of this agent within that step."""
     parent_step_name: str | None = None
     """The task run name of that step, `tool: <name> @ <agent>`."""
+    forked_from: str | None = None
+    """For a fork (`fork_run`): the flow run whose journal answered the steps before `forked_at`."""
+    forked_at: int | None = None
+    """For a fork: the first step it ran live (the steps before it replayed the original's)."""
 
 
 def record_path(flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None) -> str:
