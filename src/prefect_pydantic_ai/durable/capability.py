@@ -61,7 +61,7 @@ from prefect_pydantic_ai.durable.steps import (
     StepPhase,
     StepTasks,
     describe_failure,
-    index_steps,
+    indexing_steps,
     record_replays,
     running_step,
 )
@@ -345,7 +345,8 @@ class PrefectDurability(AbstractCapability[Any]):
         with stopping_when_unreachable(flow_ctx.flow_run.id, _run_key.get()):
             self._run = run = await self._begin(ctx, inputs, recall_of, earlier or [])
             try:
-                result = await handler()
+                with indexing_steps(run.steps):
+                    result = await handler()
             except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
                 await _record_attempt(run.record, run.model_steps.log, "waiting", steps=run.steps)
                 raise
@@ -417,7 +418,7 @@ class PrefectDurability(AbstractCapability[Any]):
             on_executed=spent,
             on_step=in_steps,
         )
-        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), index_steps())
+        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), [])
 
     async def _record(
         self,

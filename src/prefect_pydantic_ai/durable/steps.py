@@ -126,12 +126,15 @@ def step_idempotency_key() -> str:
 _index: contextvars.ContextVar[list[StepRef] | None] = contextvars.ContextVar("ppa_step_index", default=None)
 
 
-def index_steps() -> list[StepRef]:
-    """Collect the steps the agent run of this context takes from here on (set in its own context, so a
-    sub-agent run started inside a step collects its own): the list its run record keeps per attempt."""
-    steps: list[StepRef] = []
-    _index.set(steps)
-    return steps
+@contextmanager
+def indexing_steps(steps: list[StepRef]) -> Iterator[None]:
+    """Append the steps taken in this block to `steps` (an agent run's attempt: its run record keeps them).
+    A sub-agent run started inside a step indexes its own in a nested block."""
+    token = _index.set(steps)
+    try:
+        yield
+    finally:
+        _index.reset(token)
 
 
 @contextmanager

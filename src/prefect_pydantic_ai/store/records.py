@@ -402,3 +402,22 @@ def rehydrate_deps(deps_type: Any, stored: Any) -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(deps_type).validate_python(stored)
+
+
+async def read_journal_entry(key: str) -> Any:
+    """The journal entry stored under step `key` in the result storage (the sealed step data), `None` when
+    there is none; `RunError` when it cannot be read or is no result record."""
+    from prefect_pydantic_ai.compat.prefect import read_result_record
+    from prefect_pydantic_ai.errors import StorageReadError
+    from prefect_pydantic_ai.store.journal_storage import read_if_present
+
+    try:
+        content = await read_if_present(await _storage(), key)
+    except StorageReadError as exc:
+        raise RunError(str(exc)) from None
+    if content is None:
+        return None
+    try:
+        return read_result_record(content)[0]
+    except Exception as exc:
+        raise RunError(f"The journal entry {key} is not a result record ({type(exc).__name__}).") from None

@@ -23,8 +23,15 @@ or give a run the plan as a capability, which wraps every model request and tool
     await durable.run(prompt, capabilities=[FaultInjection(plan)])
 
 `CallLog` counts calls of named steps across processes (one fsync'ed JSON line per call).
+
+Replay a run exported with `prefect-pydantic-ai export RUN -o run.json` as the model and the tools' results, with
+no server and no network (`CassetteMismatch`, a diff, when the agent asks for something else)::
+
+    replay = Cassette.load("run.json").replay()
+    result = await agent.run(prompt, capabilities=[replay])
 """
 
+from .cassette import Cassette, CassetteMismatch, CassetteReplay
 from .faults import (
     ENV_VAR,
     TRANSPORTABLE_EXCEPTIONS,
@@ -58,6 +65,9 @@ __all__ = [
     "TRANSPORTABLE_EXCEPTIONS",
     "CallLog",
     "CallLogEntry",
+    "Cassette",
+    "CassetteMismatch",
+    "CassetteReplay",
     "Chunking",
     "CutStreamFault",
     "DelayFault",
