@@ -291,3 +291,124 @@ def test_the_cassette_replays_with_no_server_and_no_network(tmp_path: Path) -> N
         env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"},  # nothing listens there
     )
     assert (out.returncode, out.stdout.strip()) == (0, "['sales'] 2"), out.stderr
+
+
+# -- retention -----------------------------------------------------------------------------------------------------
+
+gc_agent = PrefectAgent(Agent(FunctionModel(_policy("model")), name="journal_gc", tools=[lookup]))
+
+
+def _journal_files(run_id: str) -> list[Path]:
+    """The run's record, its progress log and the journal entries the record indexes, in this session's local
+    storage."""
+    import anyio
+
+    from prefect_pydantic_ai.store.records import read_record, result_storage
+
+    record = anyio.run(read_record, run_id, "journal_gc", 0)
+    assert record is not None
+    root = Path(anyio.run(result_storage).root())
+    keys = {s.key for a in record.attempts for s in a.steps}
+    runs = root / "prefect-pydantic-ai" / "runs" / run_id
+    return [
+        runs / "journal_gc.0.json",
+        runs / "journal_gc.0.progress.jsonl",
+        *(root / k for k in sorted(keys)),
+    ]
+
+
+def _gc_runs(anyio_backend: str) -> tuple[str, str, str]:
+    """A completed and a failed run of `journal_gc`, and a cutoff after both: (completed, failed, cutoff)."""
+    import anyio
+
+    async def runs() -> tuple[str, str]:
+        completed, failed = f"gc-{uuid.uuid4().hex[:8]}", f"gc-{uuid.uuid4().hex[:8]}"
+        await gc_agent.run("hello", idempotency_key=completed)
+        FAIL_TOOL.append(True)
+        with pytest.raises(RuntimeError):
+            await gc_agent.run("hello", idempotency_key=failed)
+        FAIL_TOOL.clear()
+        async with prefect_api() as api:
+            return str((await resolve_run(api, completed)).id), str((await resolve_run(api, failed)).id)
+
+    completed, failed = anyio.run(runs)
+    return completed, failed, __import__("datetime").datetime.now(__import__("datetime").UTC).isoformat()
+
+
+def test_gc_removes_old_finished_runs_and_keeps_resumable_ones_unless_asked(anyio_backend: str) -> None:
+    completed, failed, cutoff = _gc_runs(anyio_backend)
+    done_files, failed_files = _journal_files(completed), _journal_files(failed)
+    # the record, its progress log and the journal entries: of 5 steps; of the one (model) step that completed
+    assert (len(done_files), len(failed_files)) == (7, 3)
+    done_bytes = sum(p.stat().st_size for p in done_files)
+
+    dry = commands.cli("gc", "--older-than", cutoff, "--agent", "journal_gc", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert (report["runs"], report["files"], report["bytes"], report["dry_run"]) == (
+        [completed],
+        7,
+        done_bytes,
+        True,
+    )
+    assert "can be resumed" in report["kept"][failed]
+    assert all(p.exists() for p in done_files)
+
+    out = commands.cli("gc", "--older-than", cutoff, "--agent", "journal_gc")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"Removed 7 files ({done_bytes:,} bytes) of 1 runs"), out.stdout
+    assert not any(p.exists() for p in done_files) and all(p.exists() for p in failed_files)
+
+    out = commands.cli(
+        "gc", "--older-than", cutoff, "--agent", "journal_gc", "--include-unfinished", "--json"
+    )
+    assert json.loads(out.stdout)["runs"] == [failed]
+    assert not any(p.exists() for p in failed_files)
+
+    CALLS.clear()
+    out = commands.cli("export", completed)  # its journal is gone: one line, exit 2
+    assert out.returncode == 2 and "has no run record" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_gc_removes_a_runs_files_from_s3(tmp_path: Path, anyio_backend: str) -> None:
+    import anyio
+    import boto3
+    from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
+
+    from tests.s3_servers import moto_s3, save_bucket
+
+    with moto_s3(tmp_path) as (endpoint, bucket):
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="t",
+            aws_secret_access_key="t",
+            region_name="us-east-1",
+        )
+
+        def objects() -> dict[str, int]:
+            listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            return {o["Key"]: o["Size"] for o in listed}
+
+        with temporary_settings({PREFECT_DEFAULT_RESULT_STORAGE_BLOCK: save_bucket(bucket, endpoint)}):
+            key = f"gc-s3-{uuid.uuid4().hex[:8]}"
+            anyio.run(lambda: gc_agent.run("hello", idempotency_key=key))
+            stored = objects()
+            assert (
+                len([k for k in stored if not k.startswith("prefect-pydantic-ai/")]) == 5
+            )  # the five entries
+            cutoff = __import__("datetime").datetime.now(__import__("datetime").UTC).isoformat()
+            out = commands.cli("gc", "--older-than", cutoff, "--agent", "journal_gc", "--json")
+            client.close()
+        report = json.loads(out.stdout)
+        assert (report["files"], report["bytes"]) == (len(stored), sum(stored.values()))
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="t",
+            aws_secret_access_key="t",
+            region_name="us-east-1",
+        )
+        assert objects() == {}
+        client.close()

@@ -849,3 +849,51 @@ def fork_command(
     )
     print_detail(_run(show_run(forked.run_id)))
     _ui_footer(forked.run_id)
+
+
+@app.command("gc")
+@_user_errors
+def gc_command(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Runs that ended before this: 30d, 24h, 30m or an ISO date.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
+    ] = False,
+    include_unfinished: Annotated[
+        bool,
+        typer.Option("--include-unfinished", help="Remove failed, crashed, cancelled and paused runs too."),
+    ] = False,
+    agent: Annotated[str | None, typer.Option(help="Only runs of this agent.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Remove the journal entries, markers, records and progress logs of finished runs older than --older-than."""
+    from prefect_pydantic_ai.ledger import parse_since
+    from prefect_pydantic_ai.ops.gc import collect_garbage
+
+    report = _run(
+        collect_garbage(
+            parse_since(older_than), dry_run=dry_run, include_unfinished=include_unfinished, agent=agent
+        )
+    )
+    if as_json:
+        document = {
+            "before": report.before.isoformat(),
+            "dry_run": report.dry_run,
+            "runs": report.runs,
+            "files": report.files,
+            "bytes": report.bytes,
+            "kept": report.kept,
+        }
+        print(json.dumps(document, indent=2))
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    console.print(
+        f"{verb} {report.files} files ({report.bytes:,} bytes) of {len(report.runs)} runs that ended before "
+        f"{report.before:%Y-%m-%d %H:%M} UTC.",
+        highlight=False,
+    )
+    if report.kept:
+        console.print(f"Kept {len(report.kept)} older runs:", highlight=False)
+        for run_id, why in report.kept.items():
+            console.print(f"  {run_id}: {why}", highlight=False, soft_wrap=True)

@@ -84,6 +84,7 @@ class ApiFlowRun(_Model):
     state: ApiState | None = None
     run_count: int = 0
     start_time: datetime | None = None
+    end_time: datetime | None = None
     total_run_time: timedelta | None = None
     deployment_id: UUID | None = None
     work_pool_name: str | None = None

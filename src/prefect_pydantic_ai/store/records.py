@@ -324,6 +324,11 @@ async def _storage() -> Any:
     return storage
 
 
+async def result_storage() -> Any:
+    """The result storage run records and journal entries live in (see `_storage`)."""
+    return await _storage()
+
+
 async def record_storage_name() -> str:
     """Where this machine looks for run records, as a user would name it: a saved block's slug, a bucket, a path."""
     from prefect.filesystems import LocalFileSystem
