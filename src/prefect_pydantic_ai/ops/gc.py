@@ -64,6 +64,8 @@ async def collect_garbage(
             report.kept[run_id] = why
             continue
         files = await _files_of(retention, run_id)
+        if not files:  # collected before (Prefect keeps the flow run), or it never wrote anything here
+            continue
         report.runs.append(run_id)
         report.files += len(files)
         report.bytes += sum(f.size for f in files)
