@@ -30,7 +30,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from prefect_pydantic_ai import PrefectAgent, show_run
+from prefect_pydantic_ai import PrefectAgent, TaskConfig, ledger_of, show_run
 from prefect_pydantic_ai.demo.analyst import DataAnalysis, build_analyst_agent, sales_dataset
 from prefect_pydantic_ai.ops.fork import fork_run
 from prefect_pydantic_ai.ops.runs import resolve_run
@@ -412,3 +412,37 @@ def test_gc_removes_a_runs_files_from_s3(tmp_path: Path, anyio_backend: str) -> 
         )
         assert objects() == {}
         client.close()
+
+
+# -- memoization across runs -----------------------------------------------------------------------------------------
+
+memo_agent = Agent(FunctionModel(_policy("model")), name="journal_memo", deps_type=str, tools=[lookup])
+
+
+def _memoized(seconds: float | None) -> PrefectAgent[str, str]:
+    config = TaskConfig(memoize_seconds=seconds) if seconds else TaskConfig()
+    return PrefectAgent(memo_agent, model_task_config=config, tool_task_config=config)
+
+
+async def test_memoized_steps_answer_identical_requests_of_later_runs_within_their_ttl() -> None:
+    prompt, deps = f"memo {uuid.uuid4().hex[:6]}", "shop-1"
+    first = await _memoized(3600).run(prompt, deps=deps)
+    assert CALLS == ["model", "lookup", "model", "lookup", "model"]
+    CALLS.clear()
+    second = await _memoized(3600).run(
+        prompt, deps=deps
+    )  # another run, no key: answered by the first's steps
+    assert (CALLS, second.output) == ([], first.output)
+    ledger = ledger_of(second)
+    assert ledger is not None and (ledger.spent.model_calls, ledger.saved.model_calls) == (0, 3)
+    await _memoized(3600).run(prompt, deps="shop-2")  # other deps: another request
+    assert len(CALLS) == 5
+    CALLS.clear()
+    await _memoized(None).run(prompt, deps=deps)  # not asked for: off
+    assert len(CALLS) == 5
+    CALLS.clear()
+    await _memoized(0.001).run(prompt + "!", deps=deps)
+    await _memoized(0.001).run(
+        prompt + "!", deps=deps
+    )  # each entry expired a millisecond after it was written
+    assert len(CALLS) == 10

@@ -136,12 +136,25 @@ def step_key(
 
     In a fork, a top-level run's key is also computed as the original run has it (`ForkSource.aliases`)."""
     key = _key(run_key, agent, str(agent_ordinal), kind, step, tool_name, digest)
+    if len(_memo_keys) >= 4096:
+        del _memo_keys[next(iter(_memo_keys))]  # the oldest: its step is long done
+    _memo_keys[key] = _key("memo", agent, kind, tool_name, digest)
     fork = forking()
     if fork is not None and not run_key.startswith("step:"):
         conversation, sep, rest = digest.partition(":")
         original = fork.digests.get(conversation, conversation) + sep + rest
         fork.aliases[key] = _key(fork.run_key, agent, str(agent_ordinal), kind, step, tool_name, original)
     return key
+
+
+_memo_keys: dict[str, str] = {}
+
+
+def memo_key(key: str) -> str | None:
+    """Where step `key`'s entry is memoized across runs (`TaskConfig.memoize_seconds`): a key of the request's
+    content alone (agent, kind, tool, conversation digest with deps and metadata, arguments), not of the run or
+    the step's place in it. `None` for a key not computed in this process."""
+    return _memo_keys.get(key)
 
 
 def _key(*fields: str) -> str:

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
@@ -54,7 +54,7 @@ from pydantic_ai.exceptions import (
 
 from prefect_pydantic_ai.compat.prefect import read_result_record
 from prefect_pydantic_ai.durable.fork import NO_RESULT, ForkSource, forking
-from prefect_pydantic_ai.durable.journal import JournalCorruptError, seal, unseal
+from prefect_pydantic_ai.durable.journal import JournalCorruptError, memo_key, seal, unseal
 from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
 from prefect_pydantic_ai.errors import StorageReadError, StorageWriteError, UnverifiedEffectError
@@ -493,6 +493,13 @@ class StepTasks:
                 if forked is not None:
                     self._report(name, ordinal, forked.replayed, 0, started)
                     return self._indexed(forked, ordinal, name, key)
+            if self.config.memoize_seconds and (memo := memo_key(key)) is not None:
+                data, _ = await self._journaled_data(name, memo, storage)
+                if data is not NOTHING:
+                    await self._write(name, storage, key, seal(self.kind, data))
+                    self._record_replay(name, key, storage, ordinal)
+                    self._report(name, ordinal, True, 0, started)
+                    return self._indexed(StepResult(data=data, replayed=True, attempts=0), ordinal, name, key)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
@@ -534,6 +541,9 @@ class StepTasks:
                 continue
             if guarded and attempts:
                 await _set_marker(storage, key, _FINISHED)  # journaled now: the effect is verified
+            if attempts and self.config.memoize_seconds and (memo := memo_key(key)) is not None:
+                until = datetime.now(UTC) + timedelta(seconds=self.config.memoize_seconds)
+                await self._write(name, storage, memo, entry, expiration=until)
             self._report(name, ordinal, result.replayed, attempts, started)
             return self._indexed(result, ordinal, name, key)
         raise AgentRunError(
@@ -564,12 +574,18 @@ class StepTasks:
             replayed = False
         if data is NOTHING:
             return None
-        store = await get_result_store().aupdate_for_task(self.task(name, storage))
-        await store.awrite(obj=seal(self.kind, data), key=key)
+        await self._write(name, storage, key, seal(self.kind, data))
         if replayed:
             fork.replayed += 1
             self._record_replay(name, key, storage, ordinal)
         return StepResult(data=data, replayed=replayed, attempts=0)
+
+    async def _write(
+        self, name: str, storage: Any, key: str, entry: Any, *, expiration: datetime | None = None
+    ) -> None:
+        """Store `entry` under `key` as a step's result record (Prefect's result store writes it)."""
+        store = await get_result_store().aupdate_for_task(self.task(name, storage))
+        await store.awrite(obj=entry, key=key, expiration=cast(Any, expiration))
 
     async def _journal_if_not_written(
         self, name: str, key: str, storage: Any, entry: Any, transaction: BaseTransaction

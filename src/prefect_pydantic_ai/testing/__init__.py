@@ -31,7 +31,12 @@ no server and no network (`CassetteMismatch`, a diff, when the agent asks for so
     result = await agent.run(prompt, capabilities=[replay])
 """
 
-from .cassette import Cassette, CassetteMismatch, CassetteReplay
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cassette import Cassette as Cassette
+    from .cassette import CassetteMismatch as CassetteMismatch
+    from .cassette import CassetteReplay as CassetteReplay
 from .faults import (
     ENV_VAR,
     TRANSPORTABLE_EXCEPTIONS,
@@ -88,3 +93,12 @@ __all__ = [
     "Usage",
     "wrap_function_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The cassette names, imported on first use: they import Prefect, which the fault helpers do not need."""
+    if name in ("Cassette", "CassetteMismatch", "CassetteReplay"):
+        from . import cassette
+
+        return getattr(cassette, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
