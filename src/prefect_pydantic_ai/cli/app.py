@@ -826,6 +826,7 @@ def fork_command(
     """Start a new run that replays RUN's steps before --at from its journal (paying for none), then runs live."""
     from prefect_pydantic_ai.durable.fork import NO_RESULT
     from prefect_pydantic_ai.durable.steps import observe_steps
+    from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
     from prefect_pydantic_ai.ops.fork import fork_run
     from prefect_pydantic_ai.ops.show import show_run
 
@@ -841,6 +842,13 @@ def fork_command(
                 entrypoint=entrypoint,
             )
         )
+    except (RunError, PrefectUnreachableError, ValueError):
+        raise
+    except Exception as exc:
+        if _is_user_error(exc):
+            raise
+        errors.print(f"[red]The fork failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
     finally:
         stop()
     console.print(
