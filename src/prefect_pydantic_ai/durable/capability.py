@@ -138,7 +138,7 @@ class _DurableRun:
         self.model_steps = model_steps
         self.tool_steps = tool_steps
         self.steps = steps
-        """The steps this attempt took, in order (`index_steps`)."""
+        """The steps this attempt took, in order (`indexing_steps`)."""
 
 
 class PrefectDurability(AbstractCapability[Any]):

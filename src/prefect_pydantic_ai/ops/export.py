@@ -14,7 +14,7 @@ from pydantic_ai.messages import ModelResponse, ToolCallPart
 
 from prefect_pydantic_ai.durable.journal import JournalCorruptError, load_response, unseal
 from prefect_pydantic_ai.errors import RunError
-from prefect_pydantic_ai.ops.resume import _records_of
+from prefect_pydantic_ai.ops.resume import records_of
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
 from prefect_pydantic_ai.store.prefect_rest import prefect_api
 from prefect_pydantic_ai.store.records import AttemptRecord, RunRecord, StepRef, read_journal_entry
@@ -26,7 +26,7 @@ async def export_run(ref: str) -> dict[str, Any]:
     """The cassette of run `ref` (its one agent run): the steps of its latest attempt that ended."""
     async with prefect_api() as api:
         flow_run = await resolve_run(api, ref)
-    records = [r for r in await _records_of(flow_run) if r.parent_step is None]
+    records = [r for r in await records_of(flow_run) if r.parent_step is None]
     if len(records) != 1:
         raise RunError(
             f"Run {flow_run.id} holds {len(records)} agent runs ({', '.join(r.agent for r in records)}); a cassette "

@@ -20,7 +20,7 @@ from prefect_pydantic_ai.durable.fork import NO_RESULT, ForkSource, fork_of
 from prefect_pydantic_ai.durable.report import ledger_of
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ledger import Ledger
-from prefect_pydantic_ai.ops.resume import _records_of, recorded_entrypoint
+from prefect_pydantic_ai.ops.resume import recorded_entrypoint, records_of
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
 from prefect_pydantic_ai.store.prefect_rest import prefect_api
 
@@ -56,9 +56,9 @@ async def fork_run(
         flow_run = await resolve_run(api, ref)
     if state_of(flow_run) == "running":
         raise RunError(f"Run {flow_run.id} is still running; fork it once it has ended.")
-    records = await _records_of(flow_run)
+    records = await records_of(flow_run)
     first = records[0]
-    _check_step(first.attempts[-1].steps if first.attempts else [], at, tool_result)
+    _check_step([step for r in records if r.attempts for step in r.attempts[-1].steps], at, tool_result)
     target, obj = recorded_entrypoint(flow_run, first, entrypoint)
     source = ForkSource(
         flow_run_id=str(flow_run.id),
