@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -446,3 +447,24 @@ async def test_memoized_steps_answer_identical_requests_of_later_runs_within_the
         prompt + "!", deps=deps
     )  # each entry expired a millisecond after it was written
     assert len(CALLS) == 10
+
+
+@pytest.mark.slow
+def test_a_fork_of_a_crashed_run_replays_the_steps_completed_before_the_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli import FIVE, calls, script
+
+    log = tmp_path / "calls.log"
+    env = {"FIVE_STEP_LOG": str(log), "FIVE_STEP_AGENT": f"five_step_{uuid.uuid4().hex[:6]}"}
+    key = f"jt-killed-{uuid.uuid4().hex[:8]}"
+    killed = script(FIVE, key, {**env, "FIVE_STEP_KILL_IN_TOOL": "4"})
+    assert killed.returncode == -signal.SIGKILL
+    assert calls(log) == ["model", "tool:calculate_statistics", "model", "tool:detect_anomalies"]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the fork re-creates the script's agent in this process
+    out = commands.cli("fork", key, "--at", "4")
+    assert out.returncode == 0, out.stderr
+    assert "3 step(s) replayed" in out.stdout
+    # the killed call and the final model call ran again; the first three steps came from the journal
+    assert calls(log)[4:] == ["tool:detect_anomalies", "model"]
