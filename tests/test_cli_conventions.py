@@ -24,7 +24,19 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return commands.cli(*args, columns=80)  # in this process: no process boundary is under test here
 
 
-COMMANDS = [[], ["runs"], ["show"], ["resume"], ["costs"], ["demo"], ["web"], ["server"]]
+COMMANDS = [
+    [],
+    ["runs"],
+    ["show"],
+    ["resume"],
+    ["costs"],
+    ["demo"],
+    ["web"],
+    ["server"],
+    ["fork"],
+    ["export"],
+    ["gc"],
+]
 COMMANDS += [["server", name] for name in ("status", "start", "stop", "env")]
 COMMANDS += [["cluster"], *(["cluster", name] for name in ("up", "status", "env", "down"))]
 
@@ -65,6 +77,12 @@ def test_version() -> None:
             ),
         ),
         (["demo", "--kill", "--no-failure"], "error: --kill needs a failure to inject; drop --no-failure."),
+        (["fork", "abc"], "error: Missing option '--at'. (see --help)"),
+        (
+            ["gc", "--older-than", "soon"],
+            "error: Cannot read 'soon' as a start time: use a duration such as '7d', '24h' or '30m' (days, hours, "
+            "minutes), or an ISO date such as '2025-01-31' or '2025-01-31T09:30:00+00:00'.",
+        ),
         (
             ["cluster", "status", "--dir", "/nonexistent/cluster"],
             "error: No cluster in /nonexistent/cluster; start one with `cluster up`.",

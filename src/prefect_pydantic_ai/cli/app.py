@@ -796,3 +796,142 @@ def web_command(
         f"Chat with {agent} at http://{host}:{port}/ (Ctrl-C stops)", highlight=False, soft_wrap=True
     )
     uvicorn.run(chat, host=host, port=port, log_level="warning")
+
+
+# -- the journal as a tool: export, fork (issue #30) -----------------------------------------------------------
+
+
+@app.command("export")
+@_user_errors
+def export_command(
+    run: Annotated[str, typer.Argument(help="Flow run id, unique prefix, or idempotency key.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the cassette here (default: stdout).")
+    ] = None,
+) -> None:
+    """Write a run's steps as a cassette: a readable JSON file that prefect_pydantic_ai.testing replays offline."""
+    from prefect_pydantic_ai.ops.export import export_run
+
+    document = _run(export_run(run))
+    text = json.dumps(document, indent=1, ensure_ascii=False) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise ValueError(f"Cannot write {output}: {exc.strerror or exc}.") from None
+    console.print(
+        f"Wrote {len(document['steps'])} steps of run {document['run_id']} to {output}.", highlight=False
+    )
+
+
+def _json_or_text(value: str) -> Any:
+    """A `--tool-result`: JSON when it parses, else the text itself."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+@app.command("fork")
+@_user_errors
+def fork_command(
+    run: Annotated[str, typer.Argument(help="Flow run id, unique prefix, or idempotency key.")],
+    at: Annotated[int, typer.Option("--at", help="The first step (its # in `show`) that runs live.")],
+    prompt: Annotated[str | None, typer.Option(help="Run with this prompt instead of the original.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Run the live steps on this model (e.g. openai:gpt-4o).")
+    ] = None,
+    tool_result: Annotated[
+        str | None,
+        typer.Option(
+            "--tool-result", help="The tool step --at returns this (JSON, else text) instead of running."
+        ),
+    ] = None,
+    entrypoint: Annotated[
+        str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
+    ] = None,
+) -> None:
+    """Start a new run that replays RUN's steps before --at from its journal (paying for none), then runs live."""
+    from prefect_pydantic_ai.durable.fork import NO_RESULT
+    from prefect_pydantic_ai.durable.steps import observe_steps
+    from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
+    from prefect_pydantic_ai.ops.fork import fork_run
+    from prefect_pydantic_ai.ops.show import show_run
+
+    stop = observe_steps(print_step)
+    try:
+        forked = _run(
+            fork_run(
+                run,
+                at=at,
+                prompt=prompt,
+                model=model,
+                tool_result=NO_RESULT if tool_result is None else _json_or_text(tool_result),
+                entrypoint=entrypoint,
+            )
+        )
+    except (RunError, PrefectUnreachableError, ValueError):
+        raise
+    except Exception as exc:
+        if _is_user_error(exc):
+            raise
+        errors.print(f"[red]The fork failed:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        stop()
+    console.print(
+        f"Forked run [bold]{forked.run_id}[/bold] from {forked.forked_from} at step #{forked.at}: "
+        f"{forked.replayed} step(s) replayed from its journal."
+    )
+    print_detail(_run(show_run(forked.run_id)))
+    _ui_footer(forked.run_id)
+
+
+@app.command("gc")
+@_user_errors
+def gc_command(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Runs that ended before this: 30d, 24h, 30m or an ISO date.")
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")
+    ] = False,
+    include_unfinished: Annotated[
+        bool,
+        typer.Option("--include-unfinished", help="Remove failed, crashed, cancelled and paused runs too."),
+    ] = False,
+    agent: Annotated[str | None, typer.Option(help="Only runs of this agent.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Remove the journal entries, markers, records and progress logs of finished runs older than --older-than."""
+    from prefect_pydantic_ai.ledger import parse_since
+    from prefect_pydantic_ai.ops.gc import collect_garbage
+
+    report = _run(
+        collect_garbage(
+            parse_since(older_than), dry_run=dry_run, include_unfinished=include_unfinished, agent=agent
+        )
+    )
+    if as_json:
+        document = {
+            "before": report.before.isoformat(),
+            "dry_run": report.dry_run,
+            "runs": report.runs,
+            "files": report.files,
+            "bytes": report.bytes,
+            "kept": report.kept,
+        }
+        print(json.dumps(document, indent=2))
+        return
+    verb = "Would remove" if dry_run else "Removed"
+    console.print(
+        f"{verb} {report.files} files ({report.bytes:,} bytes) of {len(report.runs)} runs that ended before "
+        f"{report.before:%Y-%m-%d %H:%M} UTC.",
+        highlight=False,
+    )
+    if report.kept:
+        console.print(f"Kept {len(report.kept)} older runs:", highlight=False)
+        for run_id, why in report.kept.items():
+            console.print(f"  {run_id}: {why}", highlight=False, soft_wrap=True)

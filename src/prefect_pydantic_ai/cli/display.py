@@ -110,6 +110,11 @@ def print_detail(detail: Any) -> None:
         f"Run [bold]{detail.run_id}[/bold] ({detail.name}){key}  agent {', '.join(detail.agents)}  "
         f"[{style}]{detail.state}[/{style}]"
     )
+    if detail.forked_from:
+        console.print(
+            f"Forked from run [bold]{detail.forked_from}[/bold] at step #{detail.forked_at}: the steps before it "
+            "replayed the original's journal."
+        )
     for number, steps in enumerate(detail.earlier_attempts, start=1):
         console.print(timeline_table(f"Attempt {number}", steps))
     console.print(timeline_table(f"Attempt {len(detail.earlier_attempts) + 1} (latest)", detail.steps))

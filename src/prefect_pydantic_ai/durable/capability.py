@@ -43,6 +43,7 @@ from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunCont
 from pydantic_ai.toolsets import FunctionToolset
 
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
+from prefect_pydantic_ai.durable.fork import forking
 from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
 from prefect_pydantic_ai.durable.lock_scope import warn_if_run_moved
 from prefect_pydantic_ai.durable.model_step import (
@@ -60,6 +61,7 @@ from prefect_pydantic_ai.durable.steps import (
     StepPhase,
     StepTasks,
     describe_failure,
+    indexing_steps,
     record_replays,
     running_step,
 )
@@ -79,10 +81,11 @@ from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.infra.server import cli_name, ensure_api, local_server_kept_up
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.store.crashes import settle_if_dead
-from prefect_pydantic_ai.store.prefect_rest import RECALL_TAG, TAG, StateType, prefect_api
+from prefect_pydantic_ai.store.prefect_rest import FORK_TAG, RECALL_TAG, TAG, StateType, prefect_api
 from prefect_pydantic_ai.store.records import (
     AttemptRecord,
     RunRecord,
+    StepRef,
     entrypoint_of,
     read_record,
     rehydrate_deps,
@@ -128,10 +131,14 @@ _within_key = idempotency_key  # under another name where a flow parameter is ca
 class _DurableRun:
     """The journal state of one agent run: its record, its model and tool steps."""
 
-    def __init__(self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps) -> None:
+    def __init__(
+        self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps, steps: list[StepRef]
+    ) -> None:
         self.record = record
         self.model_steps = model_steps
         self.tool_steps = tool_steps
+        self.steps = steps
+        """The steps this attempt took, in order (`indexing_steps`)."""
 
 
 class PrefectDurability(AbstractCapability[Any]):
@@ -338,16 +345,18 @@ class PrefectDurability(AbstractCapability[Any]):
         with stopping_when_unreachable(flow_ctx.flow_run.id, _run_key.get()):
             self._run = run = await self._begin(ctx, inputs, recall_of, earlier or [])
             try:
-                result = await handler()
+                with indexing_steps(run.steps):
+                    result = await handler()
             except WaitSuspended:  # this attempt ends to wait; the run is paused, not failed or crashed
-                await _record_attempt(run.record, run.model_steps.log, "waiting")
+                await _record_attempt(run.record, run.model_steps.log, "waiting", steps=run.steps)
                 raise
             except BaseException as exc:
                 # before Prefect makes it the flow run's state message
                 current_redactor().scrub_exception(exc)
-                await _finish(run.record, run.model_steps.log, error=exc)
+                await _finish(run.record, run.model_steps.log, error=exc, steps=run.steps)
                 raise
-            remember_ledger(result, await _finish(run.record, run.model_steps.log, output=result.output))
+            ledger = await _finish(run.record, run.model_steps.log, output=result.output, steps=run.steps)
+            remember_ledger(result, ledger)
             return result
 
     async def _begin(
@@ -409,7 +418,7 @@ class PrefectDurability(AbstractCapability[Any]):
             on_executed=spent,
             on_step=in_steps,
         )
-        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks))
+        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), [])
 
     async def _record(
         self,
@@ -446,6 +455,10 @@ class PrefectDurability(AbstractCapability[Any]):
                 parent_step=parent.key if parent else None,
                 parent_step_name=parent.name if parent else None,
             )
+            if (fork := forking()) is not None and parent is None:
+                record.forked_from, record.forked_at = fork.flow_run_id, fork.at
+        if (fork := forking()) is not None and parent is None and flow_run_id not in fork.flow_runs:
+            fork.flow_runs.append(flow_run_id)
         else:
             record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
         await write_record(record)
@@ -454,6 +467,7 @@ class PrefectDurability(AbstractCapability[Any]):
             f"agent:{name}",
             *([f"key:{key}"] if key else []),
             *([RECALL_TAG] if recall_of else []),
+            *([f"{FORK_TAG}{record.forked_from}"] if record.forked_from else []),
         }
         if not wanted <= set(flow_ctx.flow_run.tags):
             tags = sorted(wanted | set(flow_ctx.flow_run.tags))
@@ -682,6 +696,7 @@ async def _record_attempt(
     *,
     output: Any = None,
     error: BaseException | None = None,
+    steps: list[StepRef] | None = None,
 ) -> AttemptRecord:
     """Write this attempt into the run record: while it runs (what it spent so far), and how it ended."""
     run_count = _run_count()
@@ -698,6 +713,7 @@ async def _record_attempt(
         output=secrets.scrub_data(stored_output),
         error=None if error is None else secrets.scrub(describe_failure(error)),
         ledger=log.spent if state == "running" else log.ledger(),
+        steps=[] if state == "running" or steps is None else steps,
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
     await (write_progress(record, attempt) if state == "running" else write_record(record))
@@ -711,7 +727,12 @@ def _run_count() -> int:
 
 
 async def _finish(
-    record: RunRecord, log: StepLog, *, output: Any = None, error: BaseException | None = None
+    record: RunRecord,
+    log: StepLog,
+    *,
+    output: Any = None,
+    error: BaseException | None = None,
+    steps: list[StepRef] | None = None,
 ) -> Ledger:
     """Record how this attempt ended and publish its spent/saved ledger as a Prefect artifact.
 
@@ -722,7 +743,7 @@ async def _finish(
     if error is not None and api_gone(error):
         return (await _record_attempt(record, log, "running")).ledger
     attempt = await _record_attempt(
-        record, log, "failed" if error is not None else "completed", output=output, error=error
+        record, log, "failed" if error is not None else "completed", output=output, error=error, steps=steps
     )
     await acreate_markdown_artifact(
         key=artifact_key(record.agent),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter, ModelResponse
 
 from prefect_pydantic_ai.durable.errors import NotJournalableError
+from prefect_pydantic_ai.durable.fork import forking
 from prefect_pydantic_ai.durable.secrets import Redactor, redact, secrets_in
 from prefect_pydantic_ai.store.step_names import StepKind
 
@@ -81,6 +82,9 @@ class ConversationDigest:
         self._seed = seed
         self._hash = hashlib.sha256(seed)
         self._absorbed = 0
+        fork = forking()
+        # in a fork with another prompt: the digest the original's conversation had, kept alongside
+        self._original = hashlib.sha256(seed) if fork is not None and fork.prompt is not None else None
 
     def absorb(self, messages: Sequence[ModelMessage]) -> str:
         """Feed the messages not seen yet and return the current digest.
@@ -90,12 +94,32 @@ class ConversationDigest:
         """
         if len(messages) < self._absorbed:
             self._hash = hashlib.sha256(self._seed)
+            self._original = hashlib.sha256(self._seed) if self._original is not None else None
             self._absorbed = 0
         new = messages[self._absorbed :]
         if new:
             self._hash.update(messages_fingerprint(new))
             self._absorbed = len(messages)
+            fork = forking()
+            if self._original is not None and fork is not None and fork.prompt is not None:
+                self._original.update(_with_prompt(messages_fingerprint(new), *fork.prompt))
+                fork.digests[self._hash.hexdigest()] = self._original.hexdigest()
         return self._hash.hexdigest()
+
+
+def _with_prompt(fingerprint: bytes, prompt: str, original: str) -> bytes:
+    """`fingerprint` with each user prompt that reads `prompt` reading `original` instead."""
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, dict):
+            if value.get("part_kind") == "user-prompt" and value.get("content") == prompt:
+                return {**value, "content": original}
+            return {k: swap(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [swap(v) for v in value]
+        return value
+
+    return canonical_json(swap(json.loads(fingerprint)))
 
 
 def step_key(
@@ -108,8 +132,33 @@ def step_key(
     digest: str,
     tool_name: str = "",
 ) -> str:
-    """The journal key of one step: a hex SHA-256 of exactly the fields the design names, nothing else."""
-    material = "\x1f".join([FORMAT, run_key, agent, str(agent_ordinal), kind, step, tool_name, digest])
+    """The journal key of one step: a hex SHA-256 of exactly the fields the design names, nothing else.
+
+    In a fork, a top-level run's key is also computed as the original run has it (`ForkSource.aliases`)."""
+    key = _key(run_key, agent, str(agent_ordinal), kind, step, tool_name, digest)
+    if len(_memo_keys) >= 4096:
+        del _memo_keys[next(iter(_memo_keys))]  # the oldest: its step is long done
+    _memo_keys[key] = _key("memo", agent, kind, tool_name, digest)
+    fork = forking()
+    if fork is not None and not run_key.startswith("step:"):
+        conversation, sep, rest = digest.partition(":")
+        original = fork.digests.get(conversation, conversation) + sep + rest
+        fork.aliases[key] = _key(fork.run_key, agent, str(agent_ordinal), kind, step, tool_name, original)
+    return key
+
+
+_memo_keys: dict[str, str] = {}
+
+
+def memo_key(key: str) -> str | None:
+    """Where step `key`'s entry is memoized across runs (`TaskConfig.memoize_seconds`): a key of the request's
+    content alone (agent, kind, tool, conversation digest with deps and metadata, arguments), not of the run or
+    the step's place in it. `None` for a key not computed in this process."""
+    return _memo_keys.get(key)
+
+
+def _key(*fields: str) -> str:
+    material = "\x1f".join([FORMAT, *fields])
     return hashlib.sha256(material.encode()).hexdigest()
 
 

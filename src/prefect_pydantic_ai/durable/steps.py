@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 from uuid import UUID
@@ -53,7 +53,8 @@ from pydantic_ai.exceptions import (
 )
 
 from prefect_pydantic_ai.compat.prefect import read_result_record
-from prefect_pydantic_ai.durable.journal import JournalCorruptError, unseal
+from prefect_pydantic_ai.durable.fork import NO_RESULT, ForkSource, forking
+from prefect_pydantic_ai.durable.journal import JournalCorruptError, memo_key, seal, unseal
 from prefect_pydantic_ai.durable.secrets import current as current_redactor
 from prefect_pydantic_ai.durable.task_config import TaskConfig
 from prefect_pydantic_ai.errors import StorageReadError, StorageWriteError, UnverifiedEffectError
@@ -66,6 +67,7 @@ from prefect_pydantic_ai.store.journal_storage import (
     journal_storage,
     read_if_present,
 )
+from prefect_pydantic_ai.store.records import StepRef
 from prefect_pydantic_ai.store.step_names import StepKind, step_title, task_run_name
 
 logger = logging.getLogger("prefect_pydantic_ai")
@@ -119,6 +121,20 @@ def step_idempotency_key() -> str:
             "step_idempotency_key() works only inside a model or tool step of a PrefectAgent run."
         )
     return step.key
+
+
+_index: contextvars.ContextVar[list[StepRef] | None] = contextvars.ContextVar("ppa_step_index", default=None)
+
+
+@contextmanager
+def indexing_steps(steps: list[StepRef]) -> Iterator[None]:
+    """Append the steps taken in this block to `steps` (an agent run's attempt: its run record keeps them).
+    A sub-agent run started inside a step indexes its own in a nested block."""
+    token = _index.set(steps)
+    try:
+        yield
+    finally:
+        _index.reset(token)
 
 
 @contextmanager
@@ -471,7 +487,19 @@ class StepTasks:
             if data is not NOTHING:
                 self._record_replay(name, key, storage, ordinal)
                 self._report(name, ordinal, True, 0, started)
-                return StepResult(data=data, replayed=True, attempts=0)
+                return self._indexed(StepResult(data=data, replayed=True, attempts=0), ordinal, name, key)
+            if (fork := forking()) is not None:
+                forked = await self._from_original(fork, name, key, storage, ordinal)
+                if forked is not None:
+                    self._report(name, ordinal, forked.replayed, 0, started)
+                    return self._indexed(forked, ordinal, name, key)
+            if self.config.memoize_seconds and (memo := memo_key(key)) is not None:
+                data, _ = await self._journaled_data(name, memo, storage)
+                if data is not NOTHING:
+                    await self._write(name, storage, key, seal(self.kind, data))
+                    self._record_replay(name, key, storage, ordinal)
+                    self._report(name, ordinal, True, 0, started)
+                    return self._indexed(StepResult(data=data, replayed=True, attempts=0), ordinal, name, key)
         record_replays()  # before anything executes: Prefect's timeline keeps the steps in order
         for _ in range(2):
             _PENDING[key] = attempt
@@ -513,11 +541,51 @@ class StepTasks:
                 continue
             if guarded and attempts:
                 await _set_marker(storage, key, _FINISHED)  # journaled now: the effect is verified
+            if attempts and self.config.memoize_seconds and (memo := memo_key(key)) is not None:
+                until = datetime.now(UTC) + timedelta(seconds=self.config.memoize_seconds)
+                await self._write(name, storage, memo, entry, expiration=until)
             self._report(name, ordinal, result.replayed, attempts, started)
-            return result
+            return self._indexed(result, ordinal, name, key)
         raise AgentRunError(
             f"{self.kind} step {name!r} could not be journaled"
         )  # pragma: no cover - loop guard
+
+    def _indexed(self, result: StepResult, ordinal: int, name: str, key: str) -> StepResult:
+        """Add the step to the index of its agent run (when one collects: `index_steps`)."""
+        index = _index.get()
+        if index is not None:
+            index.append(
+                StepRef(ordinal=ordinal, kind=self.kind, name=name, key=key, replayed=result.replayed)
+            )
+        return result
+
+    async def _from_original(
+        self, fork: ForkSource, name: str, key: str, storage: Any, ordinal: int
+    ) -> StepResult | None:
+        """In a fork, the step answered without running: a step before `fork.at` by the original run's entry of
+        the same step (replayed), the tool step at `fork.at` by the edited result. Either is written under the
+        fork's own key first, so the fork resumes without its original. `None`: the step runs live."""
+        data: Any = NOTHING
+        if ordinal < fork.at and (original := fork.aliases.get(key)) is not None:
+            data, _ = await self._journaled_data(name, original, storage)
+            replayed = True
+        elif ordinal == fork.at and self.kind == "tool" and fork.tool_result is not NO_RESULT:
+            data = {"outcome": "return", "value": fork.tool_result}
+            replayed = False
+        if data is NOTHING:
+            return None
+        await self._write(name, storage, key, seal(self.kind, data))
+        if replayed:
+            fork.replayed += 1
+            self._record_replay(name, key, storage, ordinal)
+        return StepResult(data=data, replayed=replayed, attempts=0)
+
+    async def _write(
+        self, name: str, storage: Any, key: str, entry: Any, *, expiration: datetime | None = None
+    ) -> None:
+        """Store `entry` under `key` as a step's result record (Prefect's result store writes it)."""
+        store = await get_result_store().aupdate_for_task(self.task(name, storage))
+        await store.awrite(obj=entry, key=key, expiration=cast(Any, expiration))
 
     async def _journal_if_not_written(
         self, name: str, key: str, storage: Any, entry: Any, transaction: BaseTransaction

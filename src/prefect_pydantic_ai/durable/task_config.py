@@ -49,6 +49,7 @@ _FIXES = {
     "log_prints": "True or False",
     "tags": "a list of strings",
     "on_unverified": "one of 'fail', 'tell_model', 'rerun'",
+    "memoize_seconds": "seconds > 0",
 }
 
 
@@ -66,6 +67,7 @@ class TaskConfigFields(TypedDict, total=False):
     log_prints: bool | None
     tags: list[str] | tuple[str, ...] | None
     on_unverified: UnverifiedPolicy | None
+    memoize_seconds: float | None
 
 
 class _Fields(BaseModel):
@@ -84,6 +86,7 @@ class _Fields(BaseModel):
     log_prints: bool | None = None
     tags: tuple[str, ...] | None = None
     on_unverified: UnverifiedPolicy | None = None
+    memoize_seconds: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -140,6 +143,9 @@ class TaskConfig(dict[str, Any]):
       `UnverifiedEffectError` for a human to check (then `resume --unverified rerun|tell_model`), `"tell_model"`
       gives the model a result saying the effect may or may not have happened, `"rerun"` runs it again with a
       warning. Pass `step_idempotency_key()` to the external system so that it can drop a repeated call itself.
+    - `memoize_seconds` (opt-in): an identical request (the same conversation, deps, metadata and offered tools;
+      for a tool, the same arguments too) made by any run of the same agent within this many seconds is answered
+      from the journal entry of the run that executed it, and counted as saved. Never on by default.
 
     `TaskConfig({"retries": 2})` and `TaskConfig(retries=2)` are the same config, equal to `{"retries": 2}`.
     It is frozen (it is checked once, when built): `cfg | {"retries": 3}` gives a changed copy. An invalid
@@ -282,6 +288,10 @@ class TaskConfig(dict[str, Any]):
     @property
     def on_unverified(self) -> UnverifiedPolicy | None:
         return cast("UnverifiedPolicy | None", self.get("on_unverified"))
+
+    @property
+    def memoize_seconds(self) -> float | None:
+        return cast("float | None", self.get("memoize_seconds"))
 
 
 TaskConfigLike: TypeAlias = TaskConfig | Mapping[str, Any]

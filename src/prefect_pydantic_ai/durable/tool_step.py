@@ -285,7 +285,7 @@ class ToolSteps:
             return live_result[0]
         if step.replayed and step.data["outcome"] in ("return", "tool_return"):
             ctx.usage.tool_calls += 1  # pydantic-ai counts a call that returned (a skip it counts itself)
-        return _replay(step.data)
+        return replay_outcome(step.data)
 
 
 def _return_outcome(tool_name: str, result: Any) -> dict[str, Any]:
@@ -321,7 +321,7 @@ def _control_flow_outcome(exc: BaseException) -> dict[str, Any]:
     return {"outcome": "skip", "value": to_journal_json(exc.result, what="skipped tool result")}
 
 
-def _replay(outcome: dict[str, Any]) -> Any:
+def replay_outcome(outcome: dict[str, Any]) -> Any:
     """Give the run the same effect the journaled outcome had when the step first ran."""
     match outcome["outcome"]:
         case "return":

@@ -54,7 +54,7 @@ async def resume_run(
 async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> Any:
     async with prefect_api() as api:
         flow_run = await resolve_run(api, ref)
-    records = await _records_of(flow_run)
+    records = await records_of(flow_run)
     if state_of(flow_run) == "running":
         latest = max(records, key=lambda r: r.started_at)
         raise RunError(
@@ -110,10 +110,10 @@ def recorded_entrypoint(flow_run: ApiFlowRun, first: RunRecord, entrypoint: str 
 async def check_resumable_here(flow_run: ApiFlowRun, entrypoint: str | None) -> None:
     """Raise the `RunError` that resuming `flow_run` in this process would raise for want of its run record or
     its code, before anything about the run changes."""
-    recorded_entrypoint(flow_run, (await _records_of(flow_run))[0], entrypoint)
+    recorded_entrypoint(flow_run, (await records_of(flow_run))[0], entrypoint)
 
 
-async def _records_of(flow_run: ApiFlowRun) -> list[RunRecord]:
+async def records_of(flow_run: ApiFlowRun) -> list[RunRecord]:
     """The run records of `flow_run`'s agent runs; `RunError` when this machine's storage holds none."""
     records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
     if not records:

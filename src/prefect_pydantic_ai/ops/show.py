@@ -55,6 +55,9 @@ class RunDetail(BaseModel):
     """Each attempt's ledger (all agents), in order, a killed attempt's as far as it was recorded."""
     awaiting: list[PendingCall] = []
     """For a paused run, the calls its latest attempt waits for a decision on, after its last step."""
+    forked_from: str | None = None
+    """For a fork: the run whose journal answered its steps before `forked_at`."""
+    forked_at: int | None = None
 
 
 CATCH_UP_S = 3.0
@@ -182,4 +185,6 @@ async def show_run(ref: str) -> RunDetail:
         ledger=ledger,
         attempt_ledgers=[by_attempt[count] for count in sorted(by_attempt)],
         awaiting=waiting.calls if waiting else [],
+        forked_from=next((r.forked_from for r in records if r.forked_from), None),
+        forked_at=next((r.forked_at for r in records if r.forked_from), None),
     )

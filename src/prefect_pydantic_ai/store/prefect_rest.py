@@ -26,6 +26,8 @@ from prefect_pydantic_ai.prefect_settings import prefect_settings
 
 TAG = "prefect-pydantic-ai"
 RECALL_TAG = "prefect-pydantic-ai:recall"
+FORK_TAG = "forked-from:"
+"""A fork's flow run is tagged `forked-from:<original flow run id>` (the link the Prefect UI shows)."""
 """Tags a flow run that re-called a completed logical run: it returned the stored output and executed nothing."""
 
 PAGE = 200  # the most a filter endpoint returns at once
@@ -82,6 +84,7 @@ class ApiFlowRun(_Model):
     state: ApiState | None = None
     run_count: int = 0
     start_time: datetime | None = None
+    end_time: datetime | None = None
     total_run_time: timedelta | None = None
     deployment_id: UUID | None = None
     work_pool_name: str | None = None

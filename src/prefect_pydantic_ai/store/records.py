@@ -30,6 +30,18 @@ _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
 HOST = socket.gethostname()
 
 
+class StepRef(BaseModel):
+    """One step an attempt took, in order: where its journal entry lives (`key`) and what it was."""
+
+    ordinal: int
+    """The step's `#` in its attempt (`show`'s numbering)."""
+    kind: Literal["model", "tool"]
+    name: str
+    """The model's or tool's name."""
+    key: str
+    replayed: bool = False
+
+
 class AttemptRecord(BaseModel):
     """What one attempt (flow run count) of an agent run ended with."""
 
@@ -41,6 +53,8 @@ class AttemptRecord(BaseModel):
     output: Any = None
     error: str | None = None
     ledger: Ledger = Field(default_factory=Ledger)
+    steps: list[StepRef] = Field(default_factory=list)
+    """The steps the attempt took, in order, written when it ends: what `export` and `gc` read the journal by."""
     in_steps: list[str] = Field(default_factory=list, exclude=True)
     """While the attempt runs: the steps it is executing (task run names, `tool #4: search @ analyst`; several
     for parallel tool calls). A killed attempt keeps the steps it died in, even those Prefect never heard of."""
@@ -85,6 +99,10 @@ class RunRecord(BaseModel):
     `ordinal` then counts the runs of this agent within that step."""
     parent_step_name: str | None = None
     """The task run name of that step, `tool: <name> @ <agent>`."""
+    forked_from: str | None = None
+    """For a fork (`fork_run`): the flow run whose journal answered the steps before `forked_at`."""
+    forked_at: int | None = None
+    """For a fork: the first step it ran live (the steps before it replayed the original's)."""
 
 
 def record_path(flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None) -> str:
@@ -306,6 +324,11 @@ async def _storage() -> Any:
     return storage
 
 
+async def result_storage() -> Any:
+    """The result storage run records and journal entries live in (see `_storage`)."""
+    return await _storage()
+
+
 async def record_storage_name() -> str:
     """Where this machine looks for run records, as a user would name it: a saved block's slug, a bucket, a path."""
     from prefect.filesystems import LocalFileSystem
@@ -384,3 +407,22 @@ def rehydrate_deps(deps_type: Any, stored: Any) -> Any:
     from pydantic import TypeAdapter
 
     return TypeAdapter(deps_type).validate_python(stored)
+
+
+async def read_journal_entry(key: str) -> Any:
+    """The journal entry stored under step `key` in the result storage (the sealed step data), `None` when
+    there is none; `RunError` when it cannot be read or is no result record."""
+    from prefect_pydantic_ai.compat.prefect import read_result_record
+    from prefect_pydantic_ai.errors import StorageReadError
+    from prefect_pydantic_ai.store.journal_storage import read_if_present
+
+    try:
+        content = await read_if_present(await _storage(), key)
+    except StorageReadError as exc:
+        raise RunError(str(exc)) from None
+    if content is None:
+        return None
+    try:
+        return read_result_record(content)[0]
+    except Exception as exc:
+        raise RunError(f"The journal entry {key} is not a result record ({type(exc).__name__}).") from None

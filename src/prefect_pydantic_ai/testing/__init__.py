@@ -23,8 +23,20 @@ or give a run the plan as a capability, which wraps every model request and tool
     await durable.run(prompt, capabilities=[FaultInjection(plan)])
 
 `CallLog` counts calls of named steps across processes (one fsync'ed JSON line per call).
+
+Replay a run exported with `prefect-pydantic-ai export RUN -o run.json` as the model and the tools' results, with
+no server and no network (`CassetteMismatch`, a diff, when the agent asks for something else)::
+
+    replay = Cassette.load("run.json").replay()
+    result = await agent.run(prompt, capabilities=[replay])
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cassette import Cassette as Cassette
+    from .cassette import CassetteMismatch as CassetteMismatch
+    from .cassette import CassetteReplay as CassetteReplay
 from .faults import (
     ENV_VAR,
     TRANSPORTABLE_EXCEPTIONS,
@@ -58,6 +70,9 @@ __all__ = [
     "TRANSPORTABLE_EXCEPTIONS",
     "CallLog",
     "CallLogEntry",
+    "Cassette",
+    "CassetteMismatch",
+    "CassetteReplay",
     "Chunking",
     "CutStreamFault",
     "DelayFault",
@@ -78,3 +93,12 @@ __all__ = [
     "Usage",
     "wrap_function_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The cassette names, imported on first use: they import Prefect, which the fault helpers do not need."""
+    if name in ("Cassette", "CassetteMismatch", "CassetteReplay"):
+        from . import cassette
+
+        return getattr(cassette, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
