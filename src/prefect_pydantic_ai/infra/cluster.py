@@ -8,8 +8,10 @@ lease and Docket backend (Prefect's documented self-hosted setup), a process wor
 (a UTS namespace, as `unshare --uts` makes, when we may), sharing only the server, the Redis step locks and one
 journal directory. Everything it starts carries the cluster directory in its environment (`CLUSTER_MARKER`),
 so `down` finds every process that belongs to it, including a worker's flow runs, by reading /proc, and stops
-them all. The directory holds the state file, the logs, the journal and Redis's files; PostgreSQL's data lives
-in a temporary directory (the `postgres` user must be able to reach it) that `down` removes.
+them all. `restart` brings one part back (stopped if it runs, started again on its port with its data and
+settings) and records its new pid. The directory holds the state file, the logs, the journal and Redis's
+files; PostgreSQL's data lives in a temporary directory (the `postgres` user must be able to reach it) that
+`down` removes.
 
 The module imports no Prefect at the top, so `status` and `down` stay fast.
 """
@@ -189,7 +191,7 @@ def cluster_up(
         _write_state(cluster)
         say("starting Redis")
         redis_port = free_port()
-        components.append(_start_redis(redis_server, redis_port, logs, directory))
+        components.append(_run_redis(redis_server, redis_port, logs, directory))
         redis_url = f"redis://127.0.0.1:{redis_port}/{_MESSAGING_DB}"
         cluster = _replace(
             cluster, redis_url=redis_url, locks_url=f"redis://127.0.0.1:{redis_port}/{_LOCKS_DB}"
@@ -408,7 +410,7 @@ def _run_postgres(bin_dir: Path, root: Path, port: int, logs: Path, directory: P
     return component
 
 
-def _start_redis(redis_server: str, port: int, logs: Path, directory: Path) -> Component:
+def _run_redis(redis_server: str, port: int, logs: Path, directory: Path) -> Component:
     """redis-server on `port`, without persistence (a restart starts it empty), once it answers PING."""
     data = directory / "redis"
     data.mkdir(exist_ok=True)
@@ -617,9 +619,8 @@ def cluster_restart(
 ) -> tuple[Component, bool]:
     """Stop one part of the cluster in `directory` if it runs (PostgreSQL with its fast shutdown, the rest with
     SIGTERM, then SIGKILL after `timeout`) and start it again on the same port with the same data and settings,
-    as if its machine restarted: PostgreSQL keeps its data, Redis comes back empty (no persistence), a worker
-    leaves its running flow runs alone. Records the new pid and returns the new component and whether the old
-    one was still running."""
+    as if its machine restarted: PostgreSQL keeps its data, Redis comes back empty (no persistence). Records the
+    new pid and returns the new component and whether the old one was still running."""
     cluster = cluster_status(directory)
     old = _part(cluster, part, name)
     stopped = old.alive()
@@ -633,7 +634,7 @@ def cluster_restart(
             postgres_bin, Path(cluster.postgres_data), _port(cluster.database_url), logs, home
         )
     elif old.name == "redis":
-        new = _start_redis(redis_server, _port(cluster.redis_url), logs, home)
+        new = _run_redis(redis_server, _port(cluster.redis_url), logs, home)
     elif old.name == "prefect server":
         new = _run_prefect_server(cluster, logs)
     else:
