@@ -359,9 +359,10 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
 ) -> None:
     """Ten runs, each tool call taking 3 s and the last one waiting for the test, while `cluster restart` brings
     back PostgreSQL (fast shutdown), then the Prefect server (SIGKILLed, started again 5 s later), then Redis
-    (empty: the server's messaging and the step locks lose everything): every run completes on its first attempt
-    with each model request and tool call executed once. Runs last in the module: it leaves client retries in
-    the workers' logs."""
+    (empty: the server's messaging and the step locks lose everything): every run completes, with each model
+    request and tool call executed once; a run the crash automation crashed because its heartbeats were lost in
+    the outage is completed by `resume --all-crashed`, executing nothing again. Runs last in the module: it
+    leaves client retries in the workers' logs."""
     labels, release = [f"fault-{i}" for i in range(FAULT_RUNS)], tmp_path / "release"
     began = time.monotonic()
     timeline: list[str] = []
@@ -380,11 +381,9 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
 
     parts = "restart postgresql, redis, server or worker NAME (workers: host-a, host-b)."
     for wrong, line in {
-        (
-            "nginx",
-            "--dir",
-            cluster.directory,
-        ): f"No part 'nginx' in the cluster in {cluster.directory}: {parts}",
+        ("nginx", "--dir", cluster.directory): (
+            f"No part 'nginx' in the cluster in {cluster.directory}: {parts}"
+        ),
         ("worker", "host-z", "--dir", cluster.directory): (
             f"No part 'worker host-z' in the cluster in {cluster.directory}: {parts}"
         ),
