@@ -1,7 +1,7 @@
 """`prefect-pydantic-ai cluster`: PostgreSQL, Redis, a Prefect server, a process work pool and two workers that act
 as their own machines, on this host. Runs of an 11-step agent deployed to its pool complete on both workers with
 every step executed once; a worker killed with runs in flight loses none of them. One wave of runs serves
-both.
+both. Ten more runs in flight ride out PostgreSQL, the Prefect server and Redis brought back by `cluster restart`.
 
 The module's one cluster is started and stopped through the CLI, as a user does; every process it started is
 gone afterwards (read from /proc). Steps are counted from the call log the flow writes (tests/scripts/cluster_flow.py).
@@ -168,13 +168,19 @@ def _retries_in_worker_logs(cluster: Cluster) -> list[str]:
     return retries
 
 
-async def _submit(deployment: UUID, labels: list[str], **parameters: Any) -> dict[str, UUID]:
-    """All runs at once, as concurrent `run_deployment` calls that return when each flow run is created."""
+async def _submit(
+    deployment: UUID, labels: list[str], env: dict[str, str] | None = None, **parameters: Any
+) -> dict[str, UUID]:
+    """All runs at once, as concurrent `run_deployment` calls that return when each flow run is created (`env`:
+    added to the deployment's environment for these runs)."""
     from prefect.deployments import run_deployment
 
+    variables = {"env": env} if env else None
     created = await asyncio.gather(
         *(
-            run_deployment(deployment, parameters={"label": label, **parameters}, timeout=0)
+            run_deployment(
+                deployment, parameters={"label": label, **parameters}, timeout=0, job_variables=variables
+            )
             for label in labels
         )
     )
@@ -326,3 +332,151 @@ async def test_fifty_runs_at_once_complete_each_step_once_and_a_killed_workers_r
         assert {e.args["worker"] for e in executed[label][first_third + 1 :]} == {survivor}
     print(f"steps executed per worker before the kill: {dict(workers)}")
     print(f"killed {victim_name} holding {len(held)} of {HELD} waiting runs; all completed after resume")
+
+
+FAULT_RUNS = 10
+PACE = 3.0  # seconds each tool call of the fault test's runs takes, so the last ones started work through the faults
+FAULT_LEASE = 10  # the step locks' lease for those runs: after Redis restarts empty, steps wait out one lease
+
+
+async def _task_run_states(ids: list[UUID]) -> dict[UUID, Counter[str]]:
+    """Flow run → how many of its task runs Prefect has recorded, by state type."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        found = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    states: dict[UUID, Counter[str]] = {i: Counter() for i in ids}
+    for task_run in found:
+        if task_run.flow_run_id is not None:
+            states[task_run.flow_run_id][task_run.state_type.value if task_run.state_type else "NONE"] += 1
+    return states
+
+
+@pytest.mark.timeout(600)
+async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_killed_and_redis_restarted(
+    cluster: Cluster, deployment: UUID, calls: Path, tmp_path: Path
+) -> None:
+    """Ten runs, each tool call taking 3 s and the last one waiting for the test, while `cluster restart` brings
+    back PostgreSQL (fast shutdown), then the Prefect server (SIGKILLed, started again 5 s later), then Redis
+    (empty: the server's messaging and the step locks lose everything): every run completes, with each model
+    request and tool call executed once; a run the crash automation crashed because its heartbeats were lost in
+    the outage is completed by `resume --all-crashed`, executing nothing again. Runs last in the module: it
+    leaves client retries in the workers' logs."""
+    labels, release = [f"fault-{i}" for i in range(FAULT_RUNS)], tmp_path / "release"
+    began = time.monotonic()
+    timeline: list[str] = []
+
+    def mark(what: str) -> None:
+        progress = _executions(calls, "fault-")
+        steps = sum(len(entries) for entries in progress.values())
+        timeline.append(
+            f"{time.monotonic() - began:5.1f}s {what}: {steps} of {11 * FAULT_RUNS} steps executed"
+        )
+
+    def restart(*part: str) -> str:
+        out = cli("cluster", "restart", *part, "--dir", cluster.directory)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.strip()
+
+    parts = "restart postgresql, redis, server or worker NAME (workers: host-a, host-b)."
+    for wrong, line in {
+        ("nginx", "--dir", cluster.directory): (
+            f"No part 'nginx' in the cluster in {cluster.directory}: {parts}"
+        ),
+        ("worker", "host-z", "--dir", cluster.directory): (
+            f"No part 'worker host-z' in the cluster in {cluster.directory}: {parts}"
+        ),
+        ("redis", "--dir", str(tmp_path)): f"No cluster in {tmp_path}; start one with `cluster up`.",
+    }.items():
+        out = cli("cluster", "restart", *wrong)
+        assert (out.returncode, out.stderr) == (2, f"error: {line}\n"), out
+
+    env = {"PREFECT_PYDANTIC_AI_LOCK_LEASE_SECONDS": str(FAULT_LEASE)}
+    with using_api(cluster.api_url):
+        ids = await _submit(deployment, labels, env, hold_until=str(release), hold_at=5, pace=PACE)
+        _wait_until(
+            lambda: (
+                all(("tool", 1) in _steps(e) for e in _executions(calls, "fault-").values())
+                and len(_executions(calls, "fault-")) == FAULT_RUNS
+            ),
+            "every run in its first tool call",
+            300,
+        )
+        mark("every run working")
+
+        said = restart("postgresql")
+        assert re.fullmatch(r"Restarted postgresql \(pid \d+\) at 127\.0\.0\.1:\d+\.", said), said
+        mark("PostgreSQL restarted")
+
+        [server] = [c for c in cluster.components if c.name == "prefect server"]
+        os.kill(server.pid, signal.SIGKILL)
+        _wait_until(lambda: not server.alive(), "the server gone", 10)
+        mark("server SIGKILLed")
+        await asyncio.sleep(5)  # the outage itself
+        said = restart("server")
+        assert (
+            said == f"Started prefect server (pid {_pid(cluster, 'prefect server')}) at {cluster.ui_url}."
+        ), said
+        mark("server answering again")
+
+        said = restart("redis")
+        assert re.fullmatch(r"Restarted redis \(pid \d+\) at 127\.0\.0\.1:\d+\.", said), said
+        mark("Redis restarted empty")
+
+        assert all(
+            ("model", 6) not in _steps(e) for e in _executions(calls, "fault-").values()
+        )  # all in flight
+        release.touch()
+        runs = await _wait_for(list(ids.values()), {"COMPLETED", "FAILED", "CRASHED"}, 300)
+        mark("every run final")
+        # A server outage longer than the crash automation's window minus a heartbeat interval loses the
+        # heartbeats that would have kept a live run from being crashed (Prefect's client drops the events it
+        # could not send): such a run executes its steps to the end but stays Crashed; `resume` completes it.
+        crashed = sorted(label for label in labels if runs[ids[label]].state_type.value == "CRASHED")
+        if crashed:
+            assert {runs[ids[label]].state.message for label in crashed} == {
+                f"No heartbeat for {CRASH_WITHIN}s: the machine running it stopped."
+            }
+            _wait_until(
+                lambda: all(("model", 6) in _steps(_executions(calls, label)[label]) for label in crashed),
+                "the crashed runs' processes at their last step",
+                120,
+            )
+            resume = cli("resume", "--all-crashed", env=cluster.client_env())
+            assert resume.returncode == 0, resume.stdout + resume.stderr
+            assert resume.stdout.count("Scheduled it again on its deployment") == len(crashed), resume.stdout
+            runs |= await _wait_for(
+                [ids[label] for label in crashed], {"COMPLETED", "FAILED", "CRASHED"}, 300
+            )
+            mark(f"{len(crashed)} crashed by the automation, resumed")
+        tasks = await _task_run_states(list(ids.values()))
+
+    status = cli("cluster", "status", "--dir", cluster.directory, "--json")
+    assert status.returncode == 0, status.stdout + status.stderr  # every part alive, its new pid recorded
+    retries = Counter(
+        found[-1] if (found := re.findall(r"([\w.]+(?:Error|Timeout)):", line)) else "no exception"
+        for line in _retries_in_worker_logs(cluster)
+    )
+    fewest = min(labels, key=lambda label: tasks[ids[label]].total())
+    shown = cli("show", str(ids[fewest]), "--json", env=cluster.client_env())
+    assert shown.returncode == 0, shown.stderr
+    print("\n".join(timeline))
+    print(f"task runs in Prefect: {dict(sum(tasks.values(), Counter()))} of {11 * FAULT_RUNS} steps")
+    print(
+        f"`show {fewest}` lists {len(json.loads(shown.stdout)['steps'])} steps (Prefect recorded it {tasks[ids[fewest]].total()})"
+    )
+    print(f"client retries in the runs: {sum(retries.values())}, by cause: {dict(retries)}")
+    assert Counter(r.state_type.value for r in runs.values()) == {"COMPLETED": FAULT_RUNS}
+    assert {label: runs[ids[label]].run_count for label in labels} == {
+        label: 2 if label in crashed else 1 for label in labels
+    }
+    executed = _executions(calls, "fault-")
+    assert {label: _steps(executed[label]) for label in labels} == {label: STEPS for label in labels}
+
+
+def _pid(cluster: Cluster, name: str) -> int:
+    """The pid `cluster.json` records for component `name` now."""
+    state = read_cluster(Path(cluster.directory))
+    assert state is not None
+    return next(c.pid for c in state.components if c.name == name)

@@ -3,8 +3,9 @@ tests/test_cluster.py and executed by its workers.
 
 Every model request and tool call appends `{run, step, host, worker}` to the `CallLog` at $CLUSTER_CALLS when it
 starts, so the test counts executions per run over all machines and sees which machine made each one. A run
-given `hold_until` (a path) waits inside its third tool call, on its first attempt only, until that file exists,
-so a test can kill a worker while runs are in flight there.
+given `hold_until` (a path) waits inside its third tool call (or the `hold_at`th), on its first attempt only, until
+that file exists, so a test can kill a worker while runs are in flight there; `pace` makes each tool call take that
+many seconds, so runs are still working while a test brings a part of the cluster down.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ agent = Agent(FunctionModel(model), name="cluster_agent")
 @agent.tool_plain
 async def work(step: int) -> str:
     _record("tool", step)
+    await asyncio.sleep(float(flow_run.parameters.get("pace") or 0))
     hold_until = flow_run.parameters.get("hold_until")
-    if step == HOLD_AT and hold_until and flow_run.run_count <= 1:
+    if step == flow_run.parameters.get("hold_at", HOLD_AT) and hold_until and flow_run.run_count <= 1:
         while not os.path.exists(hold_until):
             await asyncio.sleep(0.2)
     return f"step {step} done"
@@ -57,6 +59,8 @@ durable = PrefectAgent(agent)
 
 
 @flow(name="cluster-agent")
-async def cluster_flow(label: str, hold_until: str | None = None) -> str:
+async def cluster_flow(
+    label: str, hold_until: str | None = None, hold_at: int = HOLD_AT, pace: float = 0.0
+) -> str:
     result = await durable.run(f"Run {label}: call work five times.")
     return result.output

@@ -758,6 +758,23 @@ def cluster_env_command(directory: _DirOption = Path(".cluster")) -> None:
         print(f"export {name}={shlex.quote(value)}")
 
 
+@cluster_app.command("restart")
+def cluster_restart_command(
+    part: Annotated[str, typer.Argument(help="postgresql, redis, server or worker.")],
+    name: Annotated[str | None, typer.Argument(help="The worker's name (host-a, ...).")] = None,
+    directory: _DirOption = Path(".cluster"),
+) -> None:
+    """Stop one part of the cluster if it runs and start it again on its port, with its data and settings."""
+    from prefect_pydantic_ai.infra.cluster import cluster_restart
+
+    component, stopped = _cluster_errors(lambda: cluster_restart(directory, part, name))
+    console.print(
+        f"{'Restarted' if stopped else 'Started'} {component.name} (pid {component.pid}) at {component.address}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @cluster_app.command("down")
 def cluster_down_command(directory: _DirOption = Path(".cluster")) -> None:
     """Stop every process the cluster started and remove its directory."""

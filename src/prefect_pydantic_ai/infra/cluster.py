@@ -8,8 +8,10 @@ lease and Docket backend (Prefect's documented self-hosted setup), a process wor
 (a UTS namespace, as `unshare --uts` makes, when we may), sharing only the server, the Redis step locks and one
 journal directory. Everything it starts carries the cluster directory in its environment (`CLUSTER_MARKER`),
 so `down` finds every process that belongs to it, including a worker's flow runs, by reading /proc, and stops
-them all. The directory holds the state file, the logs, the journal and Redis's files; PostgreSQL's data lives
-in a temporary directory (the `postgres` user must be able to reach it) that `down` removes.
+them all. `restart` brings one part back (stopped if it runs, started again on its port with its data and
+settings) and records its new pid. The directory holds the state file, the logs, the journal and Redis's
+files; PostgreSQL's data lives in a temporary directory (the `postgres` user must be able to reach it) that
+`down` removes.
 
 The module imports no Prefect at the top, so `status` and `down` stay fast.
 """
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -67,6 +70,20 @@ class Component:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How `up` builds the cluster. Workers send a heartbeat every `heartbeat_seconds` (Prefect's minimum is 30);
+    the automation crashes a run silent for `crash_within` seconds; each worker runs at most `worker_limit` flow
+    runs at once (None: no limit) and polls the pool every `poll_seconds`."""
+
+    workers: int = 2
+    pool: str = DEFAULT_POOL
+    heartbeat_seconds: int = 30
+    crash_within: float = 90.0
+    worker_limit: int | None = 10
+    poll_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class Cluster:
     """A running cluster, as recorded in `<directory>/cluster.json`."""
 
@@ -80,6 +97,7 @@ class Cluster:
     postgres_data: str
     own_hostnames: bool
     components: list[Component] = field(default_factory=list)
+    config: ClusterConfig = field(default_factory=ClusterConfig)  # what `restart` starts a worker with
 
     @property
     def ui_url(self) -> str:
@@ -123,20 +141,6 @@ class Cluster:
         }
 
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """How `up` builds the cluster. Workers send a heartbeat every `heartbeat_seconds` (Prefect's minimum is 30);
-    the automation crashes a run silent for `crash_within` seconds; each worker runs at most `worker_limit` flow
-    runs at once (None: no limit) and polls the pool every `poll_seconds`."""
-
-    workers: int = 2
-    pool: str = DEFAULT_POOL
-    heartbeat_seconds: int = 30
-    crash_within: float = 90.0
-    worker_limit: int | None = 10
-    poll_seconds: float = 1.0
-
-
 # -- up ---------------------------------------------------------------------------------------------------------
 
 
@@ -174,18 +178,20 @@ def cluster_up(
         postgres_data=str(pg_root),
         own_hostnames=False,
         components=components,
+        config=config,
     )
     _write_state(cluster)  # from now on `down` can clean up whatever was started
     try:
         say("starting PostgreSQL")
         pg_port = free_port()
-        components.append(_start_postgres(postgres_bin, pg_root, pg_port, logs, directory))
+        _init_postgres(postgres_bin, pg_root, logs)
+        components.append(_run_postgres(postgres_bin, pg_root, pg_port, logs, directory))
         database_url = f"postgresql+asyncpg://postgres@127.0.0.1:{pg_port}/prefect"
         cluster = _replace(cluster, database_url=database_url)
         _write_state(cluster)
         say("starting Redis")
         redis_port = free_port()
-        components.append(_start_redis(redis_server, redis_port, logs, directory))
+        components.append(_run_redis(redis_server, redis_port, logs, directory))
         redis_url = f"redis://127.0.0.1:{redis_port}/{_MESSAGING_DB}"
         cluster = _replace(
             cluster, redis_url=redis_url, locks_url=f"redis://127.0.0.1:{redis_port}/{_LOCKS_DB}"
@@ -194,10 +200,10 @@ def cluster_up(
         say("starting the Prefect server (a first boot migrates the database)")
         api_port = free_port()
         api_url = f"http://127.0.0.1:{api_port}/api"
-        components.append(_start_prefect_server(api_port, database_url, redis_port, logs, directory))
         cluster = _replace(cluster, api_url=api_url)
+        components.append(_run_prefect_server(cluster, logs))
         _write_state(cluster)
-        _wait(lambda: _healthy(api_url), components[-1], "the Prefect server", BOOT_TIMEOUT)
+        _wait_for_server(cluster, components[-1])
         say(f"creating work pool {config.pool} and the crash automation")
         _prepare_server(api_url, config)
         own = _may_own_hostname()
@@ -205,7 +211,7 @@ def cluster_up(
         for index in range(config.workers):
             name = f"host-{chr(ord('a') + index)}"
             say(f"starting worker {name}")
-            components.append(_start_worker(name, cluster, config, logs, own))
+            components.append(_run_worker(name, cluster, logs))
             _write_state(cluster)
         if config.workers:
             _wait_for_workers(cluster, config.workers)
@@ -224,6 +230,7 @@ def cluster_up(
 def _replace(cluster: Cluster, **changes: Any) -> Cluster:
     values = {**asdict(cluster), **changes}
     values["components"] = cluster.components  # the same list: components started later are recorded too
+    values["config"] = cluster.config
     return Cluster(**values)
 
 
@@ -331,7 +338,8 @@ def _drop_to(ids: tuple[int, int] | None) -> Callable[[], None] | None:
     return drop
 
 
-def _start_postgres(bin_dir: Path, root: Path, port: int, logs: Path, directory: Path) -> Component:
+def _init_postgres(bin_dir: Path, root: Path, logs: Path) -> None:
+    """A new PostgreSQL data directory in `root` (owned by the `postgres` user when we are root)."""
     ids = _as_postgres()
     data, sockets = root / "data", root / "run"
     data.mkdir()
@@ -362,6 +370,12 @@ def _start_postgres(bin_dir: Path, root: Path, port: int, logs: Path, directory:
         )
     if done.returncode != 0:
         raise ClusterError(f"initdb failed (exit {done.returncode}); see {initdb_log}.")
+
+
+def _run_postgres(bin_dir: Path, root: Path, port: int, logs: Path, directory: Path) -> Component:
+    """PostgreSQL on the data directory in `root`, once it answers and has the `prefect` database."""
+    ids = _as_postgres()
+    data, sockets = root / "data", root / "run"
     component = _spawn(
         "postgresql",
         [
@@ -396,7 +410,8 @@ def _start_postgres(bin_dir: Path, root: Path, port: int, logs: Path, directory:
     return component
 
 
-def _start_redis(redis_server: str, port: int, logs: Path, directory: Path) -> Component:
+def _run_redis(redis_server: str, port: int, logs: Path, directory: Path) -> Component:
+    """redis-server on `port`, without persistence (a restart starts it empty), once it answers PING."""
     data = directory / "redis"
     data.mkdir(exist_ok=True)
     command = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
@@ -431,27 +446,39 @@ def server_env(database_url: str, redis_port: int) -> dict[str, str]:
     }
 
 
-def _start_prefect_server(
-    port: int, database_url: str, redis_port: int, logs: Path, directory: Path
-) -> Component:
+def _run_prefect_server(cluster: Cluster, logs: Path) -> Component:
+    """The Prefect server at the cluster's API address, on its database and Redis (`_wait_for_server`: until it
+    answers)."""
+    directory = Path(cluster.directory)
     home = directory / "server-home"
     home.mkdir(exist_ok=True)
-    url = f"http://127.0.0.1:{port}/api"
+    url = cluster.api_url
     env = {
         **_base_env(directory),
-        **server_env(database_url, redis_port),
+        **server_env(cluster.database_url, _port(cluster.redis_url)),
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": url,
         "PREFECT_SERVER_UI_API_URL": url,
     }
     return _spawn(
         "prefect server",
-        server_command(port),
+        server_command(_port(url)),
         logs,
         env,
         address=url.removesuffix("/api"),
         cwd=home,
     )
+
+
+def _wait_for_server(cluster: Cluster, server: Component) -> None:
+    _wait(lambda: _healthy(cluster.api_url), server, "the Prefect server", BOOT_TIMEOUT)
+
+
+def _port(url: str) -> int:
+    port = urllib.parse.urlsplit(url).port
+    if port is None:
+        raise ClusterError(f"The cluster's state names {url} without a port; start a new cluster.")
+    return port
 
 
 @contextlib.contextmanager
@@ -508,7 +535,9 @@ def _own_hostname(name: str) -> Callable[[], None]:
     return enter
 
 
-def _start_worker(name: str, cluster: Cluster, config: ClusterConfig, logs: Path, own: bool) -> Component:
+def _run_worker(name: str, cluster: Cluster, logs: Path) -> Component:
+    """Worker `name` as a machine of its own (its PREFECT_HOME, and its hostname when the cluster has them)."""
+    config, own = cluster.config, cluster.own_hostnames
     host = Path(cluster.directory) / "hosts" / name
     home = host / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -579,6 +608,57 @@ def _healthy(url: str) -> bool:
         return False
 
 
+# -- restart ----------------------------------------------------------------------------------------------------
+
+PARTS = ("postgresql", "redis", "server", "worker")
+"""What `cluster restart` brings back: `worker` with a worker's name."""
+
+
+def cluster_restart(
+    directory: Path, part: str, name: str | None = None, timeout: float = 20.0
+) -> tuple[Component, bool]:
+    """Stop one part of the cluster in `directory` if it runs (PostgreSQL with its fast shutdown, the rest with
+    SIGTERM, then SIGKILL after `timeout`) and start it again on the same port with the same data and settings,
+    as if its machine restarted: PostgreSQL keeps its data, Redis comes back empty (no persistence). Records the
+    new pid and returns the new component and whether the old one was still running."""
+    cluster = cluster_status(directory)
+    old = _part(cluster, part, name)
+    stopped = old.alive()
+    if stopped:
+        _signal_all([old.pid], signal.SIGINT if old.name == "postgresql" else signal.SIGTERM)
+        _wait_gone([old.pid], timeout)
+    home, logs = Path(cluster.directory), Path(cluster.directory) / "logs"
+    postgres_bin, redis_server = _binaries()
+    if old.name == "postgresql":
+        new = _run_postgres(
+            postgres_bin, Path(cluster.postgres_data), _port(cluster.database_url), logs, home
+        )
+    elif old.name == "redis":
+        new = _run_redis(redis_server, _port(cluster.redis_url), logs, home)
+    elif old.name == "prefect server":
+        new = _run_prefect_server(cluster, logs)
+    else:
+        new = _run_worker(old.name.removeprefix("worker "), cluster, logs)
+    cluster.components[cluster.components.index(old)] = new
+    _write_state(cluster)
+    if new.name == "prefect server":
+        _wait_for_server(cluster, new)
+    return new, stopped
+
+
+def _part(cluster: Cluster, part: str, name: str | None) -> Component:
+    """The component `part` (and `name`, for a worker) names, or a `ClusterError` listing what there is."""
+    workers = ", ".join(w.name.removeprefix("worker ") for w in cluster.workers) or "none"
+    wanted = {"server": "prefect server", "worker": f"worker {name}"}.get(part, part)
+    found = [c for c in cluster.components if c.name == wanted]
+    if part not in PARTS or (name is not None) != (part == "worker") or not found:
+        raise ClusterError(
+            f"No part {' '.join(filter(None, (part, name)))!r} in the cluster in {cluster.directory}: restart "
+            f"postgresql, redis, server or worker NAME (workers: {workers})."
+        )
+    return found[0]
+
+
 # -- status and down --------------------------------------------------------------------------------------------
 
 
@@ -587,6 +667,7 @@ def read_cluster(directory: Path) -> Cluster | None:
     try:
         data = json.loads((directory / STATE_FILE).read_text())
         data["components"] = [Component(**c) for c in data["components"]]
+        data["config"] = ClusterConfig(**data.get("config", {}))
         return Cluster(**data)
     except (OSError, ValueError, TypeError, KeyError):
         return None
