@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .durable.capability import idempotency_key as idempotency_key
     from .durable.errors import DurabilityConfigError as DurabilityConfigError
     from .durable.errors import NotJournalableError as NotJournalableError
+    from .durable.limits import ConcurrencyLimit as ConcurrencyLimit
+    from .durable.limits import MissingLimitError as MissingLimitError
     from .durable.model_step import StreamRetryEvent as StreamRetryEvent
     from .durable.report import ledger_of as ledger_of
     from .durable.steps import step_idempotency_key as step_idempotency_key
@@ -46,6 +48,8 @@ _EXPORTS = {
     "TaskConfig": "durable.task_config",
     "DurabilityConfigError": "durable.errors",
     "NotJournalableError": "durable.errors",
+    "ConcurrencyLimit": "durable.limits",
+    "MissingLimitError": "durable.limits",
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "durable.report",

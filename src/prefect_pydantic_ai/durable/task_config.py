@@ -22,10 +22,12 @@ from pydantic import (
     Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    field_validator,
     model_validator,
 )
 
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError
+from prefect_pydantic_ai.durable.limits import ConcurrencyLimit
 
 UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
 """What happens to a call of a non-idempotent tool that an earlier attempt started and never finished."""
@@ -49,6 +51,7 @@ _FIXES = {
     "log_prints": "True or False",
     "tags": "a list of strings",
     "on_unverified": "one of 'fail', 'tell_model', 'rerun'",
+    "concurrency_limit": "a Prefect global concurrency limit name, or a ConcurrencyLimit(name=...)",
 }
 
 
@@ -66,6 +69,7 @@ class TaskConfigFields(TypedDict, total=False):
     log_prints: bool | None
     tags: list[str] | tuple[str, ...] | None
     on_unverified: UnverifiedPolicy | None
+    concurrency_limit: ConcurrencyLimit | str | None
 
 
 class _Fields(BaseModel):
@@ -84,6 +88,12 @@ class _Fields(BaseModel):
     log_prints: bool | None = None
     tags: tuple[str, ...] | None = None
     on_unverified: UnverifiedPolicy | None = None
+    concurrency_limit: ConcurrencyLimit | None = None
+
+    @field_validator("concurrency_limit", mode="before")
+    @classmethod
+    def _limit_by_name(cls, value: Any) -> Any:
+        return ConcurrencyLimit(name=value) if isinstance(value, str) else value
 
     @model_validator(mode="wrap")
     @classmethod
@@ -140,6 +150,9 @@ class TaskConfig(dict[str, Any]):
       `UnverifiedEffectError` for a human to check (then `resume --unverified rerun|tell_model`), `"tell_model"`
       gives the model a result saying the effect may or may not have happened, `"rerun"` runs it again with a
       warning. Pass `step_idempotency_key()` to the external system so that it can drop a repeated call itself.
+    - `concurrency_limit`: each executing attempt holds a slot of this Prefect global concurrency limit (a name,
+      or a `ConcurrencyLimit` with a rate limit, creation and lease settings), shared by every run and worker of
+      the Prefect server; a replayed step, the wait before a retry and a run waiting for approval hold none.
 
     `TaskConfig({"retries": 2})` and `TaskConfig(retries=2)` are the same config, equal to `{"retries": 2}`.
     It is frozen (it is checked once, when built): `cfg | {"retries": 3}` gives a changed copy. An invalid
@@ -278,6 +291,10 @@ class TaskConfig(dict[str, Any]):
     @property
     def tags(self) -> tuple[str, ...] | None:
         return cast("tuple[str, ...] | None", self.get("tags"))
+
+    @property
+    def concurrency_limit(self) -> ConcurrencyLimit | None:
+        return cast("ConcurrencyLimit | None", self.get("concurrency_limit"))
 
     @property
     def on_unverified(self) -> UnverifiedPolicy | None:

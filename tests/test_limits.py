@@ -1,0 +1,83 @@
+"""Provider limits: model requests hold slots of a Prefect global concurrency limit only while they execute.
+
+The provider is a `LoopbackOpenAI` server answering after a delay, which records the most requests it was
+answering at once (`max_in_flight`); the limits are real global concurrency limits of this session's server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from pydantic_ai import Agent
+
+from prefect_pydantic_ai import ConcurrencyLimit, MissingLimitError, PrefectAgent, TaskConfig
+from prefect_pydantic_ai.testing import LoopbackOpenAI
+from tests.scripts.limited_runs import answer
+
+pytestmark = pytest.mark.anyio
+
+
+def _limited(server: LoopbackOpenAI, limit: ConcurrencyLimit | str) -> PrefectAgent[None, str]:
+    """model → `stamp` → model, each model request holding a slot of `limit`."""
+    agent: Agent[None, str] = Agent(server.openai_model("gpt-4o"), name=f"limited_{uuid.uuid4().hex[:6]}")
+
+    @agent.tool_plain
+    def stamp(n: int) -> int:
+        return n + 1
+
+    return PrefectAgent(agent, model_task_config=TaskConfig(concurrency_limit=limit))
+
+
+async def _active_slots(name: str) -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(name)).active_slots
+
+
+async def test_runs_sharing_a_limit_never_send_more_requests_at_once_and_replays_take_no_slot() -> None:
+    name = f"llm-{uuid.uuid4().hex[:8]}"
+    with LoopbackOpenAI(responder=answer(0.15)) as server:
+        durable = _limited(server, ConcurrencyLimit(name=name, create_slots=2))
+        keys = [f"{name}-{i}" for i in range(6)]
+        results = await asyncio.gather(*(durable.run("stamp it", idempotency_key=k) for k in keys))
+        assert [r.output for r in results] == ["stamped"] * 6
+        assert server.request_count == 12 and server.max_in_flight == 2
+        assert await _active_slots(name) == 0
+
+        async with get_client() as client:  # a replayed step asking for a slot would now wait forever
+            await client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=0))
+        again = await asyncio.wait_for(durable.run("stamp it", idempotency_key=keys[0]), 60)
+        assert again.output == "stamped" and server.request_count == 12
+
+
+async def test_a_missing_limit_fails_the_run_in_one_line_naming_the_command_before_any_request() -> None:
+    name = f"nowhere-{uuid.uuid4().hex[:8]}"
+    with LoopbackOpenAI(responder=answer(0)) as server:
+        with pytest.raises(MissingLimitError) as caught:
+            await _limited(server, name).run("stamp it")
+        assert server.request_count == 0
+    assert str(caught.value) == (
+        f"Prefect global concurrency limit {name!r} does not exist: create it with "
+        f"`prefect gcl create {name} --limit <max requests in flight>`, "
+        "or pass ConcurrencyLimit(create_slots=N) to create it on first use."
+    )
+
+
+async def test_a_rate_limit_spaces_the_starts_of_requests() -> None:
+    name = f"rate-{uuid.uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=10))
+    limit = ConcurrencyLimit(name=name, requests_per_second=4, create_slots=10)
+    with LoopbackOpenAI(responder=answer(0)) as server:
+        durable = _limited(server, limit)
+        await asyncio.gather(*(durable.run("stamp it") for _ in range(4)))  # 8 requests, 4 slots a second
+        starts = sorted(exchange.received_at for exchange in server.exchanges)
+    assert len(starts) == 8
+    assert starts[-1] - starts[0] >= 0.9  # the 5th start waits for a decayed slot: >= 1 s after the 1st
+    async with get_client() as client:
+        rate: Any = await client.read_global_concurrency_limit_by_name(f"{name}:rate")
+    assert (rate.limit, rate.slot_decay_per_second) == (4, 4.0)
