@@ -7,12 +7,20 @@ answering at once (`max_in_flight`); the limits are real global concurrency limi
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from pydantic_ai import Agent
 
 from prefect_pydantic_ai import ConcurrencyLimit, MissingLimitError, PrefectAgent, TaskConfig
@@ -81,3 +89,86 @@ async def test_a_rate_limit_spaces_the_starts_of_requests() -> None:
     async with get_client() as client:
         rate: Any = await client.read_global_concurrency_limit_by_name(f"{name}:rate")
     assert (rate.limit, rate.slot_decay_per_second) == (4, 4.0)
+
+
+LIMITED_RUNS = Path(__file__).parent / "scripts" / "limited_runs.py"
+
+
+def _worker(server: LoopbackOpenAI, limit: str, prefix: str, n: int) -> subprocess.Popen[str]:
+    """A worker process running `n` runs of `limited_runs.py` at once against `server`, under `limit`."""
+    return subprocess.Popen(
+        [sys.executable, str(LIMITED_RUNS), prefix, str(n)],
+        env={**os.environ, "LIMITED_BASE_URL": server.base_url, "LIMITED_LIMIT": limit},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def _create(name: str, slots: int) -> None:
+    async with get_client() as client:
+        await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+
+
+@pytest.mark.slow
+async def test_twenty_runs_on_two_worker_processes_share_a_limit_of_three() -> None:
+    name = f"provider-{uuid.uuid4().hex[:8]}"
+    await _create(name, 3)
+    with LoopbackOpenAI(responder=answer(0.1)) as server:
+        workers = [_worker(server, name, f"{name}-w{w}", 10) for w in range(2)]
+        try:
+            outputs = [worker.communicate(timeout=180) for worker in workers]
+        finally:
+            for worker in workers:
+                worker.kill()
+                worker.wait()
+        assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+        assert [json.loads(out) for out, _ in outputs] == [["stamped"] * 10] * 2
+        assert server.max_in_flight == 3 and server.request_count == 40  # each step once: no repeats
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["agent:limited_runs"]))
+        )
+    mine = [r for r in runs if any(t.startswith(f"key:{name}-") for t in r.tags)]
+    assert len(mine) == 20 and all(r.state is not None and r.state.is_completed() for r in mine)
+    steps = await _step_names(client_runs=mine)
+    assert all(sorted(s) == ["model", "model", "tool"] for s in steps.values())
+    assert await _active_slots(name) == 0
+
+
+async def _step_names(client_runs: list[Any]) -> dict[str, list[str]]:
+    """Per flow run, the kinds of its completed step task runs (`model`, `tool`)."""
+    async with get_client() as client:
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in client_runs]))
+        )
+    kinds: dict[str, list[str]] = {str(r.id): [] for r in client_runs}
+    for task_run in task_runs:
+        if task_run.state is not None and task_run.state.is_completed():
+            kinds[str(task_run.flow_run_id)].append(task_run.name.split(" ", 1)[0])
+    return kinds
+
+
+@pytest.mark.slow
+async def test_the_slot_of_a_killed_run_is_free_again_within_its_lease() -> None:
+    name = f"leased-{uuid.uuid4().hex[:8]}"
+    await _create(name, 1)
+    with LoopbackOpenAI(responder=answer(600)) as server:  # the request hangs: its slot is held
+        worker = _worker(server, name, name, 1)
+        try:
+            deadline = time.monotonic() + 60
+            while server.request_count == 0:
+                assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()[1][-2000:]
+                await asyncio.sleep(0.05)
+            assert await _active_slots(name) == 1
+            worker.send_signal(signal.SIGKILL)
+            worker.wait()
+            killed = time.monotonic()
+        finally:
+            worker.kill()
+            worker.communicate()
+    lease = ConcurrencyLimit(name=name).lease_seconds
+    while await _active_slots(name) == 1:  # Prefect's repossessor frees it once the lease expires
+        assert time.monotonic() - killed < lease + 15, "the slot outlived its lease"
+        await asyncio.sleep(0.5)
+    assert time.monotonic() - killed >= lease - 5  # it was the lease, not the process, that let go
