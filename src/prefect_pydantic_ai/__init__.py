@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .durable.agent import PrefectAgent as PrefectAgent
     from .durable.capability import PrefectDurability as PrefectDurability
+    from .durable.budget import Budget as Budget
     from .durable.capability import idempotency_key as idempotency_key
     from .durable.errors import DurabilityConfigError as DurabilityConfigError
     from .durable.errors import NotJournalableError as NotJournalableError
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .durable.task_config import TaskConfig as TaskConfig
     from .durable.wait import ApprovalTimeout as ApprovalTimeout
     from .durable.wait import AwaitingApproval as AwaitingApproval
+    from .errors import BudgetExceededError as BudgetExceededError
     from .errors import PrefectUnreachableError as PrefectUnreachableError
     from .errors import RunError as RunError
     from .errors import StorageReadError as StorageReadError
@@ -45,6 +47,8 @@ _EXPORTS = {
     "AwaitingApproval": "durable.wait",
     "PrefectDurability": "durable.capability",
     "idempotency_key": "durable.capability",
+    "Budget": "durable.budget",
+    "BudgetExceededError": "errors",
     "TaskConfig": "durable.task_config",
     "DurabilityConfigError": "durable.errors",
     "NotJournalableError": "durable.errors",

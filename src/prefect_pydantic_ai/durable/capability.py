@@ -42,6 +42,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunContext, ToolDefinition
 from pydantic_ai.toolsets import FunctionToolset
 
+from prefect_pydantic_ai.durable.budget import Budget, RunBudget, run_budget
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
 from prefect_pydantic_ai.durable.lock_scope import warn_if_run_moved
@@ -128,10 +129,13 @@ _within_key = idempotency_key  # under another name where a flow parameter is ca
 class _DurableRun:
     """The journal state of one agent run: its record, its model and tool steps."""
 
-    def __init__(self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps) -> None:
+    def __init__(
+        self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps, budget: RunBudget | None
+    ) -> None:
         self.record = record
         self.model_steps = model_steps
         self.tool_steps = tool_steps
+        self.budget = budget
 
 
 class PrefectDurability(AbstractCapability[Any]):
@@ -156,6 +160,9 @@ class PrefectDurability(AbstractCapability[Any]):
     - `approvals`: how a run waits for a decision on calls that need approval (or are deferred) when the
       output type does not include `DeferredToolRequests`: `"suspend"` (default) frees the process, `"pause"`
       keeps it waiting up to `approval_timeout_seconds`. See `wait`.
+    - `budget`: the most a logical run may spend over all its attempts, killed ones included (`Budget(usd=...,
+      tokens=...)`): it stops with `BudgetExceededError` before a model request the rest cannot cover, and
+      `resume --budget` continues it. See `budget`.
     """
 
     _model_tasks: StepTasks
@@ -176,7 +183,9 @@ class PrefectDurability(AbstractCapability[Any]):
         approvals: ApprovalMode = "suspend",
         approval_timeout_seconds: int = 3600,
         store_deps: bool = True,
+        budget: Budget | None = None,
     ) -> None:
+        self.budget = budget
         self.model_task_config = TaskConfig.of(model_task_config)
         self.tool_task_config = TaskConfig.of(tool_task_config)
         self.tool_task_config_by_name: dict[str, TaskConfig | None] = {
@@ -409,7 +418,8 @@ class PrefectDurability(AbstractCapability[Any]):
             on_executed=spent,
             on_step=in_steps,
         )
-        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks))
+        budget = await run_budget(self.budget, record, _run_count(), key)
+        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), budget)
 
     async def _record(
         self,
@@ -484,9 +494,12 @@ class PrefectDurability(AbstractCapability[Any]):
         request_context: ModelRequestContext,
         handler: Callable[[ModelRequestContext], Awaitable[Any]],
     ) -> Any:
-        steps = self._steps().model_steps
+        run = self._steps()
+        steps = run.model_steps
         steps.begin(ctx.messages, request_context.model_request_parameters, emit=ctx.emit)
         await steps.prefetch(request_context.model.model_name)
+        if run.budget is not None and not steps.replaying:  # a replayed request costs nothing
+            run.budget.check(steps.log.spent.spent, steps.number)
         response = await handler(request_context)
         steps.end(response)
         return response
