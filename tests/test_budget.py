@@ -3,47 +3,21 @@ resume with a higher budget continues from there without repeating a step."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
-from pydantic_ai import Agent
-from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
-from pydantic_ai.models.function import AgentInfo, FunctionModel
-from pydantic_ai.usage import RequestUsage
 
 from prefect_pydantic_ai import Budget, BudgetExceededError, PrefectAgent, resume_run, show_run
+from tests.scripts.budgeted import CALLS, FAIL_TOOL, agent
 
 pytestmark = pytest.mark.anyio
 
-SIZES = [(1200, 300), (2500, 400), (4000, 500)]
-"""Input and output tokens of requests 1, 2 and 3: 1500, 2900 and 4500 tokens."""
-CALLS: list[str] = []
-"""Every model request and tool call executed, in order."""
-FAIL_TOOL: list[int] = [0]
-
-
-def _model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-    done = [p for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
-    CALLS.append(f"model {len(done) + 1}")
-    usage = RequestUsage(input_tokens=SIZES[len(done)][0], output_tokens=SIZES[len(done)][1])
-    if len(done) < 2:
-        return ModelResponse(parts=[ToolCallPart("measure", {"n": len(done)})], usage=usage)
-    return ModelResponse(parts=[TextPart(f"measured {[p.content for p in done]}")], usage=usage)
-
-
-agent: Agent[None, str] = Agent(FunctionModel(_model, model_name="gpt-4o"), name="budgeted")
-
-
-@agent.tool_plain
-def measure(n: int) -> int:
-    CALLS.append(f"tool {n}")
-    if n == 1 and FAIL_TOOL[0] > 0:
-        FAIL_TOOL[0] -= 1
-        raise ValueError("meter offline")
-    return n * 10
-
-
+BUDGETED = Path(__file__).parent / "scripts" / "budgeted.py"
 by_tokens = PrefectAgent(agent, budget=Budget(tokens=5000))
 
 
@@ -82,6 +56,25 @@ async def test_the_budget_counts_the_spend_of_earlier_failed_attempts() -> None:
         await PrefectAgent(agent, budget=Budget(tokens=100_000)).run("measure twice", idempotency_key=key)
     assert CALLS == ["model 2", "tool 1"]  # request 1 and tool 0 replayed
     CALLS.clear()
-    with pytest.raises(BudgetExceededError, match="4400 of its 5000 tokens spent.*over 3 attempts"):
+    with pytest.raises(BudgetExceededError, match=r"4400 of its 5000 tokens spent.*over 3 attempts"):
         await by_tokens.run("measure twice", idempotency_key=key)
     assert CALLS == ["tool 1"]  # the failed tool call executes again; request 3 does not
+
+
+@pytest.mark.slow
+async def test_the_budget_counts_what_a_killed_attempt_spent() -> None:
+    """A process SIGKILLed in its second tool call had paid for requests 1 and 2 (4400 tokens): the next attempt
+    replays them, calls the tool again and stops before request 3."""
+    key = f"budget-{uuid.uuid4().hex[:8]}"
+    killed = subprocess.run(
+        [sys.executable, str(BUDGETED), key],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    CALLS.clear()
+    with pytest.raises(BudgetExceededError, match=r"4400 of its 5000 tokens spent.*over 2 attempts"):
+        await by_tokens.run("measure twice", idempotency_key=key)
+    assert CALLS == ["tool 1"]

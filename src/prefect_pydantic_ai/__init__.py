@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .durable.agent import PrefectAgent as PrefectAgent
-    from .durable.capability import PrefectDurability as PrefectDurability
     from .durable.budget import Budget as Budget
+    from .durable.capability import PrefectDurability as PrefectDurability
     from .durable.capability import idempotency_key as idempotency_key
     from .durable.errors import DurabilityConfigError as DurabilityConfigError
     from .durable.errors import NotJournalableError as NotJournalableError

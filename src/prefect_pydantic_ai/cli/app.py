@@ -222,7 +222,8 @@ def resume_command(
         ),
     ] = None,
     budget: Annotated[
-        float | None, typer.Option(help="Raise the run's budget to this many dollars (over all its attempts).")
+        float | None,
+        typer.Option(help="Raise the run's budget to this many dollars (over all its attempts)."),
     ] = None,
     budget_tokens: Annotated[
         int | None, typer.Option(help="Raise the run's budget to this many tokens (over all its attempts).")
