@@ -22,6 +22,8 @@ from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import ConcurrencyLimit, MissingLimitError, PrefectAgent, TaskConfig
 from prefect_pydantic_ai.testing import LoopbackOpenAI
@@ -172,3 +174,42 @@ async def test_the_slot_of_a_killed_run_is_free_again_within_its_lease() -> None
         assert time.monotonic() - killed < lease + 15, "the slot outlived its lease"
         await asyncio.sleep(0.5)
     assert time.monotonic() - killed >= lease - 5  # it was the lease, not the process, that let go
+
+
+async def test_max_parallel_tools_bounds_the_tool_calls_and_delegations_of_one_response() -> None:
+    """One response asks for three `wait` calls and three delegations to a durable sub-agent: with
+    `max_parallel_tools=2`, never more than two of them (a delegation counts while its sub-agent's model works)."""
+    busy = [0, 0]  # now, most at once
+
+    async def working() -> None:
+        busy[0] += 1
+        busy[1] = max(busy)
+        await asyncio.sleep(0.1)
+        busy[0] -= 1
+
+    async def research(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        await working()
+        return ModelResponse(parts=[TextPart("found")])
+
+    suffix = uuid.uuid4().hex[:6]
+    researcher = PrefectAgent(Agent(FunctionModel(research), name=f"researcher_{suffix}"))
+
+    def coordinate(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if any(isinstance(p, ToolReturnPart) for m in messages for p in m.parts):
+            return ModelResponse(parts=[TextPart("all done")])
+        calls = [ToolCallPart("wait", {"n": n}) for n in range(3)]
+        return ModelResponse(parts=[*calls, *(ToolCallPart("delegate", {"topic": t}) for t in "abc")])
+
+    coordinator: Agent[None, str] = Agent(FunctionModel(coordinate), name=f"coordinator_{suffix}")
+
+    @coordinator.tool_plain
+    async def wait(n: int) -> int:
+        await working()
+        return n
+
+    @coordinator.tool_plain
+    async def delegate(topic: str) -> str:
+        return (await researcher.run(f"research {topic}")).output
+
+    result = await PrefectAgent(coordinator, max_parallel_tools=2).run("go")
+    assert result.output == "all done" and busy == [0, 2]

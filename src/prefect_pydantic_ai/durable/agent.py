@@ -46,8 +46,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
     `approvals="suspend"` (default) frees the process until `prefect-pydantic-ai approve` or the Prefect UI
     decides; `"pause"` keeps it waiting up to `approval_timeout_seconds`.
 
-    `budget=Budget(usd=..., tokens=...)` caps what one logical run spends over all its attempts (see
-    `PrefectDurability`).
+    `budget=Budget(usd=..., tokens=...)` caps what one logical run spends over all its attempts, and
+    `max_parallel_tools=N` how many of its tool calls execute at once (see `PrefectDurability`).
     """
 
     def __init__(
@@ -67,6 +67,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         approval_timeout_seconds: int = 3600,
         store_deps: bool = True,
         budget: Budget | None = None,
+        max_parallel_tools: int | None = None,
     ) -> None:
         super().__init__(wrapped)
         if durability_of(wrapped) is not None:
@@ -92,6 +93,7 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             approval_timeout_seconds=approval_timeout_seconds,
             store_deps=store_deps,
             budget=budget,
+            max_parallel_tools=max_parallel_tools,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
         self._defined_in: str | None = (

@@ -130,12 +130,20 @@ class _DurableRun:
     """The journal state of one agent run: its record, its model and tool steps."""
 
     def __init__(
-        self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps, budget: RunBudget | None
+        self,
+        record: RunRecord,
+        model_steps: ModelSteps,
+        tool_steps: ToolSteps,
+        budget: RunBudget | None,
+        max_parallel_tools: int | None,
     ) -> None:
         self.record = record
         self.model_steps = model_steps
         self.tool_steps = tool_steps
         self.budget = budget
+        self.tool_slots = (
+            contextlib.nullcontext() if max_parallel_tools is None else asyncio.Semaphore(max_parallel_tools)
+        )
 
 
 class PrefectDurability(AbstractCapability[Any]):
@@ -163,6 +171,9 @@ class PrefectDurability(AbstractCapability[Any]):
     - `budget`: the most a logical run may spend over all its attempts, killed ones included (`Budget(usd=...,
       tokens=...)`): it stops with `BudgetExceededError` before a model request the rest cannot cover, and
       `resume --budget` continues it. See `budget`.
+    - `max_parallel_tools`: at most this many tool calls of a run execute at once (the calls of one model
+      response wait for a free place; a call that delegates to another agent is one of them). A sub-agent run
+      bounds its own tool calls with its own setting.
     """
 
     _model_tasks: StepTasks
@@ -184,7 +195,13 @@ class PrefectDurability(AbstractCapability[Any]):
         approval_timeout_seconds: int = 3600,
         store_deps: bool = True,
         budget: Budget | None = None,
+        max_parallel_tools: int | None = None,
     ) -> None:
+        if max_parallel_tools is not None and max_parallel_tools < 1:
+            raise DurabilityConfigError(
+                f"max_parallel_tools={max_parallel_tools!r}: give a whole number >= 1, or None for no bound."
+            )
+        self.max_parallel_tools = max_parallel_tools
         self.budget = budget
         self.model_task_config = TaskConfig.of(model_task_config)
         self.tool_task_config = TaskConfig.of(tool_task_config)
@@ -419,7 +436,8 @@ class PrefectDurability(AbstractCapability[Any]):
             on_step=in_steps,
         )
         budget = await run_budget(self.budget, record, _run_count(), key)
-        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), budget)
+        tool_steps = ToolSteps(model_steps, self._tool_tasks)
+        return _DurableRun(record, model_steps, tool_steps, budget, self.max_parallel_tools)
 
     async def _record(
         self,
@@ -514,7 +532,9 @@ class PrefectDurability(AbstractCapability[Any]):
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Any:
         metadata = tool_config_from_metadata(tool_def.name, tool_def.metadata)
-        return await self._steps().tool_steps.execute(ctx, call, args, handler, metadata=metadata)
+        run = self._steps()
+        async with run.tool_slots:  # `max_parallel_tools`: the other calls of the response wait here
+            return await run.tool_steps.execute(ctx, call, args, handler, metadata=metadata)
 
     # -- pydantic-ai's PrefectDurability arguments ---------------------------------------------------------------
 
