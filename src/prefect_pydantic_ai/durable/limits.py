@@ -12,15 +12,21 @@ A rate limit (`requests_per_second`) is a second limit, `<name>:rate`, whose slo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from uuid import UUID
 
+import anyio
+import httpx
 from prefect import get_client
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, concurrency, rate_limit
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError, rate_limit
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
@@ -69,18 +75,51 @@ class ConcurrencyLimit(BaseModel):
         await self._ensure(name, self.create_slots or 1, 0.0)
         context = TaskRunContext.get()
         holder = None if context is None else ConcurrencyLeaseHolder(type="task_run", id=context.task_run.id)
-        try:
-            async with concurrency(
-                name,
-                lease_duration=self.lease_seconds,
-                strict=True,
-                holder=holder,
-                raise_on_lease_renewal_failure=False,  # a renewal hiccup must not fail a request in flight
-            ):
+        async with get_client() as client:
+            lease = await self._lease(client, name, holder)
+            renewing = asyncio.ensure_future(self._renew(client, lease))
+            try:
                 yield
-        except ConcurrencySlotAcquisitionError:
-            _known.discard((_api(), name))  # deleted since it was checked: checked again next time
-            raise
+            finally:
+                renewing.cancel()
+                with anyio.CancelScope(shield=True):  # a cancelled step still gives its slot back
+                    await client.release_concurrency_slots_with_lease(lease)
+
+    async def _lease(self, client: PrefectClient, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID:
+        """Take a slot of `name` under a lease, waiting (as long as the server's Retry-After says) while the
+        limit is full. The waiters of one process queue here and only the first asks the server: each refusal
+        raises the Retry-After the server gives everyone, so many waiters asking at once would slow them all."""
+        async with _queue(name):
+            return await self._first_in_line(client, name, holder)
+
+    async def _first_in_line(
+        self, client: PrefectClient, name: str, holder: ConcurrencyLeaseHolder | None
+    ) -> UUID:
+        while True:
+            try:
+                response = await client.increment_concurrency_slots_with_lease(
+                    [name], 1, "concurrency", self.lease_seconds, holder
+                )
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:  # 423 Locked: every slot is taken
+                    raise
+                await asyncio.sleep(float(exc.response.headers.get("Retry-After") or 1))
+                continue
+            granted = response.json()
+            if not granted["limits"]:  # deleted since it was checked: checked again next time
+                _known.discard((_api(), name))
+                raise MissingLimitError(_missing(name, self.create_slots or 1, 0.0))
+            return UUID(granted["lease_id"])
+
+    async def _renew(self, client: PrefectClient, lease: UUID) -> None:
+        """Keep a live holder's lease from expiring: a process that dies stops renewing, and Prefect frees the slot
+        `lease_seconds` later. A failed renewal is logged, never raised: the request in flight goes on."""
+        while True:
+            await asyncio.sleep(self.lease_seconds * 0.5)
+            try:
+                await client.renew_concurrency_lease(lease, self.lease_seconds)
+            except Exception as exc:
+                logger.warning("Could not renew the lease of a concurrency slot (%s); it may expire.", exc)
 
     async def _ensure(self, name: str, slots: int, decay: float) -> None:
         """Make sure the limit `name` exists (once per process): create it when allowed, else fail in one line."""
@@ -104,7 +143,21 @@ class MissingLimitError(DurabilityConfigError):
     `prefect gcl create` command. Not retried: creating the limit is the fix."""
 
 
+logger = logging.getLogger("prefect_pydantic_ai")
 _known: set[tuple[str, str]] = set()  # (Prefect API, limit name) checked to exist by this process
+
+
+_queues: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+def _queue(name: str) -> asyncio.Lock:
+    """The queue of this event loop's waiters for a slot of `name` (an `asyncio.Lock` serves them in order)."""
+    key = (id(asyncio.get_running_loop()), name)
+    if key not in _queues:
+        while len(_queues) >= 1024:  # loops of finished `run_sync` calls
+            del _queues[next(iter(_queues))]
+        _queues[key] = asyncio.Lock()
+    return _queues[key]
 
 
 def _api() -> str:

@@ -364,6 +364,12 @@ class LoopbackOpenAI:
             return len(self._received)
 
     @property
+    def in_flight(self) -> int:
+        """How many POST requests this server is answering now (a responder's own request included)."""
+        with self._lock:
+            return self._in_flight
+
+    @property
     def max_in_flight(self) -> int:
         """The most POST requests this server was answering at one time (received, answer not yet fully sent):
         what a provider would see of a concurrency limit."""
