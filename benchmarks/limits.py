@@ -30,6 +30,13 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
+def _overloaded(server: Any, capacity: int, polite: Any) -> Any:
+    """A responder answering 429 (`Retry-After: 1`) to every request beyond `capacity` in flight."""
+    from prefect_pydantic_ai.testing import StatusFault
+
+    return lambda body: StatusFault(429, retry_after=1) if server.in_flight > capacity else polite(body)
+
+
 def _ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
@@ -40,7 +47,7 @@ async def measure(reps: int, runs: int, capacity: int) -> dict[str, Any]:
     from pydantic_ai import Agent
 
     from prefect_pydantic_ai import ConcurrencyLimit, PrefectAgent, TaskConfig
-    from prefect_pydantic_ai.testing import LoopbackOpenAI, StatusFault, TextReply
+    from prefect_pydantic_ai.testing import LoopbackOpenAI, TextReply
 
     sys.path.insert(0, str(HERE.parent))
     from tests.scripts.limited_runs import answer
@@ -71,7 +78,7 @@ async def measure(reps: int, runs: int, capacity: int) -> dict[str, Any]:
             for i, (v, cfg) in enumerate(variants.items())
         }
         request: dict[str, list[float]] = {v: [] for v in variants}
-        for v, durable in agents.items():  # warm up
+        for durable in agents.values():  # warm up
             await durable.run("hi", idempotency_key=f"warm-{uuid.uuid4().hex}")
         for _ in range(reps):
             for v, durable in agents.items():
@@ -82,10 +89,7 @@ async def measure(reps: int, runs: int, capacity: int) -> dict[str, Any]:
     storm: dict[str, Any] = {}
     for variant, limit in (("no limit", None), (f"limit {capacity}", "bench-storm")):
         with LoopbackOpenAI() as server:
-            polite = answer(0.1)
-            server.responder = lambda body: (
-                StatusFault(429, retry_after=1) if server.in_flight > capacity else polite(body)
-            )
+            server.responder = _overloaded(server, capacity, answer(0.1))
             agent = Agent(server.openai_model(), name=f"storm_{variant.replace(' ', '_')}")
 
             @agent.tool_plain
