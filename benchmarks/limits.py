@@ -37,6 +37,19 @@ def _overloaded(server: Any, capacity: int, polite: Any) -> Any:
     return lambda body: StatusFault(429, retry_after=1) if server.in_flight > capacity else polite(body)
 
 
+async def _slots(slot: Any, reps: int, held: list[float], bare: list[float]) -> None:
+    """`reps` slots taken and given back in a row, and as many empty blocks."""
+    for _ in range(reps):
+        started = time.perf_counter()
+        async with slot.slot("m"):
+            pass
+        held.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        async with contextlib.nullcontext():
+            pass
+        bare.append(time.perf_counter() - started)
+
+
 def _ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
@@ -44,6 +57,7 @@ def _ms(samples: list[float]) -> float:
 async def measure(reps: int, runs: int, capacity: int) -> dict[str, Any]:
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.context import AsyncClientContext
     from pydantic_ai import Agent
 
     from prefect_pydantic_ai import ConcurrencyLimit, PrefectAgent, TaskConfig
@@ -58,15 +72,8 @@ async def measure(reps: int, runs: int, capacity: int) -> dict[str, Any]:
 
     slot = ConcurrencyLimit(name="bench-slot")
     held, bare = [], []
-    for _ in range(reps):
-        started = time.perf_counter()
-        async with slot.slot("m"):
-            pass
-        held.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        async with contextlib.nullcontext():
-            pass
-        bare.append(time.perf_counter() - started)
+    async with AsyncClientContext.get_or_create():  # one client, as inside a run
+        await _slots(slot, reps, held, bare)
 
     with LoopbackOpenAI(responder=lambda body: TextReply("ok", usage=(10, 1))) as server:
         variants = {
