@@ -335,7 +335,14 @@ def _one_line(exc: ValidationError) -> str:
         close = difflib.get_close_matches(field, list(FIELDS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"TaskConfig has no field {field!r}: {hint}its fields are {', '.join(FIELDS)}{tail}."
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if (
+        field == "concurrency_limit"
+        and len(error["loc"]) > 1
+        and error["loc"][1] in ConcurrencyLimit.model_fields
+    ):
+        where = ".".join(str(part) for part in error["loc"])
+        return f"TaskConfig {where}={error['input']!r} is invalid: {message}{tail}."
     if field is None or field not in _FIXES:
-        message = str(error["msg"]).removeprefix("Value error, ")
         return f"Invalid TaskConfig: {message}{tail}."
     return f"TaskConfig {field}={error['input']!r} is invalid: use {_FIXES[field]}{tail}."
