@@ -86,8 +86,8 @@ class ConcurrencyLimit(BaseModel):
                     await client.release_concurrency_slots_with_lease(lease)
 
     async def _lease(self, client: PrefectClient, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID:
-        """Take a slot of `name` under a lease, waiting (as long as the server's Retry-After says) while the
-        limit is full. The waiters of one process queue here and only the first asks the server: each refusal
+        """Take a slot of `name` under a lease, asking again (after the server's Retry-After, at most
+        `_POLL_SECONDS`) while the limit is full. The waiters of one process queue here and only the first asks the server: each refusal
         raises the Retry-After the server gives everyone, so many waiters asking at once would slow them all."""
         async with _queue(name):
             return await self._first_in_line(client, name, holder)
@@ -103,7 +103,9 @@ class ConcurrencyLimit(BaseModel):
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:  # 423 Locked: every slot is taken
                     raise
-                await asyncio.sleep(float(exc.response.headers.get("Retry-After") or 1))
+                # the server's Retry-After grows with every refusal (up to 30 s) and would leave freed slots
+                # idle: the one waiter per process that asks does so again within half a second
+                await asyncio.sleep(min(float(exc.response.headers.get("Retry-After") or 1), _POLL_SECONDS))
                 continue
             granted = response.json()
             if not granted["limits"]:  # deleted since it was checked: checked again next time
@@ -144,6 +146,7 @@ class MissingLimitError(DurabilityConfigError):
 
 
 logger = logging.getLogger("prefect_pydantic_ai")
+_POLL_SECONDS = 0.5
 _known: set[tuple[str, str]] = set()  # (Prefect API, limit name) checked to exist by this process
 
 
