@@ -285,7 +285,16 @@ def test_task_config_reads_and_merges_like_pydantic_ais_typed_dict() -> None:
             {"retry": 3},
             "TaskConfig has no field 'retry': did you mean 'retries'? its fields are retries, retry_delay_seconds, "
             "retry_jitter_factor, timeout_seconds, retry_condition_fn, cache_policy, persist_result, "
-            "result_storage, log_prints, tags, on_unverified.",
+            "result_storage, log_prints, tags, on_unverified, concurrency_limit.",
+        ),
+        (
+            {"concurrency_limit": 3},
+            "TaskConfig concurrency_limit=3 is invalid: use a Prefect global concurrency limit name, or a "
+            "ConcurrencyLimit(name=...).",
+        ),
+        (
+            {"concurrency_limit": {"name": "openai", "lease_seconds": 5}},
+            "TaskConfig concurrency_limit.lease_seconds=5 is invalid: Input should be greater than or equal to 60.",
         ),
     ],
 )

@@ -14,16 +14,20 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .durable.agent import PrefectAgent as PrefectAgent
+    from .durable.budget import Budget as Budget
     from .durable.capability import PrefectDurability as PrefectDurability
     from .durable.capability import idempotency_key as idempotency_key
     from .durable.errors import DurabilityConfigError as DurabilityConfigError
     from .durable.errors import NotJournalableError as NotJournalableError
+    from .durable.limits import ConcurrencyLimit as ConcurrencyLimit
+    from .durable.limits import MissingLimitError as MissingLimitError
     from .durable.model_step import StreamRetryEvent as StreamRetryEvent
     from .durable.report import ledger_of as ledger_of
     from .durable.steps import step_idempotency_key as step_idempotency_key
     from .durable.task_config import TaskConfig as TaskConfig
     from .durable.wait import ApprovalTimeout as ApprovalTimeout
     from .durable.wait import AwaitingApproval as AwaitingApproval
+    from .errors import BudgetExceededError as BudgetExceededError
     from .errors import PrefectUnreachableError as PrefectUnreachableError
     from .errors import RunError as RunError
     from .errors import StorageReadError as StorageReadError
@@ -43,9 +47,13 @@ _EXPORTS = {
     "AwaitingApproval": "durable.wait",
     "PrefectDurability": "durable.capability",
     "idempotency_key": "durable.capability",
+    "Budget": "durable.budget",
+    "BudgetExceededError": "errors",
     "TaskConfig": "durable.task_config",
     "DurabilityConfigError": "durable.errors",
     "NotJournalableError": "durable.errors",
+    "ConcurrencyLimit": "durable.limits",
+    "MissingLimitError": "durable.limits",
     "UnverifiedEffectError": "errors",
     "Ledger": "ledger",
     "ledger_of": "durable.report",

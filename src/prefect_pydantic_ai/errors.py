@@ -31,3 +31,8 @@ class PrefectUnreachableError(RuntimeError):
     """The Prefect API did not answer through the client's retries, so a run stopped: the message names the API,
     says that the completed steps are kept in the journal, and gives the command that continues the run. The CLI
     exits with code 1 (not the user's input)."""
+
+
+class BudgetExceededError(RuntimeError):
+    """A run stopped before a model request that its budget (dollars or tokens over every attempt) cannot cover:
+    the message says what it spent and how to resume it with a higher budget. Nothing is repeated on resume."""

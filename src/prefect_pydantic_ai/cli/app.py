@@ -221,6 +221,13 @@ def resume_command(
             "'tell_model' tells the model the effect may or may not have happened."
         ),
     ] = None,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="Raise the run's budget to this many dollars (over all its attempts)."),
+    ] = None,
+    budget_tokens: Annotated[
+        int | None, typer.Option(help="Raise the run's budget to this many tokens (over all its attempts).")
+    ] = None,
 ) -> None:
     """Run a crashed or failed run again in place: completed steps replay, the rest executes."""
     if (run is None) == (not all_crashed):
@@ -231,9 +238,10 @@ def resume_command(
     if not targets:
         console.print("No crashed runs to resume.")
         return
+    raised = _budget(budget, budget_tokens)
     failures = 0
     for target in targets:
-        failures += _resume_one(target, entrypoint, unverified)
+        failures += _resume_one(target, entrypoint, unverified, raised)
     if failures:
         raise typer.Exit(1)
 
@@ -257,7 +265,20 @@ def _crashed_to_resume(agent: str | None) -> list[str]:
     return targets
 
 
-def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None) -> int:
+def _budget(usd: float | None, tokens: int | None) -> Any:
+    """`--budget` / `--budget-tokens` as a `Budget`, or None."""
+    if usd is None and tokens is None:
+        return None
+    from decimal import Decimal
+
+    from prefect_pydantic_ai.durable.budget import Budget
+
+    if (usd is not None and usd <= 0) or (tokens is not None and tokens <= 0):
+        raise ValueError("--budget and --budget-tokens must be greater than 0.")
+    return Budget(usd=None if usd is None else Decimal(str(usd)), tokens=tokens)
+
+
+def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None, budget: Any = None) -> int:
     from prefect_pydantic_ai.durable.steps import observe_steps
     from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
     from prefect_pydantic_ai.ops.resume import Rescheduled, resume_run
@@ -274,7 +295,9 @@ def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None)
     stop = observe_steps(print_step)
     failed = 0
     try:
-        resumed = _run(resume_run(ref, entrypoint=entrypoint, unverified=unverified))  # type: ignore[arg-type]
+        resumed = _run(
+            resume_run(ref, entrypoint=entrypoint, unverified=unverified, budget=budget)  # type: ignore[arg-type]
+        )
         if isinstance(resumed, Rescheduled):
             console.print(
                 f"Scheduled it again on its deployment; a worker of pool {resumed.work_pool or '?'} resumes it."

@@ -12,6 +12,7 @@ from pydantic_ai.output import OutputDataT
 from pydantic_ai.run import AgentRun
 from pydantic_ai.tools import AgentDepsT
 
+from prefect_pydantic_ai.durable.budget import Budget
 from prefect_pydantic_ai.durable.capability import PrefectDurability, durability_of, realtime_refused
 from prefect_pydantic_ai.durable.capability import idempotency_key as within_key
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError
@@ -44,6 +45,9 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
     A tool with `requires_approval=True` (or one raising `CallDeferred`) makes the run wait for a human:
     `approvals="suspend"` (default) frees the process until `prefect-pydantic-ai approve` or the Prefect UI
     decides; `"pause"` keeps it waiting up to `approval_timeout_seconds`.
+
+    `budget=Budget(usd=..., tokens=...)` caps what one logical run spends over all its attempts, and
+    `max_parallel_tools=N` how many of its tool calls execute at once (see `PrefectDurability`).
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
         approvals: ApprovalMode = "suspend",
         approval_timeout_seconds: int = 3600,
         store_deps: bool = True,
+        budget: Budget | None = None,
+        max_parallel_tools: int | None = None,
     ) -> None:
         super().__init__(wrapped)
         if durability_of(wrapped) is not None:
@@ -86,6 +92,8 @@ class PrefectAgent(WrapperAgent[AgentDepsT, OutputDataT]):
             approvals=approvals,
             approval_timeout_seconds=approval_timeout_seconds,
             store_deps=store_deps,
+            budget=budget,
+            max_parallel_tools=max_parallel_tools,
         ).for_agent(wrapped)
         caller = inspect.currentframe()
         self._defined_in: str | None = (

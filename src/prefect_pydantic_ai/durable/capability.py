@@ -42,6 +42,7 @@ from pydantic_ai.run import AgentRunResult
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, RunContext, ToolDefinition
 from pydantic_ai.toolsets import FunctionToolset
 
+from prefect_pydantic_ai.durable.budget import Budget, RunBudget, run_budget
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.fork import forking
 from prefect_pydantic_ai.durable.journal import ConversationDigest, RunInputs, to_journal_json
@@ -132,13 +133,23 @@ class _DurableRun:
     """The journal state of one agent run: its record, its model and tool steps."""
 
     def __init__(
-        self, record: RunRecord, model_steps: ModelSteps, tool_steps: ToolSteps, steps: list[StepRef]
+        self,
+        record: RunRecord,
+        model_steps: ModelSteps,
+        tool_steps: ToolSteps,
+        steps: list[StepRef],
+        budget: RunBudget | None,
+        max_parallel_tools: int | None,
     ) -> None:
         self.record = record
         self.model_steps = model_steps
         self.tool_steps = tool_steps
         self.steps = steps
         """The steps this attempt took, in order (`indexing_steps`)."""
+        self.budget = budget
+        self.tool_slots = (
+            contextlib.nullcontext() if max_parallel_tools is None else asyncio.Semaphore(max_parallel_tools)
+        )
 
 
 class PrefectDurability(AbstractCapability[Any]):
@@ -163,6 +174,12 @@ class PrefectDurability(AbstractCapability[Any]):
     - `approvals`: how a run waits for a decision on calls that need approval (or are deferred) when the
       output type does not include `DeferredToolRequests`: `"suspend"` (default) frees the process, `"pause"`
       keeps it waiting up to `approval_timeout_seconds`. See `wait`.
+    - `budget`: the most a logical run may spend over all its attempts, killed ones included (`Budget(usd=...,
+      tokens=...)`): it stops with `BudgetExceededError` before a model request the rest cannot cover, and
+      `resume --budget` continues it. See `budget`.
+    - `max_parallel_tools`: at most this many tool calls of a run execute at once (the calls of one model
+      response wait for a free place; a call that delegates to another agent is one of them). A sub-agent run
+      bounds its own tool calls with its own setting.
     """
 
     _model_tasks: StepTasks
@@ -183,7 +200,15 @@ class PrefectDurability(AbstractCapability[Any]):
         approvals: ApprovalMode = "suspend",
         approval_timeout_seconds: int = 3600,
         store_deps: bool = True,
+        budget: Budget | None = None,
+        max_parallel_tools: int | None = None,
     ) -> None:
+        if max_parallel_tools is not None and max_parallel_tools < 1:
+            raise DurabilityConfigError(
+                f"max_parallel_tools={max_parallel_tools!r}: give a whole number >= 1, or None for no bound."
+            )
+        self.max_parallel_tools = max_parallel_tools
+        self.budget = budget
         self.model_task_config = TaskConfig.of(model_task_config)
         self.tool_task_config = TaskConfig.of(tool_task_config)
         self.tool_task_config_by_name: dict[str, TaskConfig | None] = {
@@ -418,7 +443,9 @@ class PrefectDurability(AbstractCapability[Any]):
             on_executed=spent,
             on_step=in_steps,
         )
-        return _DurableRun(record, model_steps, ToolSteps(model_steps, self._tool_tasks), [])
+        budget = await run_budget(self.budget, record, _run_count(), key)
+        tool_steps = ToolSteps(model_steps, self._tool_tasks)
+        return _DurableRun(record, model_steps, tool_steps, [], budget, self.max_parallel_tools)
 
     async def _record(
         self,
@@ -498,9 +525,12 @@ class PrefectDurability(AbstractCapability[Any]):
         request_context: ModelRequestContext,
         handler: Callable[[ModelRequestContext], Awaitable[Any]],
     ) -> Any:
-        steps = self._steps().model_steps
+        run = self._steps()
+        steps = run.model_steps
         steps.begin(ctx.messages, request_context.model_request_parameters, emit=ctx.emit)
         await steps.prefetch(request_context.model.model_name)
+        if run.budget is not None and not steps.replaying:  # a replayed request costs nothing
+            run.budget.check(steps.log.spent.spent, steps.number)
         response = await handler(request_context)
         steps.end(response)
         return response
@@ -515,7 +545,9 @@ class PrefectDurability(AbstractCapability[Any]):
         handler: Callable[[dict[str, Any]], Awaitable[Any]],
     ) -> Any:
         metadata = tool_config_from_metadata(tool_def.name, tool_def.metadata)
-        return await self._steps().tool_steps.execute(ctx, call, args, handler, metadata=metadata)
+        run = self._steps()
+        async with run.tool_slots:  # `max_parallel_tools`: the other calls of the response wait here
+            return await run.tool_steps.execute(ctx, call, args, handler, metadata=metadata)
 
     # -- pydantic-ai's PrefectDurability arguments ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ completed (it logs the error and goes on) is written once more, or the step fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -453,6 +454,13 @@ class StepTasks:
                 await self._warn_if_entry_exists(name, key, storage)
             if (pause := wait_until - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
+            limit = self.config.concurrency_limit
+            # a provider slot is held while this attempt executes, never while waiting to retry
+            async with limit.slot(name) if limit is not None else contextlib.nullcontext():
+                return await executing()
+
+        async def executing() -> Any:
+            nonlocal wait_until
             with within_step(key, title):
                 if on_step is not None:
                     await on_step(title, "started")

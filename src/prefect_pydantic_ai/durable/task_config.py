@@ -22,10 +22,12 @@ from pydantic import (
     Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    field_validator,
     model_validator,
 )
 
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError
+from prefect_pydantic_ai.durable.limits import ConcurrencyLimit
 
 UnverifiedPolicy = Literal["fail", "tell_model", "rerun"]
 """What happens to a call of a non-idempotent tool that an earlier attempt started and never finished."""
@@ -50,6 +52,7 @@ _FIXES = {
     "tags": "a list of strings",
     "on_unverified": "one of 'fail', 'tell_model', 'rerun'",
     "memoize_seconds": "seconds > 0",
+    "concurrency_limit": "a Prefect global concurrency limit name, or a ConcurrencyLimit(name=...)",
 }
 
 
@@ -68,6 +71,7 @@ class TaskConfigFields(TypedDict, total=False):
     tags: list[str] | tuple[str, ...] | None
     on_unverified: UnverifiedPolicy | None
     memoize_seconds: float | None
+    concurrency_limit: ConcurrencyLimit | str | None
 
 
 class _Fields(BaseModel):
@@ -87,6 +91,12 @@ class _Fields(BaseModel):
     tags: tuple[str, ...] | None = None
     on_unverified: UnverifiedPolicy | None = None
     memoize_seconds: float | None = Field(default=None, gt=0)
+    concurrency_limit: ConcurrencyLimit | None = None
+
+    @field_validator("concurrency_limit", mode="before")
+    @classmethod
+    def _limit_by_name(cls, value: Any) -> Any:
+        return ConcurrencyLimit(name=value) if isinstance(value, str) else value
 
     @model_validator(mode="wrap")
     @classmethod
@@ -146,6 +156,9 @@ class TaskConfig(dict[str, Any]):
     - `memoize_seconds` (opt-in): an identical request (the same conversation, deps, metadata and offered tools;
       for a tool, the same arguments too) made by any run of the same agent within this many seconds is answered
       from the journal entry of the run that executed it, and counted as saved. Never on by default.
+    - `concurrency_limit`: each executing attempt holds a slot of this Prefect global concurrency limit (a name,
+      or a `ConcurrencyLimit` with a rate limit, creation and lease settings), shared by every run and worker of
+      the Prefect server; a replayed step, the wait before a retry and a run waiting for approval hold none.
 
     `TaskConfig({"retries": 2})` and `TaskConfig(retries=2)` are the same config, equal to `{"retries": 2}`.
     It is frozen (it is checked once, when built): `cfg | {"retries": 3}` gives a changed copy. An invalid
@@ -286,6 +299,10 @@ class TaskConfig(dict[str, Any]):
         return cast("tuple[str, ...] | None", self.get("tags"))
 
     @property
+    def concurrency_limit(self) -> ConcurrencyLimit | None:
+        return cast("ConcurrencyLimit | None", self.get("concurrency_limit"))
+
+    @property
     def on_unverified(self) -> UnverifiedPolicy | None:
         return cast("UnverifiedPolicy | None", self.get("on_unverified"))
 
@@ -328,7 +345,14 @@ def _one_line(exc: ValidationError) -> str:
         close = difflib.get_close_matches(field, list(FIELDS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"TaskConfig has no field {field!r}: {hint}its fields are {', '.join(FIELDS)}{tail}."
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if (
+        field == "concurrency_limit"
+        and len(error["loc"]) > 1
+        and error["loc"][1] in ConcurrencyLimit.model_fields
+    ):
+        where = ".".join(str(part) for part in error["loc"])
+        return f"TaskConfig {where}={error['input']!r} is invalid: {message}{tail}."
     if field is None or field not in _FIXES:
-        message = str(error["msg"]).removeprefix("Value error, ")
         return f"Invalid TaskConfig: {message}{tail}."
     return f"TaskConfig {field}={error['input']!r} is invalid: use {_FIXES[field]}{tail}."

@@ -16,6 +16,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flow_engine import run_flow_async, run_flow_sync
 from prefect.states import AwaitingRetry, Scheduled
 
+from prefect_pydantic_ai.durable.budget import Budget, budget_override
 from prefect_pydantic_ai.durable.capability import durability_of
 from prefect_pydantic_ai.durable.tool_step import unverified_override
 from prefect_pydantic_ai.durable.unreachable import unreachable_api_ends_run
@@ -36,22 +37,29 @@ class Rescheduled:
 
 
 async def resume_run(
-    ref: str, *, entrypoint: str | None = None, unverified: Literal["rerun", "tell_model"] | None = None
+    ref: str,
+    *,
+    entrypoint: str | None = None,
+    unverified: Literal["rerun", "tell_model"] | None = None,
+    budget: Budget | None = None,
 ) -> Any:
     """Run the same flow run again (run count + 1): completed steps replay, the rest executes.
 
     `unverified` decides, for this attempt, what happens to calls of non-idempotent tools that an earlier
     attempt started and never finished (see `TaskConfig.on_unverified`): call them again, or tell the model.
+    `budget` raises the run's budget for this attempt (its limits replace the configured ones): a run stopped
+    by `BudgetExceededError` continues from the request it stopped before.
     A run of a deployment is not executed here: it is scheduled again and `Rescheduled` is returned.
     """
     token = unverified_override.set(unverified)
     try:
-        return await _resume(ref, entrypoint, unverified)
+        with budget_override(budget):
+            return await _resume(ref, entrypoint, unverified, budget)
     finally:
         unverified_override.reset(token)
 
 
-async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> Any:
+async def _resume(ref: str, entrypoint: str | None, unverified: str | None, budget: Budget | None) -> Any:
     async with prefect_api() as api:
         flow_run = await resolve_run(api, ref)
     records = await records_of(flow_run)
@@ -63,10 +71,10 @@ async def _resume(ref: str, entrypoint: str | None, unverified: str | None) -> A
             "`prefect-pydantic-ai install-automations`)."
         )
     if flow_run.deployment_id is not None:
-        if unverified is not None or entrypoint is not None:
+        if unverified is not None or entrypoint is not None or budget is not None:
             raise RunError(
                 f"Run {flow_run.id} belongs to a deployment: a worker of its pool resumes it with the deployment's "
-                "code and settings, so --unverified and --entrypoint do not apply (set on_unverified in the code)."
+                "code and settings, so --unverified, --entrypoint and --budget do not apply (set them in the code)."
             )
         await _back_in_line(flow_run.id, Scheduled(message="Resumed by prefect-pydantic-ai"))
         return Rescheduled(flow_run.id, flow_run.deployment_id, flow_run.work_pool_name)

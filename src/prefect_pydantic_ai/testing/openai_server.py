@@ -190,7 +190,8 @@ class LoopbackOpenAI:
     fails with a clear error instead of hanging. `"stream": true` chat-completions requests get proper SSE chunks
     with usage, cut into writes as `chunking` says (it may be changed between requests); the Responses API
     answers text and tool calls, not streamed. Every request is recorded (`requests`, `received`,
-    `request_count`, and its timing and status in `exchanges`); all state is guarded by a lock.
+    `request_count`, and its timing and status in `exchanges`), and so is the most requests in flight at once
+    (`max_in_flight`); all state is guarded by a lock.
     """
 
     def __init__(self, *, responder: Responder | None = None, chunking: Chunking | None = None) -> None:
@@ -202,6 +203,8 @@ class LoopbackOpenAI:
         self._exchanges: list[Exchange] = []
         self._exhausted = 0
         self._tool_call_ids = 0
+        self._in_flight = 0
+        self._max_in_flight = 0
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -361,6 +364,19 @@ class LoopbackOpenAI:
             return len(self._received)
 
     @property
+    def in_flight(self) -> int:
+        """How many POST requests this server is answering now (a responder's own request included)."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most POST requests this server was answering at one time (received, answer not yet fully sent):
+        what a provider would see of a concurrency limit."""
+        with self._lock:
+            return self._max_in_flight
+
+    @property
     def exhausted_count(self) -> int:
         """How many chat-completions requests found neither a scripted answer nor a responder."""
         with self._lock:
@@ -373,6 +389,11 @@ class LoopbackOpenAI:
             self._received.append(request)
             self._exchanges.append(Exchange(request.path.split("?", 1)[0], received_at))
             return len(self._received)
+
+    def _flight(self, change: int) -> None:
+        with self._lock:
+            self._in_flight += change
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
 
     def _answered(self, number: int, status: int) -> None:
         with self._lock:
@@ -419,6 +440,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_error(404, f"no route for GET {self.path}", "not_found")
 
     def do_POST(self) -> None:
+        self.server.loopback._flight(+1)
+        try:
+            self._post()
+        finally:
+            self.server.loopback._flight(-1)
+
+    def _post(self) -> None:
         received_at = time.monotonic()
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
