@@ -285,7 +285,7 @@ def test_task_config_reads_and_merges_like_pydantic_ais_typed_dict() -> None:
             {"retry": 3},
             "TaskConfig has no field 'retry': did you mean 'retries'? its fields are retries, retry_delay_seconds, "
             "retry_jitter_factor, timeout_seconds, retry_condition_fn, cache_policy, persist_result, "
-            "result_storage, log_prints, tags, on_unverified, concurrency_limit.",
+            "result_storage, log_prints, tags, on_unverified, memoize_seconds, concurrency_limit.",
         ),
         (
             {"concurrency_limit": 3},
