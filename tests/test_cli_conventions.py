@@ -80,7 +80,7 @@ def test_version() -> None:
         (["fork", "abc"], "error: Missing option '--at'. (see --help)"),
         (
             ["gc", "--older-than", "soon"],
-            "error: Cannot read 'soon' as a start time: use a duration such as '7d', '24h' or '30m' (days, hours, "
+            "error: Cannot read 'soon' as a point in time: use a duration such as '7d', '24h' or '30m' (days, hours, "
             "minutes), or an ISO date such as '2025-01-31' or '2025-01-31T09:30:00+00:00'.",
         ),
         (

@@ -328,7 +328,7 @@ def parse_since(value: str, *, now: datetime | None = None) -> datetime:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(
-            f"Cannot read {value!r} as a start time: use a duration such as '7d', '24h' or '30m' "
+            f"Cannot read {value!r} as a point in time: use a duration such as '7d', '24h' or '30m' "
             "(days, hours, minutes), or an ISO date such as '2025-01-31' or '2025-01-31T09:30:00+00:00'."
         ) from None
     return _as_utc(parsed)
