@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import select
+import signal
 import time
 from pathlib import Path
 
@@ -16,6 +17,10 @@ def ctrl_c_when(
     code, everything it wrote, and whether Ctrl-C was typed."""
     pid, terminal = pty.fork()
     if pid == 0:  # the child: a new session whose controlling terminal is the pty
+        # as a shell starts a command: Ctrl-C's SIGINT at its default and no signal blocked, whatever the test
+        # process had (a signal ignored or blocked there would be inherited, and Ctrl-C would do nothing)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.chdir(cwd)
         os.execve(argv[0], argv, env)
     output, deadline, typed = b"", time.monotonic() + timeout, False
