@@ -88,7 +88,10 @@ class _Warm:
         os.close(requests_r)
         os.close(answers_w)
         self.lock = threading.Lock()
-        self.ready = self._answer(timeout=120).get("ready") is True
+        try:  # not ready (slow to start, gone, or threads it must not fork with): commands start fresh
+            self.ready = self._answer(timeout=180).get("ready") is True
+        except (TimeoutError, EOFError, ValueError):
+            self.ready = False
 
     def _answer(self, timeout: float | None) -> dict[str, object]:
         line = b""
