@@ -110,11 +110,12 @@ async def flow_runs_of(agent: str) -> list[FlowRun]:
         )
 
 
-async def task_runs_of(agent: str) -> list[TaskRun]:
-    """Every task run of the flow runs of `agent`, once Prefect has recorded them all.
+async def task_runs_of(agent: str, count: int | None = None) -> list[TaskRun]:
+    """Every task run of the flow runs of `agent`, once Prefect has recorded them all (`count` of them, if given).
 
     Prefect learns about task runs from events its client sends in the background, so right after a run the last
-    ones may still be on their way: read until two reads half a second apart agree and every run is final."""
+    ones may still be on their way: read until two reads half a second apart agree and every run is final; a
+    loaded machine can hold the last event back longer, so a test that knows how many steps ran says so."""
     seen: list[TaskRun] | None = None
     async with get_client() as client:
         for _ in range(60):
@@ -122,7 +123,8 @@ async def task_runs_of(agent: str) -> list[TaskRun]:
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"agent:{agent}"]))
             )
             final = all(t.state is not None and t.state.is_final() for t in runs)
-            if final and seen is not None and {t.id for t in seen} == {t.id for t in runs}:
+            enough = count is None or len(runs) >= count
+            if final and enough and seen is not None and {t.id for t in seen} == {t.id for t in runs}:
                 return runs
             seen = runs
             await asyncio.sleep(0.5)
@@ -408,7 +410,7 @@ async def test_tool_metadata_configures_a_tool_and_false_runs_it_inline(form: Fo
 
     assert (await durable.run("go")).output == "done"
     assert calls == Counter(model=2, flaky=3, clock=1, typed=1)  # flaky: two retries from its metadata
-    steps = step_names(await task_runs_of(name))
+    steps = step_names(await task_runs_of(name, count=4))
     assert steps == Counter({"model": 2, "tool: flaky": 1, "tool: typed": 1})  # no `tool: clock`
 
 
