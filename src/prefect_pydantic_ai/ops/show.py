@@ -145,7 +145,8 @@ async def show_run(ref: str) -> RunDetail:
             # An attempt the record says completed, yet followed by another, lost its last events with the
             # Prefect API (docs/reliability.md): like a killed one, the next attempt's replays complete it.
             lost_events = died or (ours and count in completed_everywhere)
-            if steps or last or died:  # a killed attempt may have lost every task-run event
+            if steps or last or died or lost_events:  # a killed attempt, or one whose API went away, may
+                # have lost every task-run event
                 attempts.append((steps, lost_events and not last, fr.id == flow_run.id and count in waited))
     latest = attempts[-1][0]
     earlier = []
