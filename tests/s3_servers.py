@@ -29,11 +29,23 @@ from typing import Any, Literal
 from prefect_pydantic_ai.infra.server import free_port
 
 
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client for the moto server at `endpoint` (the caller closes it)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    )
+
+
 @contextlib.contextmanager
 def moto_s3(directory: Path) -> Iterator[tuple[str, str]]:
     """A real moto S3 server on a free loopback port (its process stopped at the end) with one new bucket:
     yields (endpoint URL, bucket name)."""
-    import boto3
 
     port = free_port()
     server = subprocess.Popen(
@@ -43,13 +55,7 @@ def moto_s3(directory: Path) -> Iterator[tuple[str, str]]:
         cwd=directory,
     )
     endpoint, bucket = f"http://127.0.0.1:{port}", f"journal-{uuid.uuid4().hex[:8]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
+    client = s3_client(endpoint)
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -5,6 +5,7 @@ Calls are counted: `CALLS` lists every model request and tool call that really e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -373,20 +374,14 @@ def test_gc_removes_old_finished_runs_and_keeps_resumable_ones_unless_asked(anyi
 
 @pytest.mark.slow
 def test_gc_removes_a_runs_files_from_s3(tmp_path: Path, anyio_backend: str) -> None:
+    import datetime
+
     import anyio
-    import boto3
     from prefect.settings import PREFECT_DEFAULT_RESULT_STORAGE_BLOCK, temporary_settings
 
-    from tests.s3_servers import moto_s3, save_bucket
+    from tests.s3_servers import moto_s3, s3_client, save_bucket
 
-    with moto_s3(tmp_path) as (endpoint, bucket):
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="t",
-            aws_secret_access_key="t",
-            region_name="us-east-1",
-        )
+    with moto_s3(tmp_path) as (endpoint, bucket), contextlib.closing(s3_client(endpoint)) as client:
 
         def objects() -> dict[str, int]:
             listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
@@ -399,20 +394,11 @@ def test_gc_removes_a_runs_files_from_s3(tmp_path: Path, anyio_backend: str) -> 
             assert (
                 len([k for k in stored if not k.startswith("prefect-pydantic-ai/")]) == 5
             )  # the five entries
-            cutoff = __import__("datetime").datetime.now(__import__("datetime").UTC).isoformat()
+            cutoff = datetime.datetime.now(datetime.UTC).isoformat()
             out = commands.cli("gc", "--older-than", cutoff, "--agent", "journal_gc", "--json")
-            client.close()
         report = json.loads(out.stdout)
         assert (report["files"], report["bytes"]) == (len(stored), sum(stored.values()))
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="t",
-            aws_secret_access_key="t",
-            region_name="us-east-1",
-        )
         assert objects() == {}
-        client.close()
 
 
 # -- memoization across runs -----------------------------------------------------------------------------------------
