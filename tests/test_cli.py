@@ -97,9 +97,9 @@ def test_killed_script_shows_crashed_and_resume_completes_it_in_place(
 
     crashed = newest_run(agent)
     assert crashed["state"] == "crashed"  # not "running": the recorded process is gone
-    # The kill can beat the completion event of step 3 to the server, so `runs` counts 2 or 3 steps; the journal
-    # holds all 3, as the resume below proves by replaying them.
-    assert crashed["steps_completed"] in (2, 3)
+    # The kill can take the events of any of the three steps with it (under load, all of them): `runs` counts
+    # the steps from the run's progress log too, so it says 3 whatever reached Prefect.
+    assert crashed["steps_completed"] == 3
 
     resumed = cli("resume", crashed["run_id"], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -26,6 +26,7 @@ from prefect_pydantic_ai.store.prefect_rest import (
     prefect_api,
     tag_values,
 )
+from prefect_pydantic_ai.store.records import read_records
 from prefect_pydantic_ai.store.waits import waiting_for
 
 RunState = Literal["completed", "failed", "crashed", "running", "paused", "cancelled", "pending"]
@@ -97,10 +98,13 @@ async def list_runs(
             found = [fr for fr in found if state_of(fr) == state][:limit]
         steps_by_run = await task_runs_of(api, found)
         waits = {fr.id: await waiting_for(api, fr) for fr in found if state_of(fr) == "paused"}
+        logged = {fr.id: await _logged_steps(fr) for fr in found if state_of(fr) == "crashed"}
     summaries = []
     for fr in found:
         waiting = waits.get(fr.id)
-        steps = timeline(steps_by_run[fr.id], fr.run_count, state_of(fr) == "crashed")
+        steps = timeline(
+            steps_by_run[fr.id], fr.run_count, state_of(fr) == "crashed", logged.get(fr.id, set())
+        )
         summaries.append(
             RunSummary(
                 run_id=str(fr.id),
@@ -108,7 +112,10 @@ async def list_runs(
                 idempotency_key=next(iter(tag_values(fr, "key:")), None),
                 agents=tag_values(fr, "agent:"),
                 state=state_of(fr),
-                steps_completed=sum(s.status in ("executed", "retried", "replayed") for s in steps),
+                steps_completed=max(
+                    sum(s.status in ("executed", "retried", "replayed") for s in steps),
+                    len(logged.get(fr.id, ())),  # steps whose events died with the process
+                ),
                 steps_replayed=sum(s.status == "replayed" for s in steps),
                 started=fr.start_time,
                 duration_s=_duration(fr, steps_by_run[fr.id]),
@@ -118,6 +125,19 @@ async def list_runs(
             )
         )
     return summaries
+
+
+async def _logged_steps(flow_run: ApiFlowRun) -> set[str]:
+    """The steps the last attempt of a crashed run completed, as its progress log says: a killed process can take
+    every event of its steps with it, so Prefect may know fewer of them, or none."""
+    records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
+    return {
+        title
+        for r in records
+        for a in r.attempts
+        if a.run_count == flow_run.run_count
+        for title in a.completed_steps
+    }
 
 
 def agent_runs(agent: str | None, since: datetime | None = None) -> dict[str, Any]:
