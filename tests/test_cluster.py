@@ -29,7 +29,13 @@ from uuid import UUID
 
 import pytest
 
-from prefect_pydantic_ai.infra.cluster import Cluster, marked_processes, read_cluster, using_api
+from prefect_pydantic_ai.infra.cluster import (
+    Cluster,
+    marked_processes,
+    processes_with_env,
+    read_cluster,
+    using_api,
+)
 from prefect_pydantic_ai.testing import CallLog, CallLogEntry
 
 from .test_multihost import _process_tree
@@ -438,7 +444,7 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
         mark("every run final")
         # A server outage longer than the crash automation's window minus a heartbeat interval loses the
         # heartbeats that would have kept a live run from being crashed (Prefect's client drops the events it
-        # could not send): such a run executes its steps to the end but stays Crashed; `resume` completes it.
+        # could not send): such a run executes its steps to the end, and `resume` completes it if it stays Crashed.
         crashed = sorted(label for label in labels if runs[ids[label]].state_type.value == "CRASHED")
         resumed: list[str] = []
         if crashed:
@@ -446,9 +452,12 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
                 f"No heartbeat for {CRASH_WITHIN}s: the machine running it stopped."
             }
             # A live process crashed by mistake goes on to its end, and Prefect may take its Completed from the
-            # Crashed state: once every such process is gone, only the runs still Crashed need `resume`.
+            # Crashed state: once every such process is gone (its worker gave it PREFECT__FLOW_RUN_ID), only the
+            # runs still Crashed need `resume`.
             _wait_until(
-                lambda: not _flow_run_processes({ids[label] for label in crashed}),
+                lambda: (
+                    not any(processes_with_env(f"PREFECT__FLOW_RUN_ID={ids[label]}") for label in crashed)
+                ),
                 "the crashed runs' processes gone",
                 180,
             )
@@ -488,18 +497,6 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
     }
     executed = _executions(calls, "fault-")
     assert {label: _steps(executed[label]) for label in labels} == {label: STEPS for label in labels}
-
-
-def _flow_run_processes(ids: set[UUID]) -> set[str]:
-    """The flow runs among `ids` whose process is alive (a worker gives each its id in PREFECT__FLOW_RUN_ID)."""
-    wanted, alive = {str(i).encode() for i in ids}, set()
-    for environ in glob.glob("/proc/[0-9]*/environ"):
-        with contextlib.suppress(OSError):
-            for variable in Path(environ).read_bytes().split(b"\0"):
-                name, _, value = variable.partition(b"=")
-                if name == b"PREFECT__FLOW_RUN_ID" and value in wanted:
-                    alive.add(value.decode())
-    return alive
 
 
 def _pid(cluster: Cluster, name: str) -> int:

@@ -723,7 +723,12 @@ def _is_infrastructure(pid: int, running: list[Component]) -> bool:
 
 def marked_processes(directory: Path) -> list[int]:
     """Every live process (zombies excluded) whose environment carries `directory` as the cluster's marker."""
-    marker = f"{CLUSTER_MARKER}={directory}".encode()
+    return processes_with_env(f"{CLUSTER_MARKER}={directory}")
+
+
+def processes_with_env(variable: str) -> list[int]:
+    """Every live process but this one (zombies excluded) whose environment holds `variable` (`NAME=value`)."""
+    marker = variable.encode()
     found = []
     for entry in Path("/proc").glob("[0-9]*"):
         pid = int(entry.name)
