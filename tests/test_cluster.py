@@ -116,7 +116,7 @@ def deployment(cluster: Cluster, calls: Path) -> UUID:
 
     async def deploy() -> UUID:
         flow = await cluster_flow.from_source(source=str(SCRIPTS), entrypoint="cluster_flow.py:cluster_flow")
-        env = {"CLUSTER_CALLS": str(calls), "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}
+        env = {"CLUSTER_CALLS": str(calls), "CLUSTER_CLIENT_DEBUG": "1"}
         return await flow.deploy(  # type: ignore[no-any-return]
             name="cluster",
             work_pool_name=cluster.pool,

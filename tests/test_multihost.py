@@ -378,10 +378,10 @@ async def _die_crash_resume(journal: str, root: Path, shared: dict[str, str]) ->
     crashes the run, machine C resumes it by id and worker B finishes it. Returns what the test checks."""
     import anyio
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
 
     from prefect_pydantic_ai import list_runs
+    from prefect_pydantic_ai.infra.cluster import process_pool
 
     sys.path.insert(0, str(SCRIPTS))
     try:
@@ -391,7 +391,7 @@ async def _die_crash_resume(journal: str, root: Path, shared: dict[str, str]) ->
     pool, calls = f"mh-pool-{uuid.uuid4().hex[:6]}", root / "calls.jsonl"
     shared = {**shared, "MH_CALLS": str(calls)}
     async with get_client() as client:
-        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        await client.create_work_pool(process_pool(pool))
     deployment_id = await (
         await analyst_flow.from_source(source=str(SCRIPTS), entrypoint="worker_flow.py:analyst_flow")
     ).deploy(name=f"multihost-{pool}", work_pool_name=pool, print_next_steps=False, ignore_warnings=True)

@@ -11,6 +11,7 @@ many seconds, so runs are still working while a test brings a part of the cluste
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -40,6 +41,11 @@ def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         return ModelResponse(parts=[ToolCallPart("work", {"step": done + 1})])
     return ModelResponse(parts=[TextPart(f"done after {done} tool calls")])
 
+
+# Each retry of Prefect's client, in the worker's log. Not as PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL in the
+# job's environment: a Prefect setting the worker's warm interpreter lacks would make every run start cold.
+if os.environ.get("CLUSTER_CLIENT_DEBUG"):
+    logging.getLogger("prefect.client").setLevel(logging.DEBUG)
 
 agent = Agent(FunctionModel(model), name="cluster_agent")
 

@@ -22,6 +22,7 @@ import contextlib
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -34,9 +35,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from prefect_pydantic_ai.infra import warm_start
 from prefect_pydantic_ai.infra.server import free_port, server_command
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.actions import WorkPoolCreate
 
 STATE_FILE = "cluster.json"
 CLUSTER_MARKER = "PREFECT_PYDANTIC_AI_CLUSTER"
@@ -498,12 +503,29 @@ def using_api(url: str) -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = before
 
 
+def process_pool(name: str, *, warm: bool = False) -> WorkPoolCreate:
+    """A process work pool whose flow runs start as one interpreter, or forked from a warm one with `warm`.
+
+    Without a command, Prefect's process worker starts each flow run as a workspace supervisor that imports
+    Prefect, prepares the run's code and then execs the engine, which imports Prefect again: two interpreter
+    starts of ~3 CPU-seconds each. The engine prepares a deployment's code itself (its pull steps), so the pool
+    names the engine as the command; with `warm`, the launcher of `warm_start`, which forks the engine from the
+    worker's warm interpreter when the worker was started through it (and is the engine otherwise).
+    """
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    command = warm_start.launch_command() if warm else [sys.executable, "-m", "prefect.engine"]
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = shlex.join(command)
+    return WorkPoolCreate(name=name, type="process", base_job_template=template)
+
+
 def _prepare_server(api_url: str, config: ClusterConfig) -> None:
     """The work pool and the crash automation, on the new server."""
     import asyncio
 
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
     from prefect_pydantic_ai.infra.automations import install_crash_automation
@@ -511,7 +533,7 @@ def _prepare_server(api_url: str, config: ClusterConfig) -> None:
     async def prepare() -> None:
         async with get_client() as client:
             with contextlib.suppress(ObjectAlreadyExists):
-                await client.create_work_pool(WorkPoolCreate(name=config.pool, type="process"))
+                await client.create_work_pool(process_pool(config.pool, warm=True))
         await install_crash_automation(within=config.crash_within)
 
     with using_api(api_url):
@@ -552,6 +574,8 @@ def _run_worker(name: str, cluster: Cluster, logs: Path) -> Component:
     }
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", cluster.pool]
     command += ["--type", "process", "--name", name]
+    if warm_start.available():  # its flow runs fork from an interpreter that imported Prefect once
+        command = [sys.executable, "-m", "prefect_pydantic_ai.infra.warm_start", "--", *command]
     if config.worker_limit is not None:
         command += ["--limit", str(config.worker_limit)]
     return _spawn(
