@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastmcp.client.transports import PythonStdioTransport
+from fastmcp import FastMCP
 from prefect import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -54,7 +54,6 @@ from tests.warm import python
 
 pytestmark = pytest.mark.anyio
 
-MCP_SERVER = Path(__file__).parent / "scripts" / "mcp_inventory.py"
 STREAM_MODES = Path(__file__).parent / "scripts" / "stream_modes.py"
 IGNORED_HANDLER_CONFIG = (
     "event_stream_handler_task_config has no effect here: the event stream handler runs in the run's own process, "
@@ -414,17 +413,24 @@ async def test_tool_metadata_configures_a_tool_and_false_runs_it_inline(form: Fo
     assert steps == Counter({"model": 2, "tool: flaky": 1, "tool: typed": 1})  # no `tool: clock`
 
 
-@pytest.mark.slow
-async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form, tmp_path: Path) -> None:
+async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form) -> None:
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         if not _returns(messages):
             return ModelResponse(parts=[ToolCallPart("stock", {"sku": "A-1"}), ToolCallPart("local", {})])
         return ModelResponse(parts=[TextPart("done")])
 
     name = _name("mcp")
-    toolset = MCPToolset(  # init_timeout: the server's start can take seconds on a busy machine
-        PythonStdioTransport(MCP_SERVER, env={"MCP_CALL_LOG": str(tmp_path / "calls.jsonl")}), init_timeout=60
-    )
+    inventory = FastMCP(
+        "inventory"
+    )  # in this process: the config is under test, not a transport (test_mcp.py)
+    served: list[str] = []
+
+    @inventory.tool
+    def stock(sku: str) -> str:
+        served.append(sku)
+        return f"{sku}: 9 in stock"
+
+    toolset = MCPToolset(inventory)
     agent, durable = form(
         FunctionModel(model),
         name,
@@ -438,6 +444,7 @@ async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form, 
         return "local"
 
     assert (await durable.run("go")).output == "done"
+    assert served == ["A-1"]
     policies = {": ".join(_step_of(t)): t.empirical_policy for t in await task_runs_of(name)}
     assert (
         policies["tool: stock"].retries == 4 and policies["tool: local"].retries == 1
