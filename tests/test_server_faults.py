@@ -59,6 +59,9 @@ def run_in_a_tool_call(
         script.wait()
 
 
+FIRST_STEP = "model #1: function:model: @ slow_tool (attempt 1)"
+
+
 def _calls(tmp_path: Path) -> list[str]:
     return (tmp_path / "calls.log").read_text().split()
 
@@ -97,6 +100,10 @@ def test_a_server_answering_503_for_10s_during_a_tool_call_is_ridden_out_and_eac
     again when its events client reconnects, so Prefect's record is complete."""
     key = f"503-{uuid.uuid4().hex[:8]}"
     with FaultProxy(prefect_server) as proxy, run_in_a_tool_call(proxy, tmp_path, key) as (script, go):
+        # The outage starts once Prefect has recorded the first step, so the run's events client is connected:
+        # under load it can still be connecting when the tool starts, and a client that never connected is
+        # another fault than this one.
+        _eventually(lambda: _states(key)[2].get(FIRST_STEP), "Completed")
         proxy.unavailable()
         since = time.monotonic()
         go.touch()
@@ -116,7 +123,7 @@ def test_a_server_answering_503_for_10s_during_a_tool_call_is_ridden_out_and_eac
             "Completed",
             1,
             {
-                "model #1: function:model: @ slow_tool (attempt 1)": "Completed",
+                FIRST_STEP: "Completed",
                 "tool #2: lookup @ slow_tool (attempt 1)": "Completed",
                 "model #3: function:model: @ slow_tool (attempt 1)": "Completed",
             },
