@@ -35,11 +35,14 @@ PRELOAD = (
 
 # The warm interpreter: imports PRELOAD (not the CLI: its consoles read COLUMNS when they are made), then serves
 # one JSON request per line on the pipe given first (answers on the second): fork a child, answer its pid, wait
-# for it, answer its exit status. It stays single-threaded, so forking is safe.
+# for it, answer its exit status. It stays single-threaded, so forking is safe. What the imports made is frozen
+# out of the collector's reach (gc.freeze), so a child's collections and its exit do not walk it (and copy the
+# pages it shares with the warm interpreter): a child exits ~1 s sooner.
 _SERVE = r"""
-import importlib, json, os, runpy, sys, threading
+import gc, importlib, json, os, runpy, sys, threading
 for name in sys.argv[3:]:
     importlib.import_module(name)
+gc.freeze()
 requests, answers = os.fdopen(int(sys.argv[1]), "r"), os.fdopen(int(sys.argv[2]), "w", buffering=1)
 answers.write(json.dumps({"ready": threading.active_count() == 1}) + "\n")
 for line in requests:

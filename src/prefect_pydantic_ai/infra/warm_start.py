@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -69,6 +70,9 @@ def main(argv: list[str]) -> NoReturn:
     if available():
         for name in PRELOAD:
             importlib.import_module(name)
+        # What the imports made lives as long as every run: out of the collector's reach (gc.freeze), so no run's
+        # collections, nor its exit, walk it and copy the pages it shares with the zygote.
+        gc.freeze()
         if threading.active_count() == 1:  # forking is safe only without other threads
             address = f"@prefect-pydantic-ai-warm-{uuid.uuid4().hex}"
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
