@@ -128,3 +128,20 @@ def test_a_warning_raised_in_our_package_fails_the_suite() -> None:
         warnings.warn_explicit(
             "from elsewhere", UserWarning, "other.py", 1, module="prefect_pydantic_ai_other"
         )
+
+
+@pytest.mark.slow  # a fresh process: what it does at exit
+def test_a_process_that_imported_the_package_skips_the_shutdown_collection_after_its_exit_handlers() -> None:
+    import subprocess
+    import sys
+
+    # Exit handlers run last-registered first: the one registered before the import runs after ours, and sees the
+    # objects frozen; the one registered after it runs before, and sees them not yet frozen.
+    code = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('after', gc.get_freeze_count() > 0))\n"
+        "import prefect_pydantic_ai\n"
+        "atexit.register(lambda: print('before', gc.get_freeze_count() > 0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "before False\nafter True\n"), done.stderr

@@ -9,8 +9,18 @@ The names below are imported on first use, so `prefect-pydantic-ai --help` does 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 from typing import TYPE_CHECKING, Any
+
+# At exit, once the exit handlers registered after this one have run (Prefect's flushes of logs and events among
+# them), the process's objects are put out of the collector's reach. The collection at interpreter shutdown walks
+# every object Prefect and Pydantic AI created to free memory the OS takes back anyway: measured on 2 cores, 1.4-2 s
+# of a 5-step script's 8-10 s, and 2 s of a forked process's exit. Only that walk is skipped: exit handlers run,
+# standard streams are flushed and objects outside reference cycles are freed; an object kept alive only by a
+# cycle is not finalized at exit.
+atexit.register(gc.freeze)
 
 if TYPE_CHECKING:
     from .durable.agent import PrefectAgent as PrefectAgent
