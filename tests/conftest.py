@@ -3,7 +3,7 @@
 `python3 dev.py test` runs the suite on parallel pytest-xdist workers (`-n 0` for one process); each worker is
 a session of its own here, with its own server. HEAVY: the tests that load the whole machine (fifty concurrent
 runs, the one-machine cluster, several machines with Redis leases) are marked `xdist_group("heavy")`, so they run
-one after another on one worker and never two at once.
+one after another on one worker and never two at once (on pytest 9 through `pytest_collection_modifyitems` below).
 
 The environment is set at import time, before anything imports Prefect, so the in-process client and every
 subprocess a test starts talk to the same throwaway server and never read a previous run's journal.
@@ -121,6 +121,28 @@ def _quick_tests_start_no_process(request: pytest.FixtureRequest, monkeypatch: p
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """HEAVY, on pytest 9: `--dist loadgroup` sends the tests of one `xdist_group` to one worker by the `@group`
+    suffix pytest-xdist (3.8) appends to each item's node id on the worker, but it writes `_nodeid`, which pytest
+    9 no longer reads (it keeps the id in `_id`). Unfixed, every group was spread over both workers: the
+    one-machine cluster was started on each, and heavy tests ran two at once. Where the suffix is missing, it
+    is appended where pytest reads it; where xdist's own took effect, nothing changes."""
+    if not getattr(config.option, "loadgroup", False):  # set on xdist's workers under `--dist loadgroup`
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest 8: xdist's suffix works
+        return
+    for item in items:
+        names = {
+            m.args[0] if m.args else m.kwargs.get("name", "default") for m in item.iter_markers("xdist_group")
+        }
+        suffix = "@" + "_".join(sorted(str(name) for name in names))
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 @pytest.fixture
