@@ -78,9 +78,8 @@ def main(argv: list[str]) -> NoReturn:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind("\0" + address[1:])
             listener.listen(64)
-            os.environ[SOCKET_ENV] = (
-                address  # before the fork: the worker's runs and the zygote's baseline see it
-            )
+            # Set before the fork, so both the worker's runs and the zygote's baseline environment carry it.
+            os.environ[SOCKET_ENV] = address
             parent = os.getpid()
             if os.fork() == 0:
                 _serve(listener, parent)
