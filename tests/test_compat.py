@@ -420,9 +420,8 @@ async def test_mcp_task_config_configures_the_tools_of_mcp_toolsets(form: Form) 
         return ModelResponse(parts=[TextPart("done")])
 
     name = _name("mcp")
-    inventory = FastMCP(
-        "inventory"
-    )  # in this process: the config is under test, not a transport (test_mcp.py)
+    # In this process: the config is under test here, not a transport (test_mcp.py's stdio server).
+    inventory = FastMCP("inventory")
     served: list[str] = []
 
     @inventory.tool

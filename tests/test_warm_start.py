@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from prefect_pydantic_ai.infra import warm_start
+from prefect_pydantic_ai.infra.cluster import _parent, _start_time  # /proc readers the cluster uses
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,21 +41,14 @@ sys.exit(int(sys.argv[2]))
 """
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def _gone(pid: int, within: float = 20) -> bool:
+    """Whether `pid` is gone (or a zombie) within `within` seconds."""
     deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state == "Z":
-            return True
+    while _start_time(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.05)
-    return False
+    return True
 
 
 def _start_worker() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -90,18 +84,7 @@ def run_script(tmp_path: Path) -> Path:
 
 
 def _children(pid: int) -> list[int]:
-    return [
-        int(entry.name)
-        for entry in Path("/proc").glob("[0-9]*")
-        if entry.name != str(pid) and _safe_parent(int(entry.name)) == pid
-    ]
-
-
-def _safe_parent(pid: int) -> int | None:
-    try:
-        return _parent(pid)
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
+    return [int(entry.name) for entry in Path("/proc").glob("[0-9]*") if _parent(int(entry.name)) == pid]
 
 
 def _launch(

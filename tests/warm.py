@@ -39,9 +39,10 @@ PRELOAD = (
 # out of the collector's reach (gc.freeze), so a child's collections and its exit do not walk it (and copy the
 # pages it shares with the warm interpreter): a child exits ~1 s sooner.
 _SERVE = r"""
-import gc, importlib, json, os, runpy, sys, threading
+import gc, importlib, json, os, sys, threading
 for name in sys.argv[3:]:
     importlib.import_module(name)
+from prefect_pydantic_ai.infra.warm_start import run_python
 gc.freeze()
 requests, answers = os.fdopen(int(sys.argv[1]), "r"), os.fdopen(int(sys.argv[2]), "w", buffering=1)
 answers.write(json.dumps({"ready": threading.active_count() == 1}) + "\n")
@@ -54,17 +55,9 @@ for line in requests:
         out = os.open(job["stdout"], os.O_WRONLY); err = os.open(job["stderr"], os.O_WRONLY)
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0); os.dup2(out, 1); os.dup2(err, 2)
         os.environ.clear(); os.environ.update(job["env"]); os.chdir(job["cwd"])
-        args, code = job["args"], 0
+        code = 0
         try:
-            if args[0] == "-c":
-                sys.argv, sys.path[0] = ["-c", *args[2:]], ""
-                exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
-            elif args[0] == "-m":
-                sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
-                runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-            else:
-                sys.argv, sys.path[0] = list(args), os.path.dirname(os.path.abspath(args[0]))
-                runpy.run_path(args[0], run_name="__main__")
+            run_python(job["args"])
         except SystemExit as exit:
             code = exit.code
         sys.exit(code)

@@ -154,7 +154,7 @@ def _child(conn: socket.socket, fds: list[int], job: dict[str, Any]) -> NoReturn
 
         atexit.register(report)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-        _run_python(list(job["argv"]))
+        run_python(list(job["argv"]))
         code = 0
     except SystemExit as exit:
         code = exit.code
@@ -166,16 +166,20 @@ def _child(conn: socket.socket, fds: list[int], job: dict[str, Any]) -> NoReturn
     sys.exit(code)
 
 
-def _run_python(args: list[str]) -> None:
-    """What `python ARGS` runs, for `-m MODULE ...` and `SCRIPT ...`, in this interpreter."""
-    if args[:1] == ["-m"] and len(args) > 1:
+def run_python(args: list[str]) -> None:
+    """What `python ARGS` runs, for `-c CODE ...`, `-m MODULE ...` and `SCRIPT ...`, in this interpreter (a
+    forked child of a warm one: here and in the test suite's warm interpreter)."""
+    if args[:1] == ["-c"] and len(args) > 1:
+        sys.argv, sys.path[0] = ["-c", *args[2:]], ""
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+    elif args[:1] == ["-m"] and len(args) > 1:
         sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     elif args and not args[0].startswith("-"):
         sys.argv, sys.path[0] = list(args), os.path.dirname(os.path.abspath(args[0]))
         runpy.run_path(args[0], run_name="__main__")
     else:
-        raise ValueError(f"python {' '.join(args)}: only -m MODULE and SCRIPT are forked")
+        raise ValueError(f"python {' '.join(args)}: only -c CODE, -m MODULE and SCRIPT are forked")
 
 
 def _die_with_launcher(conn: socket.socket, reported: threading.Event) -> None:
