@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
-from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.models.function import AgentInfo, DeltaToolCall, DeltaToolCalls, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, TaskConfig, ledger_of, show_run
 from prefect_pydantic_ai.demo.analyst import DataAnalysis, build_analyst_agent, sales_dataset
@@ -201,6 +201,197 @@ def test_export_writes_a_cassette_the_plain_agent_replays_offline(tmp_path: Path
     )
 
 
+# -- a cassette of several agents, and of streamed requests -------------------------------------------------------
+
+
+def _replying(label: str, reply: Any) -> Any:
+    """A scripted model: counts its calls as `label`; `reply(prompt, tool results)` is its response's parts."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        CALLS.append(label)
+        prompt = next(p.content for m in messages for p in m.parts if isinstance(p, UserPromptPart))
+        returns = [str(p.content) for m in messages for p in m.parts if isinstance(p, ToolReturnPart)]
+        return ModelResponse(parts=reply(prompt, returns))
+
+    return FunctionModel(respond)
+
+
+researcher_agent: Agent[None, str] = Agent(
+    _replying(
+        "researcher",
+        lambda prompt, found: (
+            [TextPart(f"found {found[0]}")]
+            if found
+            else [ToolCallPart("lookup", {"key": prompt.split()[-1]})]
+        ),
+    ),
+    name="jt_researcher",
+    tools=[lookup],
+)
+researcher = PrefectAgent(researcher_agent)
+coordinator_agent: Agent[None, str] = Agent(
+    _replying(
+        "coordinator",
+        lambda prompt, found: (
+            [TextPart(f"report: {found[0]}")]
+            if found
+            else [ToolCallPart("delegate", {"topic": prompt.split()[-1]})]
+        ),
+    ),
+    name="jt_coordinator",
+)
+
+
+@coordinator_agent.tool_plain
+async def delegate(topic: str) -> str:
+    """Have the researcher research `topic` (a durable sub-agent run inside this tool step)."""
+    CALLS.append("delegate")
+    return (await researcher.run(f"Research {topic}")).output  # type: ignore[no-any-return]
+
+
+coordinator = PrefectAgent(coordinator_agent)
+writer_agent: Agent[None, str] = Agent(
+    _replying("writer", lambda prompt, found: [TextPart(prompt.replace("Summarise ", "summary of "))]),
+    name="jt_writer",
+)
+writer = PrefectAgent(writer_agent)
+
+
+@flow
+async def report_flow(topic: str) -> str:
+    """Two agents in one flow run, the first delegating to a third from a tool."""
+    found = (await coordinator.run(f"Report on {topic}")).output
+    return (await writer.run(f"Summarise {found}")).output  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def report_cassette() -> dict[str, Any]:
+    """`report_flow` run once and exported; the model and tool calls it executed are checked here."""
+    import anyio
+
+    from prefect_pydantic_ai import export_run
+
+    async def record() -> dict[str, Any]:
+        CALLS.clear()
+        await report_flow("k9")
+        assert CALLS == [
+            "coordinator",
+            "delegate",
+            "researcher",
+            "lookup",
+            "researcher",
+            "coordinator",
+            "writer",
+        ]
+        async with prefect_api() as api:
+            runs = await api.flow_runs({"tags": {"all_": ["agent:jt_writer"]}}, "START_TIME_DESC", 1)
+        return await export_run(str(runs[0].id))
+
+    return anyio.run(record)
+
+
+def test_a_flow_of_agents_that_delegate_exports_every_run_and_each_replays_offline(
+    report_cassette: dict[str, Any],
+) -> None:
+    runs = report_cassette["runs"]
+    assert [(r["agent"], r["within"], len(r["steps"])) for r in runs] == [
+        ("jt_coordinator", None, 3),
+        ("jt_researcher", {"run": 0, "step": 2}, 3),  # started by the coordinator's step #2, `delegate`
+        ("jt_writer", None, 1),
+    ]
+    replay = Cassette(report_cassette, "report.json").replay()
+    outputs = [
+        agent.run_sync(run["prompt"], capabilities=[replay]).output
+        for agent, run in zip([coordinator_agent, researcher_agent, writer_agent], runs, strict=True)
+    ]
+    replay.assert_done()
+    assert outputs == ["report: found K9", "found K9", "summary of report: found K9"]
+    assert (CALLS, replay.tool_calls) == ([], 2)  # delegate and lookup answered from the recording
+
+
+def test_a_multi_agent_cassette_names_the_agent_that_asked_something_else(
+    report_cassette: dict[str, Any],
+) -> None:
+    cassette = Cassette(report_cassette, "report.json")
+    replay = cassette.replay()
+    coordinator_agent.run_sync("Report on k9", capabilities=[replay])
+    first = cassette.runs[1].steps[0]["step"]  # `show`'s numbering: the flow run's steps, in order
+    with pytest.raises(CassetteMismatch) as caught:
+        researcher_agent.run_sync("Research k10", capabilities=[replay])
+    assert str(caught.value).splitlines()[:1] == [
+        f"report.json: jt_researcher: model step #{first} was asked something else:"
+    ]
+    with pytest.raises(CassetteMismatch) as caught:
+        agent.run_sync("hello", capabilities=[replay])
+    assert str(caught.value) == (
+        "report.json: agent 'journal_tools' ran, and the cassette holds no other run of it "
+        "(it holds runs of jt_coordinator, jt_researcher, jt_writer)"
+    )
+    with pytest.raises(CassetteMismatch) as caught:
+        replay.assert_done()
+    assert str(caught.value) == (
+        f"report.json: the runs ended before these steps: jt_researcher #{first} model function:respond:, "
+        f"jt_researcher #{first + 1} tool lookup, jt_researcher #{first + 2} model function:respond:, "
+        f"jt_writer #{cassette.runs[2].steps[0]['step']} model function:respond:"
+    )
+    assert CALLS == []
+
+
+async def _streamed_words(
+    messages: list[ModelMessage], info: AgentInfo
+) -> AsyncIterator[str | DeltaToolCalls]:
+    """`_policy`'s responses as a provider streams them: text word by word, a tool call's name then its args."""
+    for part in _policy("model")(messages, info).parts:
+        if isinstance(part, ToolCallPart):
+            yield {0: DeltaToolCall(name=part.tool_name)}
+            yield {0: DeltaToolCall(json_args=part.args_as_json_str())}
+        else:
+            for word in part.content.split(","):
+                yield word + ","
+
+
+streaming_agent: Agent[None, str] = Agent(
+    FunctionModel(_policy("model"), stream_function=_streamed_words), name="journal_stream", tools=[lookup]
+)
+
+
+async def test_a_streamed_run_exports_and_its_cassette_replays_as_a_stream() -> None:
+    from prefect_pydantic_ai import export_run
+
+    key = f"jt-stream-{uuid.uuid4().hex[:8]}"
+    events: list[str] = []
+
+    async def handler(ctx: Any, stream: Any) -> None:
+        async for event in stream:
+            events.append(type(event).__name__)
+
+    async with PrefectAgent(streaming_agent).run_stream(
+        "hi", idempotency_key=key, event_stream_handler=handler
+    ) as stream:
+        recorded = await stream.get_output()
+    assert (recorded, CALLS) == ("hi: K0,K1,", ["model", "lookup", "model", "lookup", "model"])
+    CALLS.clear()
+    cassette = Cassette(await export_run(key), "stream.json")
+    replay = cassette.replay()
+    events.clear()
+    async with streaming_agent.run_stream(
+        "hi", capabilities=[replay], event_stream_handler=handler
+    ) as stream:
+        chunks = [chunk async for chunk in stream.stream_text(delta=True)]
+    replay.assert_done()
+    assert ("".join(chunks), CALLS, replay.tool_calls) == ("hi: K0,K1,", [], 2)
+    assert events.count("FunctionToolCallEvent") == 2 and "PartStartEvent" in events
+    replay = cassette.replay()
+    async with streaming_agent.iter("hi", capabilities=[replay]) as run:
+        async for node in run:
+            if Agent.is_model_request_node(node):
+                async with node.stream(run.ctx) as request_stream:
+                    async for _ in request_stream:
+                        pass
+    replay.assert_done()
+    assert run.result is not None and (run.result.output, CALLS) == ("hi: K0,K1,", [])
+
+
 # -- the shipped cassette of the analyst demo --------------------------------------------------------------------
 
 
@@ -221,7 +412,7 @@ def _analyst_replay(document: dict[str, Any], prompt: str | None = None) -> Any:
 def test_the_analyst_cassette_replays_the_demo_without_its_model_or_tools() -> None:
     document = json.loads(ANALYST_CASSETTE.read_text())
     result, replay = _analyst_replay(document)
-    assert result.output == DataAnalysis.model_validate(document["output"])
+    assert result.output == DataAnalysis.model_validate(document["runs"][0]["output"])
     assert replay.tool_calls == 2  # calculate_statistics and detect_anomalies, from the recording
 
 
@@ -229,7 +420,7 @@ def test_a_changed_prompt_fails_with_a_diff_of_the_request() -> None:
     with pytest.raises(CassetteMismatch) as caught:
         _analyst_replay(json.loads(ANALYST_CASSETTE.read_text()), prompt="Analyze the sales data for Q3")
     assert str(caught.value).splitlines() == [
-        "analyst.json: model step #1 was asked something else:",
+        "analyst.json: data_analyst: model step #1 was asked something else:",
         "--- recorded",
         "+++ asked",
         "@@ -1,5 +1,5 @@",
@@ -245,7 +436,9 @@ def test_a_changed_prompt_fails_with_a_diff_of_the_request() -> None:
 def test_a_tool_call_the_cassette_does_not_hold_fails_with_a_diff() -> None:
     document = json.loads(ANALYST_CASSETTE.read_text())
     edited = copy.deepcopy(document)
-    edited["steps"][1]["args"] = {"column": "price"}  # recorded: calculate_statistics(column="price")
+    edited["runs"][0]["steps"][1]["args"] = {
+        "column": "price"
+    }  # recorded: calculate_statistics(column="price")
     with pytest.raises(CassetteMismatch) as caught:
         _analyst_replay(edited)
     assert '-   "column": "price"' in str(caught.value) and '+  "column": "sales"' in str(caught.value)
@@ -253,7 +446,7 @@ def test_a_tool_call_the_cassette_does_not_hold_fails_with_a_diff() -> None:
 
 def test_a_request_past_the_end_of_the_cassette_fails_naming_it() -> None:
     document = json.loads(ANALYST_CASSETTE.read_text())
-    document["steps"] = document["steps"][:4]  # the final model step is gone
+    document["runs"][0]["steps"] = document["runs"][0]["steps"][:4]  # the final model step is gone
     with pytest.raises(CassetteMismatch, match=r"model request 3 is not in the cassette \(it holds 2\)"):
         _analyst_replay(document)
 
@@ -300,21 +493,21 @@ def test_the_cassette_replays_with_no_server_and_no_network(tmp_path: Path) -> N
 gc_agent = PrefectAgent(Agent(FunctionModel(_policy("model")), name="journal_gc", tools=[lookup]))
 
 
-def _journal_files(run_id: str) -> list[Path]:
+def _journal_files(run_id: str, agent_name: str = "journal_gc") -> list[Path]:
     """The run's record, its progress log and the journal entries the record indexes, in this session's local
     storage."""
     import anyio
 
     from prefect_pydantic_ai.store.records import read_record, result_storage
 
-    record = anyio.run(read_record, run_id, "journal_gc", 0)
+    record = anyio.run(read_record, run_id, agent_name, 0)
     assert record is not None
     root = Path(anyio.run(result_storage).root())
     keys = {s.key for a in record.attempts for s in a.steps}
     runs = root / "prefect-pydantic-ai" / "runs" / run_id
     return [
-        runs / "journal_gc.0.json",
-        runs / "journal_gc.0.progress.jsonl",
+        runs / f"{agent_name}.0.json",
+        runs / f"{agent_name}.0.progress.jsonl",
         *(root / k for k in sorted(keys)),
     ]
 
@@ -370,6 +563,39 @@ def test_gc_removes_old_finished_runs_and_keeps_resumable_ones_unless_asked(anyi
     CALLS.clear()
     out = commands.cli("export", completed)  # its journal is gone: one line, exit 2
     assert out.returncode == 2 and "has no run record" in out.stderr, out.stderr
+
+
+gc_key_agent = PrefectAgent(Agent(FunctionModel(_policy("model")), name="journal_gc_key", tools=[lookup]))
+
+
+def test_gc_collects_a_failed_flow_run_once_a_later_one_of_its_key_completed(anyio_backend: str) -> None:
+    import datetime
+
+    import anyio
+
+    key = f"gc-key-{uuid.uuid4().hex[:8]}"
+
+    async def runs() -> list[str]:
+        FAIL_TOOL.append(True)
+        with pytest.raises(RuntimeError):
+            await gc_key_agent.run("hello", idempotency_key=key)
+        FAIL_TOOL.clear()
+        await gc_key_agent.run(
+            "hello", idempotency_key=key
+        )  # another flow run: it replays the first's model step
+        async with prefect_api() as api:
+            found = await api.flow_runs({"tags": {"all_": [f"key:{key}"]}}, "START_TIME_ASC", 10)
+        return [str(run.id) for run in found]
+
+    failed, completed = anyio.run(runs)
+    assert CALLS == ["model", "lookup", "lookup", "model", "lookup", "model"]
+    files = _journal_files(failed, "journal_gc_key") + _journal_files(completed, "journal_gc_key")
+    cutoff = datetime.datetime.now(datetime.UTC).isoformat()
+    out = commands.cli("gc", "--older-than", cutoff, "--agent", "journal_gc_key", "--json")
+    report = json.loads(out.stdout)
+    # the failed flow run cannot be resumed into anything but the completed result: no --include-unfinished
+    assert (report["runs"], report["kept"], report["files"]) == ([failed, completed], {}, len(set(files)))
+    assert not any(p.exists() for p in files)
 
 
 @pytest.mark.slow
@@ -454,3 +680,31 @@ def test_a_fork_of_a_crashed_run_replays_the_steps_completed_before_the_kill(
     assert "3 step(s) replayed" in out.stdout
     # the killed call and the final model call ran again; the first three steps came from the journal
     assert calls(log)[4:] == ["tool:detect_anomalies", "model"]
+
+    # The killed attempt never recorded its steps; its progress log names the key of each step it started.
+    import datetime
+
+    import anyio
+
+    from prefect_pydantic_ai.store.records import result_storage
+
+    async def killed_run() -> str:
+        async with prefect_api() as api:
+            return str((await resolve_run(api, key)).id)
+
+    killed_id, root = anyio.run(killed_run), Path(anyio.run(result_storage).root())
+    runs = root / "prefect-pydantic-ai" / "runs" / killed_id
+    progress = (runs / f"{env['FIVE_STEP_AGENT']}.0.progress.jsonl").read_text().splitlines()
+    started = [json.loads(line)["started"] for line in progress if '"started":"' in line]
+    entries = [root / k for k in started if (root / k).exists()]
+    assert (len(started), len(entries)) == (4, 3)  # the fourth step was killed before its entry was written
+    cutoff = datetime.datetime.now(datetime.UTC).isoformat()
+    gc = ["gc", "--older-than", cutoff, "--agent", env["FIVE_STEP_AGENT"], "--json"]
+    kept = json.loads(commands.cli(*gc).stdout)
+    assert kept["kept"] == {
+        killed_id: "it is crashed and can be resumed (pass --include-unfinished to remove it)"
+    }
+    assert all(p.exists() for p in entries)
+    removed = json.loads(commands.cli(*gc, "--include-unfinished").stdout)
+    assert removed["runs"] == [killed_id] and not runs.exists()
+    assert not any(p.exists() for p in entries)

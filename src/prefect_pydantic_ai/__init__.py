@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from .errors import UnverifiedEffectError as UnverifiedEffectError
     from .ledger import Ledger as Ledger
     from .ops.approve import approve_run as approve_run
+    from .ops.export import export_run as export_run
+    from .ops.fork import Forked as Forked
+    from .ops.fork import fork_run as fork_run
     from .ops.resume import Rescheduled as Rescheduled
     from .ops.resume import resume_run as resume_run
     from .ops.runs import list_runs as list_runs
@@ -72,6 +75,9 @@ _EXPORTS = {
     "StorageReadError": "errors",
     "StorageWriteError": "errors",
     "list_runs": "ops.runs",
+    "export_run": "ops.export",
+    "Forked": "ops.fork",
+    "fork_run": "ops.fork",
     "Rescheduled": "ops.resume",
     "resume_run": "ops.resume",
     "show_run": "ops.show",

@@ -849,21 +849,16 @@ def export_command(
         Path | None, typer.Option("--output", "-o", help="Write the cassette here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write a run's steps as a cassette: a readable JSON file that prefect_pydantic_ai.testing replays offline."""
-    from prefect_pydantic_ai.ops.export import export_run
+    """Write a run's steps, of every agent run in it, as a cassette that prefect_pydantic_ai.testing replays."""
+    from prefect_pydantic_ai.ops.export import cassette_json, export_run
 
-    document = _run(export_run(run))
-    text = json.dumps(document, indent=1, ensure_ascii=False) + "\n"
+    document = _run(export_run(run, output))
     if output is None:
-        sys.stdout.write(text)
+        sys.stdout.write(cassette_json(document))
         return
-    try:
-        output.write_text(text)
-    except OSError as exc:
-        raise ValueError(f"Cannot write {output}: {exc.strerror or exc}.") from None
-    console.print(
-        f"Wrote {len(document['steps'])} steps of run {document['run_id']} to {output}.", highlight=False
-    )
+    steps = sum(len(r["steps"]) for r in document["runs"])
+    agents = f" of {len(document['runs'])} agent runs" if len(document["runs"]) > 1 else ""
+    console.print(f"Wrote {steps} steps{agents} of run {document['run_id']} to {output}.", highlight=False)
 
 
 def _json_or_text(value: str) -> Any:

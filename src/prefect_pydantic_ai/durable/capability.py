@@ -433,7 +433,10 @@ class PrefectDurability(AbstractCapability[Any]):
                 executing.append(title)
             elif title in executing:
                 executing.remove(title)
-            await write_step_mark(record, _run_count(), executing, title if phase == "completed" else None)
+            # a step that starts calls this from its own scope: its key is what gc finds a killed attempt by
+            step = running_step() if phase == "started" else None
+            completed = title if phase == "completed" else None
+            await write_step_mark(record, _run_count(), executing, completed, step.key if step else None)
 
         model_steps = ModelSteps(
             identity,

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import Flow
+from pydantic_ai.models import KnownModelName, Model
 
 from prefect_pydantic_ai.durable.capability import durability_of
 from prefect_pydantic_ai.durable.fork import NO_RESULT, ForkSource, fork_of
 from prefect_pydantic_ai.durable.report import ledger_of
 from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.infra.server import ensure_api
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.ops.resume import recorded_entrypoint, records_of
 from prefect_pydantic_ai.ops.runs import resolve_run, state_of
@@ -43,13 +45,19 @@ async def fork_run(
     *,
     at: int,
     prompt: str | None = None,
-    model: Any = None,
+    model: Model | KnownModelName | str | None = None,
     tool_result: Any = NO_RESULT,
     entrypoint: str | None = None,
 ) -> Forked:
     """Start a new run that replays run `ref`'s steps numbered below `at` from its journal and runs live from
     step `at` (with `model` instead of the agent's, `prompt` instead of the original prompt, and the tool step
-    `at` returning `tool_result` instead of running). Works for a completed, failed or crashed run."""
+    `at` returning the JSON value `tool_result` instead of running). Works for a completed, failed or crashed
+    run, of a bare agent or of a `@flow` (its own parameters: no `prompt` or `model`).
+
+    `ref` is a flow run id, unique prefix or idempotency key; `entrypoint` (`module:attribute`) names the agent
+    or flow when the recorded one cannot be imported here. A request it cannot fork raises `RunError` with one
+    line naming what to change; a failure of the fork itself is raised as the agent raised it."""
+    ensure_api()  # no server configured: the persistent local one the runs were recorded in
     if at < 1:
         raise RunError(f"--at {at} is not a step number: steps are numbered from 1, as `show` numbers them.")
     async with prefect_api() as api:

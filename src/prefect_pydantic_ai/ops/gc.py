@@ -1,23 +1,30 @@
 """Retention: remove the journal entries, step markers, run records and progress logs of old finished runs.
 
-A run is collected when it ended before the cutoff and completed; a failed, crashed, cancelled or paused run can
-still be resumed, so it is kept unless `include_unfinished`; a running or scheduled one is never touched. Runs of
-one idempotency key share their journal, so a key is collected only when every flow run of it is. The Prefect
-flow runs themselves stay (Prefect keeps or removes them by its own settings); a collected run can no longer be
-resumed, forked or exported, and calling its key again runs it anew.
+A run is collected when it ended before the cutoff and completed. A failed, crashed, cancelled or paused run can
+still be resumed, so it is kept unless `include_unfinished`; a running or scheduled one is never touched, and a
+run Prefect still shows running whose process on this host is gone is settled as crashed first. Runs of one
+idempotency key share their journal, so a key is collected only when every flow run of it is; once the key's
+newest flow run completed, its earlier flow runs (failed, or killed and never resumed themselves) are finished
+too: resuming one would only return the completed result, so they go with the key. The Prefect flow runs
+themselves stay (Prefect keeps or removes them by its own settings); a collected run can no longer be resumed,
+forked or exported, and calling its key again runs it anew.
 
-What a run's journal holds is read from its run records: the steps each attempt indexed when it ended. An attempt
-whose process was killed indexes none; its entries stay until a resume of it ends.
+What a run's journal holds is read from its run records (the steps each attempt indexed when it ended) and, for
+an attempt that was killed and so never ended, from its progress log (the key of each step it started). Only a
+local directory has progress logs: in S3 a killed attempt's entries are found only when a later attempt of the
+run replayed them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from prefect_pydantic_ai.ops.runs import state_of
-from prefect_pydantic_ai.store.prefect_rest import TAG, ApiFlowRun, prefect_api, tag_values
-from prefect_pydantic_ai.store.records import RunRecord, result_storage
+from prefect_pydantic_ai.store.crashes import settle_if_dead
+from prefect_pydantic_ai.store.prefect_rest import TAG, ApiFlowRun, PrefectApi, prefect_api, tag_values
+from prefect_pydantic_ai.store.records import RunRecord, StepMark, result_storage
 from prefect_pydantic_ai.store.retention import Retention, StoredFile
 
 _UNFINISHED = ("failed", "crashed", "cancelled", "paused")
@@ -47,16 +54,8 @@ async def collect_garbage(
         old = await api.flow_runs(
             {"tags": {"all_": tags}, "start_time": {"before_": before.isoformat()}}, "START_TIME_ASC", 100_000
         )
-        verdicts = {str(run.id): _verdict(run, before, include_unfinished) for run in old}
-        for run in old:
-            if verdicts[str(run.id)] is None and (key := next(iter(tag_values(run, "key:")), None)):
-                for other in await api.flow_runs(
-                    {"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_ASC", 1000
-                ):
-                    why = verdicts.get(str(other.id)) or _verdict(other, before, include_unfinished)
-                    if why is not None:
-                        verdicts[str(run.id)] = f"its key {key!r} has run {other.id}, which is kept: {why}"
-                        break
+        old = [await settle_if_dead(api, run) for run in old]
+        verdicts = await _verdicts(api, old, before, include_unfinished)
     retention = Retention(await result_storage())
     for run in old:
         run_id = str(run.id)
@@ -74,27 +73,66 @@ async def collect_garbage(
     return report
 
 
-def _verdict(run: ApiFlowRun, before: datetime, include_unfinished: bool) -> str | None:
-    """Why `run` is kept (None: it is collected)."""
+async def _verdicts(
+    api: PrefectApi, old: list[ApiFlowRun], before: datetime, include_unfinished: bool
+) -> dict[str, str | None]:
+    """Why each of `old` is kept (None: it is collected), judging the runs of one idempotency key together."""
+    verdicts = {str(run.id): _verdict(run, before, include_unfinished) for run in old}
+    by_key: dict[str, list[str]] = {}
+    for run in old:
+        if key := next(iter(tag_values(run, "key:")), None):
+            by_key.setdefault(key, []).append(str(run.id))
+    for key, run_ids in by_key.items():
+        every = await api.flow_runs({"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_ASC", 1000)
+        every = [await settle_if_dead(api, run) for run in every]
+        superseded = bool(every) and state_of(every[-1]) == "completed"
+        judged = ((run, _verdict(run, before, include_unfinished, superseded)) for run in every)
+        kept = next(((run, why) for run, why in judged if why is not None), None)
+        for run_id in run_ids:
+            if kept is None or str(kept[0].id) == run_id:
+                verdicts[run_id] = kept[1] if kept is not None else None
+            else:
+                verdicts[run_id] = f"its key {key!r} has run {kept[0].id}, which is kept: {kept[1]}"
+    return verdicts
+
+
+def _verdict(
+    run: ApiFlowRun, before: datetime, include_unfinished: bool, superseded: bool = False
+) -> str | None:
+    """Why `run` is kept (None: it is collected); `superseded`: a later flow run of its key completed it."""
     state = state_of(run)
     ended = run.end_time or run.start_time
     if state not in ("completed", *_UNFINISHED):
         return f"it is {state}"
     if ended is None or ended >= before:
         return "it ended after the cutoff"
-    if state in _UNFINISHED and not include_unfinished:
+    if state in _UNFINISHED and not (include_unfinished or superseded):
         return f"it is {state} and can be resumed (pass --include-unfinished to remove it)"
     return None
 
 
 async def _files_of(retention: Retention, run_id: str) -> list[StoredFile]:
-    """The run's records and progress logs, and the journal entries and markers of every step they index."""
+    """The run's records and progress logs, and the journal entries and markers of every step they index or
+    (an attempt that never ended) say it started."""
     files = await retention.under(f"prefect-pydantic-ai/runs/{run_id}")
     keys: set[str] = set()
     for file in files:
-        if file.path.endswith(".json"):
-            record = RunRecord.model_validate_json(await retention.read(file.path))
+        data = await retention.read(file.path)
+        if file.path.endswith(".progress.jsonl"):
+            keys.update(_started_keys(data))
+        elif file.path.endswith(".json"):
+            record = RunRecord.model_validate_json(data)
             keys.update(step.key for attempt in record.attempts for step in attempt.steps)
     for key in sorted(keys):
         files += await retention.entry(key)
     return files
+
+
+def _started_keys(progress: bytes) -> set[str]:
+    """The keys of the steps a progress log says were started (a line torn by a kill is skipped)."""
+    keys: set[str] = set()
+    for line in progress.splitlines():
+        if b'"started":"' in line:
+            with contextlib.suppress(ValueError):
+                keys.add(StepMark.model_validate_json(line).started or "")
+    return keys - {""}

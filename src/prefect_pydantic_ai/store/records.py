@@ -65,11 +65,13 @@ class AttemptRecord(BaseModel):
 
 class StepMark(BaseModel):
     """A progress-log line: the steps attempt `run_count` is executing now, as one starts or ends (`completed`:
-    the one that just completed)."""
+    the one that just completed; `started`: the journal key of the one that just started, which is how `gc`
+    finds the entries of an attempt that was killed and so never recorded its steps)."""
 
     run_count: int
     in_steps: list[str]
     completed: str | None = None
+    started: str | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -137,10 +139,14 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
 
 
 async def write_step_mark(
-    record: RunRecord, run_count: int, in_steps: list[str], completed: str | None = None
+    record: RunRecord,
+    run_count: int,
+    in_steps: list[str],
+    completed: str | None = None,
+    started: str | None = None,
 ) -> None:
     """Record the steps attempt `run_count` is executing now (their task run names), as one starts or ends;
-    `completed` names the step that just completed.
+    `completed` names the step that just completed, `started` is the key of the step that just started.
 
     Prefect hears of a step's task run from events its client sends in the background, so a process killed in
     a step's first milliseconds can take that step with it; this line, appended before the step's work begins,
@@ -151,7 +157,9 @@ async def write_step_mark(
     storage = await _storage()
     if isinstance(storage, JournalFileSystem):
         _append_progress(
-            storage, record, StepMark(run_count=run_count, in_steps=in_steps, completed=completed)
+            storage,
+            record,
+            StepMark(run_count=run_count, in_steps=in_steps, completed=completed, started=started),
         )
 
 

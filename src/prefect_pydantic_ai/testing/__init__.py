@@ -28,7 +28,8 @@ Replay a run exported with `prefect-pydantic-ai export RUN -o run.json` as the m
 no server and no network (`CassetteMismatch`, a diff, when the agent asks for something else)::
 
     replay = Cassette.load("run.json").replay()
-    result = await agent.run(prompt, capabilities=[replay])
+    result = await agent.run(prompt, capabilities=[replay])  # each agent run of the cassette gets the same replay
+    replay.assert_done()
 """
 
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .cassette import Cassette as Cassette
     from .cassette import CassetteMismatch as CassetteMismatch
     from .cassette import CassetteReplay as CassetteReplay
+    from .cassette import RecordedRun as RecordedRun
 from .faults import (
     ENV_VAR,
     TRANSPORTABLE_EXCEPTIONS,
@@ -84,6 +86,7 @@ __all__ = [
     "LoopbackOpenAI",
     "MalformedJsonFault",
     "RecordedRequest",
+    "RecordedRun",
     "ResetFault",
     "Responder",
     "Scripted",
@@ -97,7 +100,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """The cassette names, imported on first use: they import Prefect, which the fault helpers do not need."""
-    if name in ("Cassette", "CassetteMismatch", "CassetteReplay"):
+    if name in ("Cassette", "CassetteMismatch", "CassetteReplay", "RecordedRun"):
         from . import cassette
 
         return getattr(cassette, name)
