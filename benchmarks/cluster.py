@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -107,20 +106,13 @@ def _sqlite_server(locks: dict[str, str]) -> Any:
 
 @contextmanager
 def _postgres_cluster(locks: dict[str, str]) -> Any:
-    from server import isolated_env
+    from server import cluster_session
 
-    from prefect_pydantic_ai.infra.cluster import ClusterConfig, cluster_down, cluster_up
+    from prefect_pydantic_ai.infra.cluster import ClusterConfig
 
-    session = Path(tempfile.mkdtemp(prefix="ppa-bench-cluster-"))
-    directory = session / "cluster"
-    try:
-        cluster = cluster_up(directory, ClusterConfig(workers=0), progress=lambda line: print(f"  {line}"))
-        env = {**isolated_env(session, cluster.api_url), **cluster.client_env(), **locks}
+    with cluster_session(ClusterConfig(workers=0)) as (env, cluster):
         [server] = [c for c in cluster.components if c.name == "prefect server"]
-        yield env, server.pid
-    finally:
-        cluster_down(directory)
-        shutil.rmtree(session, ignore_errors=True)
+        yield {**env, **locks}, server.pid
 
 
 def _wave(env: dict[str, str], server_pid: int, variant: str, runs: int, clients: int) -> dict[str, Any]:

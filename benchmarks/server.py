@@ -1,15 +1,21 @@
-"""A throwaway local Prefect server for one benchmark session, and the environments that point at it."""
+"""A throwaway Prefect server for one benchmark session (local on SQLite, or the one-machine cluster), and the
+environments that point at it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect_pydantic_ai.infra.server import LocalServer, free_port
+
+if TYPE_CHECKING:
+    from prefect_pydantic_ai.infra.cluster import Cluster, ClusterConfig
 
 QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -43,6 +49,25 @@ def local_prefect_server(timeout: float = 120.0) -> Iterator[tuple[dict[str, str
         yield {**env, "BENCH_SERVER_PID": str(server.process.pid)}, session
     finally:
         server.stop()
+
+
+@contextmanager
+def cluster_session(
+    config: ClusterConfig, progress: Callable[[str], None] = print
+) -> Iterator[tuple[dict[str, str], Cluster]]:
+    """The cluster of `prefect-pydantic-ai cluster` (PostgreSQL, Redis, a Prefect server, `config.workers`
+    workers) in a temporary directory; yield (env for clients on it, the cluster). `cluster down` afterwards, and
+    the directory is removed."""
+    from prefect_pydantic_ai.infra.cluster import cluster_down, cluster_up
+
+    session = Path(tempfile.mkdtemp(prefix="ppa-bench-cluster-"))
+    directory = session / "cluster"
+    try:
+        cluster = cluster_up(directory, config, progress=lambda line: progress(f"  {line}"))
+        yield {**isolated_env(session, cluster.api_url), **cluster.client_env()}, cluster
+    finally:
+        cluster_down(directory)
+        shutil.rmtree(session, ignore_errors=True)
 
 
 def settle(

@@ -1,6 +1,7 @@
 """The budgeted agent of test_budget.py: model → `measure` → model → `measure` → model, requests of 1500, 2900 and
 4500 tokens (gpt-4o prices). `python budgeted.py KEY` runs it under KEY and SIGKILLs itself inside the second
-`measure` call, after both requests it paid for were recorded."""
+`measure` call, after both requests it paid for were recorded. `python budgeted.py KEY ask` runs `asking` (a
+5000-token budget that waits for approval, holding its process) and SIGKILLs itself once it waits."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCall
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
 
-from prefect_pydantic_ai import PrefectAgent
+from prefect_pydantic_ai import Budget, PrefectAgent
+from prefect_pydantic_ai.durable.wait import observing_waits
+from prefect_pydantic_ai.store.waits import PendingCall
 
 SIZES = [(1200, 300), (2500, 400), (4000, 500)]
 """Input and output tokens of requests 1, 2 and 3: 1500, 2900 and 4500 tokens."""
@@ -46,6 +49,17 @@ def measure(n: int) -> int:
     return n * 10
 
 
+asking = PrefectAgent(agent, budget=Budget(tokens=5000, on_exceeded="approve"), approvals="pause")
+"""Waits in its process before request 3, which the 5000-token budget cannot cover."""
+
+
+async def _killed(flow_run_id: str, calls: list[PendingCall]) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 if __name__ == "__main__":
+    if sys.argv[2:] == ["ask"]:
+        with observing_waits(_killed):
+            asyncio.run(asking.run("measure twice", idempotency_key=sys.argv[1]))
     os.environ["BUDGETED_KILL"] = "1"
     asyncio.run(PrefectAgent(agent).run("measure twice", idempotency_key=sys.argv[1]))

@@ -449,6 +449,12 @@ def approve_command(
     ] = None,
     deny_all: Annotated[bool, typer.Option("--deny-all", hidden=True)] = False,
     message: Annotated[str | None, typer.Option(help="What a denied call tells the model.")] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="A run waiting at its budget: raise it to this many dollars.")
+    ] = None,
+    budget_tokens: Annotated[
+        int | None, typer.Option(help="A run waiting at its budget: raise it to this many tokens.")
+    ] = None,
     entrypoint: Annotated[
         str | None, typer.Option(help="module:attribute of the agent or flow, when the recorded one is gone.")
     ] = None,
@@ -458,7 +464,8 @@ def approve_command(
     from prefect_pydantic_ai.ops.approve import approve_run
 
     denied = [] if deny_all else deny
-    decision = _run(approve_run(run, deny=denied, message=message, entrypoint=entrypoint))
+    raised = _budget(budget, budget_tokens)
+    decision = _run(approve_run(run, deny=denied, message=message, entrypoint=entrypoint, budget=raised))
     if as_json:
         document = decision.to_json()
         document["output"] = decision.output
@@ -469,7 +476,9 @@ def approve_command(
         console.print(
             f"{verdict}  {call.describe()}  [dim]{call.call_id}[/dim]", highlight=False, soft_wrap=True
         )
-    if decision.awaiting:
+    if decision.stopped:
+        console.print(decision.stopped, highlight=False, soft_wrap=True, markup=False)
+    elif decision.awaiting:
         console.print(
             f"Run {decision.run_id} is awaiting approval again: "
             + ", ".join(c.describe() for c in decision.awaiting),

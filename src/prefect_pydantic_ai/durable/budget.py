@@ -7,6 +7,10 @@ the run stops if what it spent plus an estimate of the next request would exceed
 the average request of the run so far (spent / executed model requests, over every attempt); there is none
 before the first request, which always goes. A run can thus overshoot by what its last request cost above
 the average. Dollars are genai-prices' (see `ledger`): a request it cannot price counts as $0.
+
+`on_exceeded="approve"` makes the run wait for a person instead of stopping, through the wait tool approvals use
+(`wait`): approved, the request goes (with new limits, the rest of the attempt has them, as with `resume
+--budget`); denied, the run stops as it would have.
 """
 
 from __future__ import annotations
@@ -16,26 +20,32 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prefect_pydantic_ai.durable.wait import await_budget_decision
 from prefect_pydantic_ai.errors import BudgetExceededError
 from prefect_pydantic_ai.infra.server import cli_name
 from prefect_pydantic_ai.ledger import UsageTotals, format_usd
 from prefect_pydantic_ai.store.prefect_rest import TAG
 from prefect_pydantic_ai.store.records import RunRecord, read_record
+from prefect_pydantic_ai.store.waits import ApprovalMode, PendingCall
 
 
 class Budget(BaseModel):
-    """The most a logical run may spend over all its attempts: `usd` dollars and/or `tokens` (input + output)."""
+    """The most a logical run may spend over all its attempts: `usd` dollars and/or `tokens` (input + output).
+
+    `on_exceeded`: before a request the rest cannot cover, `"stop"` the run (`BudgetExceededError`), or
+    `"approve"`: wait for a person to let it go on (or stop it), as a tool call that needs approval waits."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     usd: Decimal | None = Field(default=None, gt=0)
     tokens: int | None = Field(default=None, gt=0)
+    on_exceeded: Literal["stop", "approve"] = "stop"
 
     @model_validator(mode="after")
     def _something(self) -> Budget:
@@ -47,9 +57,15 @@ class Budget(BaseModel):
         """This budget with the limits `override` sets replacing these (`resume --budget`)."""
         if override is None:
             return self
-        return Budget(
-            usd=override.usd if override.usd is not None else self.usd,
-            tokens=override.tokens if override.tokens is not None else self.tokens,
+        return self.raised_to(override.usd, override.tokens)
+
+    def raised_to(self, usd: Decimal | None, tokens: int | None) -> Budget:
+        """This budget with the limits given (not None) replacing these."""
+        return self.model_copy(
+            update={
+                "usd": self.usd if usd is None else usd,
+                "tokens": self.tokens if tokens is None else tokens,
+            }
         )
 
 
@@ -84,12 +100,40 @@ class RunBudget:
     ref: str
     """How `resume` names the run: its idempotency key, else its flow run id."""
 
-    def check(self, spent_now: UsageTotals, request: int) -> None:
-        """Raise `BudgetExceededError` if model request number `request` of this attempt, at the estimated cost,
-        would take the run past its budget; `spent_now`: what this attempt spent so far."""
-        spent = self.earlier + spent_now
+    async def admit(
+        self, spent_now: UsageTotals, request: int, *, identity: str, mode: ApprovalMode, timeout_seconds: int
+    ) -> None:
+        """Before model request number `request` of this attempt (`spent_now`: what the attempt spent so far):
+        return if the budget covers it at its estimated cost; else raise `BudgetExceededError`, or with
+        `on_exceeded="approve"` wait for a decision (`identity`: the request's place in the journal; `mode` and
+        `timeout_seconds` as for tool approvals). New limits in the decision hold for the rest of the attempt."""
+        while (over := self._over(self.earlier + spent_now)) is not None:
+            stopped = self._stopped(over, request)
+            if self.budget.on_exceeded == "stop":
+                raise stopped
+            decision = await await_budget_decision(
+                PendingCall(
+                    call_id=f"budget-{request}",
+                    tool="budget",
+                    args={"request": request},
+                    kind="budget",
+                    reason=over,
+                ),
+                identity=f"{identity}\x1f{self.budget.usd}\x1f{self.budget.tokens}",  # new limits ask anew
+                mode=mode,
+                timeout_seconds=timeout_seconds,
+            )
+            if not decision.approved:
+                raise stopped
+            raised = self.budget.raised_to(decision.usd, decision.tokens)
+            if raised == self.budget:  # no new limits: this request only
+                return
+            self.budget = raised
+
+    def _over(self, spent: UsageTotals) -> str | None:
+        """What `spent` plus the estimated next request exceeds, in words; None when the budget covers it."""
         if spent.model_calls == 0:
-            return
+            return None
         over = []
         if (usd := self.budget.usd) is not None:
             estimate = spent.cost_usd / spent.model_calls
@@ -105,14 +149,17 @@ class RunBudget:
                     f"{spent.total_tokens} of its {tokens} tokens spent, the next request estimated at "
                     f"{estimate_tokens}"
                 )
-        if over:
-            attempts = self.attempts + 1
-            flag = "--budget <usd>" if self.budget.usd is not None else "--budget-tokens <n>"
-            raise BudgetExceededError(
-                f"Run {self.ref} stopped before model request {request}: "
-                f"{'; '.join(over)} (over {attempts} attempt{'s' if attempts > 1 else ''}); "
-                f"resume it with a higher budget: `{cli_name()} resume {self.ref} {flag}`."
-            )
+        if not over:
+            return None
+        attempts = self.attempts + 1
+        return f"{'; '.join(over)} (over {attempts} attempt{'s' if attempts > 1 else ''})"
+
+    def _stopped(self, over: str, request: int) -> BudgetExceededError:
+        flag = "--budget <usd>" if self.budget.usd is not None else "--budget-tokens <n>"
+        return BudgetExceededError(
+            f"Run {self.ref} stopped before model request {request}: {over}; "
+            f"resume it with a higher budget: `{cli_name()} resume {self.ref} {flag}`."
+        )
 
 
 async def run_budget(

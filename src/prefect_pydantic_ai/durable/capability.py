@@ -176,7 +176,8 @@ class PrefectDurability(AbstractCapability[Any]):
       keeps it waiting up to `approval_timeout_seconds`. See `wait`.
     - `budget`: the most a logical run may spend over all its attempts, killed ones included (`Budget(usd=...,
       tokens=...)`): it stops with `BudgetExceededError` before a model request the rest cannot cover, and
-      `resume --budget` continues it. See `budget`.
+      `resume --budget` continues it; with `on_exceeded="approve"` it waits for a decision there instead, as
+      `approvals` says. See `budget`.
     - `max_parallel_tools`: at most this many tool calls of a run execute at once (the calls of one model
       response wait for a free place; a call that delegates to another agent is one of them). A sub-agent run
       bounds its own tool calls with its own setting.
@@ -533,7 +534,13 @@ class PrefectDurability(AbstractCapability[Any]):
         steps.begin(ctx.messages, request_context.model_request_parameters, emit=ctx.emit)
         await steps.prefetch(request_context.model.model_name)
         if run.budget is not None and not steps.replaying:  # a replayed request costs nothing
-            run.budget.check(steps.log.spent.spent, steps.number)
+            await run.budget.admit(
+                steps.log.spent.spent,
+                steps.number,
+                identity=steps.key("model", f"{steps.number}.budget", steps.step_digest),
+                mode=self.approvals,
+                timeout_seconds=self.approval_timeout_seconds,
+            )
         response = await handler(request_context)
         steps.end(response)
         return response

@@ -6,7 +6,11 @@ capabilities (`handle_deferred_tool_calls`), in the flow run itself. The wait ha
 journal identity and the pending call ids, so when the flow run executes again after the decision (every step
 before the wait replays from the journal, so the same calls come back with the same ids), the same wait finds
 the decision already given and returns it instead of waiting again. A second wait later in the same run has
-other calls, hence another key.
+other calls, hence another key. A wait whose attempt ended before anyone decided (its process was killed, or
+the run was resumed while it waited) asks again, under the next key of its sequence (`<key>-2`, ...).
+
+A run whose budget cannot cover its next model request waits the same way (`Budget(on_exceeded="approve")`),
+for one decision: go on (for that request, or with new limits) or stop.
 
 - `suspend` (the default) frees everything: the flow run becomes Suspended (a deployment's run, which Prefect
   reschedules once the input arrives) or Paused (a script's run, which `approve` continues in place), and the
@@ -17,9 +21,12 @@ other calls, hence another key.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal, cast
 
 import anyio
@@ -32,7 +39,7 @@ from prefect.input.actions import acreate_flow_run_input, aread_flow_run_input
 from prefect.input.run_input import keyset_from_paused_state
 from prefect.states import Paused, Suspended
 from prefect.utilities.engine import propose_state
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import DeferredToolRequests, DeferredToolResults, ToolDenied
 
@@ -126,11 +133,25 @@ def pending_calls(requests: DeferredToolRequests) -> list[PendingCall]:
 
 def approval_form(calls: list[PendingCall]) -> type[RunInput]:
     """The typed input form of a wait: per call, approve (or not) and a message for the model if denied; for an
-    external call, its result. Fields are flat (`call_1_approve`, ...) so the Prefect UI renders plain inputs."""
+    external call, its result; for a budget, go on (or stop) and new limits. Fields are flat (`call_1_approve`,
+    ...) so the Prefect UI renders plain inputs."""
     fields: dict[str, Any] = {}
     for n, call in enumerate(calls, 1):
         title = call.describe()
-        if call.kind == "approval":
+        if call.kind == "budget":
+            fields[f"call_{n}_approve"] = (
+                bool,
+                Field(default=True, title=f"Go on past the budget: {title}", description=call.reason),
+            )
+            fields[f"call_{n}_usd"] = (
+                Decimal | None,
+                Field(default=None, gt=0, title="New budget in dollars (empty: this request only)"),
+            )
+            fields[f"call_{n}_tokens"] = (
+                int | None,
+                Field(default=None, gt=0, title="New budget in tokens (empty: this request only)"),
+            )
+        elif call.kind == "approval":
             fields[f"call_{n}_approve"] = (
                 bool,
                 Field(
@@ -159,9 +180,12 @@ def decision_values(
     deny: set[str] | None,
     message: str | None,
     results: dict[str, str] | None = None,
+    usd: Decimal | None = None,
+    tokens: int | None = None,
 ) -> dict[str, Any]:
-    """The form values of a decision: every approval call approved except those in `deny` (all when `deny` is
-    empty), `message` told to the model for each denied call, `results` for external calls. Validated."""
+    """The form values of a decision: every approval call (or budget) approved except those in `deny` (all when
+    `deny` is empty), `message` told to the model for each denied call, `results` for external calls, a budget's
+    new limits `usd` / `tokens`. Validated."""
     values: dict[str, Any] = {}
     known = {c.call_id for c in calls}
     unknown = sorted((set(deny or ()) | set(results or ())) - known)
@@ -169,9 +193,21 @@ def decision_values(
         raise RunError(
             f"No pending call has id {unknown[0]!r}; pending: {', '.join(c.call_id for c in calls)}."
         )
+    limits = usd is not None or tokens is not None
+    if limits and not any(c.kind == "budget" for c in calls):
+        raise RunError(
+            "A new budget answers a run waiting at its budget; this one awaits "
+            f"{', '.join(c.describe() for c in calls)}."
+        )
     for n, call in enumerate(calls, 1):
-        if call.kind == "approval":
-            denied = deny is not None and (not deny or call.call_id in deny)
+        denied = deny is not None and (not deny or call.call_id in deny)
+        if call.kind == "budget":
+            if denied and limits:
+                raise RunError("A denied budget takes no new limits: deny it, or approve it with them.")
+            values[f"call_{n}_approve"] = not denied
+            values[f"call_{n}_usd"] = None if usd is None else str(usd)  # stored as JSON
+            values[f"call_{n}_tokens"] = tokens
+        elif call.kind == "approval":
             values[f"call_{n}_approve"] = not denied
             values[f"call_{n}_message"] = (message or "") if denied else ""
         elif results is not None and call.call_id in results:
@@ -184,9 +220,8 @@ def decision_values(
     return values
 
 
-def tool_results(calls: list[PendingCall], decision: BaseModel) -> DeferredToolResults:
+def tool_results(calls: list[PendingCall], values: dict[str, Any]) -> DeferredToolResults:
     """The `DeferredToolResults` pydantic-ai continues with: approvals, denials (with their message), results."""
-    values = decision.model_dump()
     results = DeferredToolResults()
     for n, call in enumerate(calls, 1):
         if call.kind == "approval":
@@ -228,23 +263,58 @@ async def await_decision(
     Raises `WaitSuspended` (a `prefect.exceptions.Pause`) when the run is suspended (the flow engine ends this
     attempt without failing it), `ApprovalTimeout` when nobody decided within `timeout_seconds` in `pause` mode.
     """
+    calls = pending_calls(requests)
+    return tool_results(calls, await _decision(calls, identity, mode, timeout_seconds))
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """What a person decided for a run waiting at its budget: go on or stop; with new limits (`usd`, `tokens`)
+    the run's budget is raised, without them only the request it waits before may go over."""
+
+    approved: bool
+    usd: Decimal | None = None
+    tokens: int | None = None
+
+
+async def await_budget_decision(
+    over: PendingCall, *, identity: str, mode: ApprovalMode, timeout_seconds: int
+) -> BudgetDecision:
+    """Wait at the flow level for a decision on `over`, a model request the run's budget cannot cover; as
+    `await_decision` (the same wait, suspension and timeout)."""
+    values = await _decision([over], identity, mode, timeout_seconds)
+    return BudgetDecision(values["call_1_approve"], values["call_1_usd"], values["call_1_tokens"])
+
+
+async def _decision(
+    calls: list[PendingCall], identity: str, mode: ApprovalMode, timeout_seconds: int
+) -> dict[str, Any]:
+    """The values of the decision on `calls`: the one given for this wait in an earlier attempt, else waited for.
+
+    The wait's keys are tried in order: a key that fired in an earlier attempt holds that attempt's decision,
+    or none when the attempt ended before anyone decided; the first key that has not fired asks (again)."""
     flow_ctx = FlowRunContext.get()
     if TaskRunContext.get() is not None or flow_ctx is None or flow_ctx.flow_run is None:
         raise DurabilityConfigError(
-            "A run inside a step (a sub-agent run in a tool) cannot wait for approval: Prefect waits only between "
-            "steps of a flow run. Give the delegating agent the tool that needs approval instead."
+            "A run inside a step (a sub-agent run in a tool) cannot wait for a decision: Prefect waits only "
+            "between steps of a flow run. Give the delegating agent the tool that needs approval (or the budget) "
+            "instead."
         )
     flow_run = flow_ctx.flow_run
-    calls = pending_calls(requests)
-    key = wait_key(identity, calls)
     form = approval_form(calls)
     note = ", ".join(c.describe() for c in calls)
-    proposed = _waiting_state(flow_run, key, mode, timeout_seconds, note)
-    keyset = keyset_from_paused_state(proposed)
+    base = wait_key(identity, calls)
     async with get_client() as client:
-        state = await propose_state(client=client, state=proposed, flow_run_id=flow_run.id)
-        if state.is_running():  # this wait happened in an earlier attempt and was decided
-            return tool_results(calls, await form.aload(keyset, flow_run_id=flow_run.id))
+        for asked in itertools.count(1):
+            key = base if asked == 1 else f"{base}-{asked}"
+            proposed = _waiting_state(flow_run, key, mode, timeout_seconds, note)
+            keyset = keyset_from_paused_state(proposed)
+            state = await propose_state(client=client, state=proposed, flow_run_id=flow_run.id)
+            if not state.is_running():
+                break
+            given = await aread_flow_run_input(keyset["response"], flow_run_id=flow_run.id)
+            if given is not None:  # this wait happened in an earlier attempt and was decided
+                return form(**given).model_dump()
         if not state.is_paused():
             raise RunError(
                 f"Run {flow_run.id} cannot wait for approval: Prefect answered {state.type.value}."
@@ -264,7 +334,7 @@ async def await_decision(
                 await anyio.sleep(_POLL_SECONDS)
                 current = await client.read_flow_run(flow_run.id)
                 if current.state is not None and current.state.is_running():
-                    return tool_results(calls, await form.aload(keyset, flow_run_id=flow_run.id))
+                    return (await form.aload(keyset, flow_run_id=flow_run.id)).model_dump()
     raise ApprovalTimeout(
         f"Run {flow_run.id} waited {timeout_seconds} s for approval of {note} and nobody decided; it failed. "
         f"Run it again to ask again."

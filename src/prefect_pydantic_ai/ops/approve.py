@@ -1,4 +1,5 @@
-"""Deciding on a waiting run: approve or deny the calls it awaits, from the terminal or Python.
+"""Deciding on a waiting run: approve or deny the calls it awaits (or the budget it stopped at), from the
+terminal or Python.
 
 A run of a deployment is rescheduled by Prefect once the decision arrives (as after the Prefect UI's Resume
 form); a run in `pause` mode is picked up by its waiting process; a script's run, whose process has left, is
@@ -12,8 +13,9 @@ from typing import Any
 
 from prefect import get_client
 
+from prefect_pydantic_ai.durable.budget import Budget
 from prefect_pydantic_ai.durable.wait import WaitSuspended, decision_values, give_decision
-from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.errors import BudgetExceededError, RunError
 from prefect_pydantic_ai.ops.resume import check_resumable_here, resume_run
 from prefect_pydantic_ai.ops.runs import resolve_run
 from prefect_pydantic_ai.store.prefect_rest import prefect_api
@@ -23,7 +25,8 @@ from prefect_pydantic_ai.store.waits import PendingCall, waiting_for
 @dataclass
 class Decision:
     """What `approve_run` decided and what followed: the run's result when it was continued here (`continued`),
-    and the calls it awaits next when it stopped at another wait."""
+    the calls it awaits next when it stopped at another wait, and the line it stopped with (`stopped`) when
+    it stopped at its budget (as a denied budget does)."""
 
     run_id: str
     calls: list[PendingCall]
@@ -32,6 +35,7 @@ class Decision:
     continued: bool = False
     output: Any = None
     awaiting: list[PendingCall] = field(default_factory=list)
+    stopped: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +44,7 @@ class Decision:
             "denied": self.denied,
             "continued": self.continued,
             "awaiting": [c.model_dump(mode="json") for c in self.awaiting],
+            "stopped": self.stopped,
         }
 
 
@@ -50,9 +55,11 @@ async def approve_run(
     message: str | None = None,
     results: dict[str, str] | None = None,
     entrypoint: str | None = None,
+    budget: Budget | None = None,
 ) -> Decision:
     """Decide on the calls run `ref` (id, id prefix or idempotency key) awaits: approve them all, or deny those
     in `deny` (every call when `deny` is `[]`), telling the model `message`; `results` answers external calls.
+    A run waiting at its budget goes on past it for one request, or with `budget`'s limits; denied, it stops.
 
     Raises
     `RunError` before anything changes when the run is not waiting, a call id is unknown or the decision does
@@ -65,9 +72,13 @@ async def approve_run(
         state = flow_run.state.name if flow_run.state else "unknown"
         raise RunError(f"Run {flow_run.id} is not waiting for approval (its state is {state}).")
     values = decision_values(
-        waiting.calls, deny=None if deny is None else set(deny), message=message, results=results
+        waiting.calls,
+        deny=None if deny is None else set(deny),
+        message=message,
+        results=results,
+        usd=budget.usd if budget else None,
+        tokens=budget.tokens if budget else None,
     )
-    approvals = [c for c in waiting.calls if c.kind == "approval"]
     decision = Decision(
         run_id=str(flow_run.id),
         calls=waiting.calls,
@@ -75,7 +86,7 @@ async def approve_run(
         denied=[
             c.call_id
             for n, c in enumerate(waiting.calls, 1)
-            if c in approvals and not values[f"call_{n}_approve"]
+            if c.kind != "external" and not values[f"call_{n}_approve"]
         ],
     )
     if waiting.mode == "pause" or flow_run.deployment_id is not None:
@@ -91,6 +102,9 @@ async def approve_run(
         result = await resume_run(str(flow_run.id), entrypoint=entrypoint)
     except WaitSuspended as again:  # a later call of the same run needs a decision too
         decision.awaiting = again.calls
+        return decision
+    except BudgetExceededError as stopped:  # a denied budget: the run stopped, as decided
+        decision.stopped = str(stopped)
         return decision
     decision.output = getattr(result, "output", result)
     return decision

@@ -17,16 +17,19 @@ PENDING_INPUT = "prefect-pydantic-ai-pending"
 
 
 class PendingCall(BaseModel):
-    """One call waiting for a decision: an approval, or a result given from outside (`external`)."""
+    """One call waiting for a decision: an approval, a result given from outside (`external`), or a model request
+    its run's budget cannot cover (`budget`: `tool` is "budget", `args` `{"request": n}`, `reason` the figures)."""
 
     call_id: str
     tool: str
     args: Any
-    kind: Literal["approval", "external"]
+    kind: Literal["approval", "external", "budget"]
     reason: str | None = None
 
     def describe(self) -> str:
         """`refund(order_id=42, amount=10.0)`: the call as a person reads it."""
+        if self.kind == "budget":
+            return f"model request {self.args['request']} over budget"
         args = self.args if isinstance(self.args, dict) else {"args": self.args}
         shown = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in args.items())
         return f"{self.tool}({shown})"
