@@ -48,6 +48,7 @@ CLUSTER_MARKER = "PREFECT_PYDANTIC_AI_CLUSTER"
 """Environment variable set to the cluster directory in every process the cluster starts (and their children)."""
 DEFAULT_DIRECTORY = ".cluster"
 DEFAULT_POOL = "agents"
+WORKER_GRACE = 5.0  # seconds `down` lets a worker shut down before it is killed (a healthy one takes ~1.5)
 BOOT_TIMEOUT = 180.0  # a first boot of the Prefect server migrates a new PostgreSQL database
 _CLONE_NEWUTS = 0x04000000
 # Redis databases: Prefect's messaging (and cache, ordering, leases), Docket's background services, step locks.
@@ -708,7 +709,9 @@ def cluster_status(directory: Path) -> Cluster:
 def cluster_down(directory: Path, timeout: float = 20.0, *, keep_logs: bool = False) -> list[Component]:
     """Stop every process of the cluster in `directory`, remove PostgreSQL's data and the directory (all but its
     logs with `keep_logs`, as a failed `up` does); returns the components that were still running. Workers (and the flow runs they started) go first, PostgreSQL last
-    (SIGINT: its fast shutdown); anything left carrying the cluster's marker is then SIGKILLed."""
+    (SIGINT: its fast shutdown); anything left carrying the cluster's marker is then SIGKILLed. A worker gets
+    `WORKER_GRACE` seconds: one whose server was restarted under it hangs in its shutdown (Prefect 3.9; it then
+    stops only at `timeout`, 20 s), and its flow runs are already signalled."""
     directory = directory.resolve()
     cluster = read_cluster(directory)
     if cluster is None and not directory.exists():
@@ -722,7 +725,7 @@ def cluster_down(directory: Path, timeout: float = 20.0, *, keep_logs: bool = Fa
             _signal_all(pids, signal.SIGTERM)
         sig = signal.SIGINT if kind == "postgresql" else signal.SIGTERM
         _signal_all([c.pid for c in group], sig)
-        _wait_gone([c.pid for c in group], timeout)
+        _wait_gone([c.pid for c in group], min(timeout, WORKER_GRACE) if kind == "worker" else timeout)
     leftovers = marked_processes(directory)
     _signal_all(leftovers, signal.SIGKILL)
     _wait_gone(leftovers, 5.0)
