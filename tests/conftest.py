@@ -11,7 +11,9 @@ subprocess a test starts talk to the same throwaway server and never read a prev
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from prefect_pydantic_ai.infra.server import LocalServer, free_port  # imports n
 from tests import warm  # imports no Prefect either
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ppa-tests-"))
+atexit.register(shutil.rmtree, _SESSION_DIR, True)  # last, after the session's servers stopped (~7 MB each)
 
 
 _PORT = free_port()  # chosen before anything imports Prefect, which reads PREFECT_API_URL at import
