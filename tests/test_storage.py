@@ -176,3 +176,30 @@ async def test_a_read_tells_nothing_stored_from_a_storage_that_cannot_answer(tmp
     unreadable.mkdir()  # a directory where a file should be: the read fails, and it is not "absent"
     with pytest.raises(StorageReadError, match="IsADirectoryError"):
         await read_if_present(JournalFileSystem(basepath=str(tmp_path)), "unreadable")
+
+
+async def test_outside_a_flow_run_the_storage_is_resolved_once_per_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving the result storage asks the server for its default storage block: a command reading many run
+    records (`export`, `gc`, `show`) asks once, and again only under other settings."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from prefect_pydantic_ai.store import journal_storage as module
+    from prefect_pydantic_ai.store import records
+
+    resolved: list[object] = []
+    real = module.default_result_storage
+
+    async def counted() -> object:
+        resolved.append(storage := await real())
+        return storage
+
+    monkeypatch.setattr(module, "default_result_storage", counted)
+    monkeypatch.setattr(records, "_storage_of_settings", {})
+    first = await records.result_storage()
+    assert [await records.result_storage() for _ in range(3)] == [first] * 3
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path}):
+        other = await records.result_storage()
+    assert isinstance(other, JournalFileSystem) and Path(other.root()) == tmp_path
+    assert len(resolved) == 2

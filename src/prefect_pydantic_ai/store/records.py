@@ -307,6 +307,7 @@ async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecor
 
 
 _storage_of_flow_run: dict[Any, Any] = {}
+_storage_of_settings: dict[tuple[str, str, str], Any] = {}
 
 
 async def _storage() -> Any:
@@ -314,14 +315,27 @@ async def _storage() -> Any:
     runs or resumes a run must see the same one (`PREFECT_DEFAULT_RESULT_STORAGE_BLOCK`, docs/scale-out.md).
 
     Resolving it asks the server for its default storage block, so inside a flow run it is resolved once per
-    attempt: a run writes its record after every executed model step."""
+    attempt (a run writes its record after every executed model step), and outside one once per process and
+    settings, as `local_root` does without Prefect (`export`, `gc` and `show` read dozens of records: one
+    request each took most of their time)."""
     from prefect.context import FlowRunContext
+    from prefect.settings import get_current_settings
 
     from prefect_pydantic_ai.store.journal_storage import default_result_storage, journal_storage
 
     context = FlowRunContext.get()
     attempt = (context.flow_run.id, context.flow_run.run_count) if context and context.flow_run else None
-    if attempt is not None and (known := _storage_of_flow_run.get(attempt)) is not None:
+    if attempt is not None:
+        known = _storage_of_flow_run.get(attempt)
+    else:
+        settings = get_current_settings()
+        where = (
+            str(settings.api.url),
+            str(settings.results.default_storage_block),
+            str(settings.results.local_storage_path),
+        )
+        known = _storage_of_settings.get(where)
+    if known is not None:
         return known
     default: Any = await default_result_storage()
     storage = await journal_storage(default) or default
@@ -329,6 +343,8 @@ async def _storage() -> Any:
         if len(_storage_of_flow_run) >= 64:
             del _storage_of_flow_run[next(iter(_storage_of_flow_run))]  # the oldest attempt: long finished
         _storage_of_flow_run[attempt] = storage
+    else:
+        _storage_of_settings[where] = storage
     return storage
 
 
