@@ -61,7 +61,7 @@ PYTHON = VENV.python
 NEEDS_DEV = {"test", "test-lowest", "check", "bench", "cluster"}
 # The dependencies `test-lowest` installs at the lowest version their range in pyproject.toml allows: the two the
 # package builds on, and typer (the CLI catches the usage errors of the click it vendors).
-LOWEST_OF = ("pydantic-ai-slim", "prefect", "typer")
+LOWEST_OF = ("pydantic-ai-slim", "prefect", "typer", "ag-ui-protocol")
 # Bumped when the way we install changes, so an existing .venv is reinstalled. 2: bytecode is compiled at install
 # (with PYTHONDONTWRITEBYTECODE=1, as on many CI machines, every process otherwise compiled ~1,150 modules: ~3 s).
 INSTALL_FORMAT = b"install-format-2"

@@ -3,10 +3,11 @@
     prefect-pydantic-ai web examples/chat_web.py:desk        # then open http://127.0.0.1:8000/
 
 Each message is a turn, run as a durable Prefect flow run keyed by conversation and turn; the answer streams to
-the page (the Vercel AI data stream protocol) from a durable event log, so a reopened tab, or a server killed
-and started again, continues the answer where it stopped. Ask for a refund ("please refund order 42") and the
-`refund` tool waits for a person: Approve or Deny on the page's card, with `prefect-pydantic-ai approve <run>`,
-or in the Prefect UI's Resume form, whichever comes first.
+the page (the Vercel AI data stream protocol; AG-UI clients add `?protocol=ag-ui` to the events URL) from a
+durable event log, so a reopened tab, or a server killed and started again, continues the answer where it
+stopped, with ⚡ on each call the resumed run answered from the journal. Ask for a refund ("please refund order
+42") and the `refund` tool waits for a person: Approve or Deny on the page's card, with `prefect-pydantic-ai
+approve <run>`, or in the Prefect UI's Resume form, whichever comes first.
 
 Without $CHAT_MODEL (e.g. `openai:gpt-4o`) the agent is a scripted offline policy (not an LLM) that streams its
 answer word by word.

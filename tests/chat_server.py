@@ -1,6 +1,7 @@
 """The chat backend as its tests use it: `prefect-pydantic-ai web` serving tests/scripts/chat_agent.py in a real
 subprocess (which a test can SIGKILL and start again on the same port and event directory), its model the
-loopback OpenAI server of the test process, and a plain SSE client reading a turn's events by offset.
+loopback OpenAI server of the test process, and a plain SSE client reading a turn's events by offset, in either
+protocol.
 """
 
 from __future__ import annotations
@@ -88,11 +89,18 @@ class ChatServer:
         return int(response.json()["turn"])
 
     def events(
-        self, conversation: str, turn: int, *, last_event_id: int | None = None, limit: int | None = None
+        self,
+        conversation: str,
+        turn: int,
+        *,
+        last_event_id: int | None = None,
+        limit: int | None = None,
+        protocol: str = "vercel-ai",
     ) -> Iterator[tuple[int, str]]:
-        """`(offset, data)` of the turn's events after `last_event_id`, until the turn ends (or `limit` events)."""
+        """`(offset, data)` of the turn's events in `protocol` after `last_event_id`, until the turn ends (or
+        `limit` events)."""
         headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
-        url = f"{self.url}/api/conversations/{conversation}/turns/{turn}/events"
+        url = f"{self.url}/api/conversations/{conversation}/turns/{turn}/events?protocol={protocol}"
         with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(60, connect=5)) as response:
             if response.status_code == 204:
                 return
@@ -111,17 +119,33 @@ class ChatServer:
 
 
 def rendered_text(events: list[str]) -> str:
-    """The text a client shows for `events`: text parts in order, the discarded ones removed."""
+    """The text a client shows for `events` (Vercel AI or AG-UI): text parts in order, the discarded ones
+    removed."""
     parts: dict[str, str] = {}
     for data in events:
         if not data.startswith("{"):
             continue
-        chunk: dict[str, Any] = json.loads(data)
-        if chunk["type"] == "text-start":
-            parts[chunk["id"]] = ""
-        elif chunk["type"] == "text-delta":
-            parts[chunk["id"]] += chunk["delta"]
-        elif chunk["type"] == "data-discard":
-            for gone in chunk["data"]["ids"]:
+        event: dict[str, Any] = json.loads(data)
+        part = event.get("id") or event.get("messageId")
+        if event["type"] in ("text-start", "TEXT_MESSAGE_START"):
+            parts[part] = ""
+        elif event["type"] in ("text-delta", "TEXT_MESSAGE_CONTENT"):
+            parts[part] += event["delta"]
+        for discard in named([data], "discard"):
+            for gone in discard["ids"]:
                 parts.pop(gone, None)
     return "".join(parts.values())
+
+
+def named(events: list[str], name: str) -> list[Any]:
+    """The payloads of our application events `name` among `events`: Vercel `data-<name>` chunks' `data`, AG-UI
+    `CUSTOM` events' `value`."""
+    found = []
+    for data in events:
+        if data.startswith("{"):
+            event = json.loads(data)
+            if event["type"] == f"data-{name}":
+                found.append(event["data"])
+            elif event["type"] == "CUSTOM" and event["name"] == name:
+                found.append(event["value"])
+    return found

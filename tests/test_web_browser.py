@@ -1,7 +1,8 @@
 """The durable chat page in a real headless Chromium (Debian's, driven by Playwright as tests/test_ui_browser.py
 does): tokens stream as they come; a tab closed mid-answer and opened again continues from its offset with nothing
 lost or doubled; a server SIGKILLed mid-turn and started again is reconnected to by the page, which completes the
-turn with each call executed once; a refund is approved on the page's card.
+turn with each call executed once and marks ⚡ each call the resumed attempt replayed; a refund is approved on the
+page's card.
 
 Screenshots go to $PPA_SCREENSHOTS (default: the test's temporary directory).
 """
@@ -124,6 +125,13 @@ def test_the_page_recovers_from_a_server_killed_mid_turn(
     expect(page.locator(".assistant[data-done='1']")).to_have_count(1, timeout=WAIT)
     assert page.locator(".assistant .text").all_inner_texts() == [ANSWER]
     expect(page.locator(".tool.executed")).to_have_count(1, timeout=WAIT)
+    # the resumed attempt answered the tool-call request and the tool call from the journal: ⚡ on each
+    expect(page.locator(".tool.executed[data-replayed='1'] .replay")).to_have_text("⚡ replayed")
+    model_replayed = page.locator(".replayed.model")
+    expect(model_replayed).to_have_text("⚡ model request 1 (gpt-4o) replayed from the journal")
+    assert page.locator(".assistant > *").evaluate_all(  # the model request's line comes before its call
+        "els => els.map((e) => e.className).filter((c) => c.includes('replayed') || c.startsWith('tool'))"
+    ) == ["replayed model", "tool executed"]
     page.screenshot(path=str(shots / "chat-recovered.png"))
     assert chat.calls.counts() - calls == {"order_status": 1}
     assert [e.status for e in model.exchanges[requests:]] == [200, None, 200]  # only the cut answer twice

@@ -1,7 +1,8 @@
 """The durable chat backend over real HTTP: `prefect-pydantic-ai web` in a real process, the model the loopback
-OpenAI server streaming word by word, a plain SSE client. A reconnect gets exactly the missed events; a server
-SIGKILLed mid-turn and started again finishes the turn, each completed call executed once; an approval is
-decided by whoever comes first.
+OpenAI server streaming word by word, a plain SSE client reading the Vercel AI stream and the AG-UI stream of the
+same turns. A reconnect gets exactly the missed events; a server SIGKILLed mid-turn and started again finishes
+the turn, each completed call executed once and marked replayed; an approval is decided by whoever comes first,
+and the attempt a killed server left waiting ends Crashed in Prefect.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from prefect import get_client
 
 from prefect_pydantic_ai.testing import LoopbackOpenAI
 from prefect_pydantic_ai.web.event_log import TurnLog
-from tests.chat_server import ChatServer, rendered_text, serving
+from tests.chat_server import ChatServer, named, rendered_text, serving
 from tests.commands import cli
 
 ANSWER = " ".join(f"word{n}" for n in range(40))
@@ -44,6 +46,17 @@ def _conversation() -> str:
     return "t" + uuid.uuid4().hex[:8]
 
 
+def _types(events: list[tuple[int, str]]) -> list[str]:
+    return [json.loads(data)["type"] for _, data in events]
+
+
+async def _state(flow_run_id: str) -> tuple[str, str | None]:
+    async with get_client() as client:
+        flow_run = await client.read_flow_run(uuid.UUID(flow_run_id))
+    assert flow_run.state is not None
+    return flow_run.state.type.value, flow_run.state.message
+
+
 @pytest.mark.slow
 def test_a_reconnect_gets_exactly_the_events_it_missed(chat: ChatServer, model: LoopbackOpenAI) -> None:
     model.reply_text(ANSWER, usage=(100, 40))
@@ -67,6 +80,31 @@ def test_a_reconnect_gets_exactly_the_events_it_missed(chat: ChatServer, model: 
     url = f"{chat.url}/api/conversations/{conversation}/turns/{turn}/events"
     assert httpx.get(url, headers={"Last-Event-ID": str(len(everything) - 1)}).status_code == 204
 
+    # the same run in AG-UI, from its own log: its own offsets, the same text, the turn as one AG-UI run
+    first = list(chat.events(conversation, turn, limit=6, protocol="ag-ui"))
+    rest = list(chat.events(conversation, turn, last_event_id=first[-1][0], protocol="ag-ui"))
+    agui = list(chat.events(conversation, turn, protocol="ag-ui"))
+    assert first + rest == agui and [offset for offset, _ in agui] == list(range(len(agui)))
+    assert rendered_text([data for _, data in agui]) == ANSWER
+    started, finished = json.loads(agui[0][1]), json.loads(agui[-1][1])
+    assert (started["type"], started["threadId"], started["runId"]) == (
+        "RUN_STARTED",
+        conversation,
+        f"chat:{conversation}:{turn}",
+    )
+    assert (finished["type"], finished["runId"]) == ("RUN_FINISHED", f"chat:{conversation}:{turn}")
+    assert _types(agui).count("TEXT_MESSAGE_CONTENT") == 40
+    assert [ledger["model_calls"] for ledger in named([d for _, d in agui], "ledger")] == [
+        {"executed": 1, "replayed": 0}
+    ]
+    assert model.request_count - requests == 1  # both logs were written by the one run
+    assert httpx.get(url + "?protocol=ag-ui&offset=" + str(len(agui))).status_code == 204
+    unknown = httpx.get(url + "?protocol=grpc")
+    assert (unknown.status_code, unknown.json()) == (
+        400,
+        {"error": "Unknown protocol 'grpc': use vercel-ai or ag-ui."},
+    )
+
 
 @pytest.mark.slow
 def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
@@ -84,23 +122,41 @@ def test_a_server_killed_mid_answer_resumes_the_turn_and_the_stream_continues(
         before.append((offset, data))
         if sum('"text-delta"' in d for _, d in before) == 5:  # five words of the answer are on screen
             break
+    agui_before: list[tuple[int, str]] = []  # an AG-UI client of the same turn, three words in
+    for offset, data in chat.events(conversation, turn, protocol="ag-ui"):
+        agui_before.append((offset, data))
+        if _types(agui_before).count("TEXT_MESSAGE_CONTENT") == 3:
+            break
     chat.kill()
     chat.start()
     after = list(chat.events(conversation, turn, last_event_id=before[-1][0]))
+    agui_after = list(chat.events(conversation, turn, last_event_id=agui_before[-1][0], protocol="ag-ui"))
 
-    events = before + after
-    assert [offset for offset, _ in events] == list(range(len(events)))  # no gap, no duplicate
-    assert events == list(chat.events(conversation, turn))
-    shown = [data for _, data in events]
-    assert rendered_text(shown) == ANSWER  # the killed attempt's five words are discarded, not doubled
-    assert any('"data-discard"' in d for d in shown)
-    assert sum('"tool-output-available"' in d for d in shown) == 1
+    for events, protocol in ((before + after, "vercel-ai"), (agui_before + agui_after, "ag-ui")):
+        assert [offset for offset, _ in events] == list(range(len(events)))  # no gap, no duplicate
+        assert events == list(chat.events(conversation, turn, protocol=protocol))
+        shown = [data for _, data in events]
+        assert rendered_text(shown) == ANSWER  # the killed attempt's words are discarded, not doubled
+        assert len(named(shown, "discard")) == 1
+        # the resumed attempt answered the tool-call request and the tool call from the journal
+        call_id = json.loads(next(d for d in shown if '"order_status"' in d)).get("toolCallId")
+        assert named(shown, "replayed") == [
+            {"step": "model", "request": 1, "model": "gpt-4o", "tool_call_ids": [call_id]},
+            {"step": "tool", "request": 1, "tool": "order_status", "tool_call_id": call_id},
+        ]
+        ledger = named(shown, "ledger")[0]
+        assert ledger["model_calls"] == {"executed": 1, "replayed": 1}
+        assert ledger["tool_calls"] == {"executed": 0, "replayed": 1}
+    assert sum('"tool-output-available"' in d for _, d in before + after) == 1
+    assert _types(agui_before + agui_after).count("TOOL_CALL_RESULT") == 1
+    # what the killed attempt started in AG-UI, it ended before the discard: every message and call is closed
+    agui = [json.loads(data) for _, data in agui_before + agui_after]
+    for kind, key in (("TEXT_MESSAGE", "messageId"), ("TOOL_CALL", "toolCallId")):
+        started = [e[key] for e in agui if e["type"] == f"{kind}_START"]
+        assert sorted(started) == sorted(e[key] for e in agui if e["type"] == f"{kind}_END")
     assert chat.calls.counts() - calls == {"order_status": 1}
     # at the model: the tool-call request once, the answer cut by the kill and sent again, nothing else
     assert [e.status for e in model.exchanges[requests:]] == [200, None, 200]
-    ledger = next(json.loads(d)["data"] for d in shown if '"data-ledger"' in d)
-    assert ledger["model_calls"] == {"executed": 1, "replayed": 1}
-    assert ledger["tool_calls"] == {"executed": 0, "replayed": 1}
 
 
 @pytest.mark.slow
@@ -137,6 +193,11 @@ def test_an_approval_decided_by_the_cli_first_shows_in_the_stream_and_the_page_i
     )
     assert chat.calls.counts() - calls == {"refund": 1}
     assert model.request_count - requests == 2
+    # in AG-UI the card is a CUSTOM event with the same payload (AG-UI has no approval request mid-run)
+    agui = [data for _, data in chat.events(conversation, turn, protocol="ag-ui")]
+    assert named(agui, "approval") == [card]
+    assert any('"TOOL_CALL_RESULT"' in d and "order 42 refunded" in d for d in agui)
+    assert rendered_text(agui) == "Order 42 is refunded."
     garbled = httpx.post(f"{chat.url}/api/approvals/{run_id}", content=b"yes please")
     assert (garbled.status_code, garbled.json()) == (
         400,
@@ -222,16 +283,29 @@ async def test_the_example_desk_answers_in_process_through_the_app(tmp_path: Pat
             )
             with anyio.fail_after(60):
                 body = (await client.get(started.json()["events"])).text  # ends with the turn
+            agui_body = (await client.get(started.json()["events"] + "?protocol=ag-ui")).text
             listing = (await client.get("/api/conversations/ex1")).json()
     finally:
         await app.state.chat.stop()
-    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
-    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
-    assert ids == list(range(len(events))) and events[-1] == "[DONE]"
-    assert rendered_text(events) == "Done: order 7 shipped yesterday. Anything else? "
-    assert any('"tool-output-available"' in e and "order 7 shipped yesterday" in e for e in events)
+    streams = []
+    for text in (body, agui_body):
+        events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+        ids = [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+        assert ids == list(range(len(events)))
+        assert rendered_text(events) == "Done: order 7 shipped yesterday. Anything else? "
+        streams.append(events)
+    vercel, agui = streams
+    assert vercel[-1] == "[DONE]"
+    assert any('"tool-output-available"' in e and "order 7 shipped yesterday" in e for e in vercel)
+    assert [json.loads(e)["type"] for e in (agui[0], agui[-1])] == ["RUN_STARTED", "RUN_FINISHED"]
+    assert any('"TOOL_CALL_RESULT"' in e and "order 7 shipped yesterday" in e for e in agui)
     assert listing["turns"] == [
-        {"turn": 1, "prompt": "Where is order 7?", "ended": True, "events": len(events)}
+        {
+            "turn": 1,
+            "prompt": "Where is order 7?",
+            "ended": True,
+            "events": {"vercel-ai": len(vercel), "ag-ui": len(agui)},
+        }
     ]
 
 
@@ -261,6 +335,17 @@ def test_a_server_killed_while_a_turn_waits_asks_again_and_the_refund_runs_once(
     discarded = next(json.loads(d)["data"]["ids"] for _, d in after if '"data-discard"' in d)
     assert f"approval:{first_wait}" in discarded  # the page drops the card of the killed attempt
     second_wait = json.loads(after[-1][1])["data"]["run_id"]
+    # the killed attempt's flow run no longer waits in Prefect: it ended Crashed, naming the one that replaced it
+    assert anyio.run(_state, first_wait) == (
+        "CRASHED",
+        f"The chat server waiting in it for a decision stopped; flow run {second_wait}, a later attempt of "
+        f"chat:{conversation}:{turn}, continues the turn and asks again.",
+    )
+    assert anyio.run(_state, second_wait)[0] == "PAUSED"
+    stale = httpx.post(f"{chat.url}/api/approvals/{first_wait}", json={"approve": True})
+    assert stale.json()["error"].startswith(
+        f"Run {first_wait} is not waiting for approval (its state is Crashed)"
+    )
     decided = httpx.post(f"{chat.url}/api/approvals/{second_wait}", json={"approve": True})
     assert decided.status_code == 200, decided.text
     rest = list(chat.events(conversation, turn, last_event_id=after[-1][0]))
@@ -268,6 +353,15 @@ def test_a_server_killed_while_a_turn_waits_asks_again_and_the_refund_runs_once(
     events = before + after + rest
     assert [offset for offset, _ in events] == list(range(len(events)))
     assert rendered_text([d for _, d in events]) == "Order 9 is refunded."
+    call_id = json.loads(before[-1][1])["data"]["calls"][0]["call_id"]
+    assert named([d for _, d in events], "replayed") == [
+        {"step": "model", "request": 1, "model": "gpt-4o", "tool_call_ids": [call_id]}
+    ]
+    agui = [data for _, data in chat.events(conversation, turn, protocol="ag-ui")]
+    assert [c["run_id"] for c in named(agui, "approval")] == [first_wait, second_wait]
+    assert f"approval:{first_wait}" in named(agui, "discard")[0]["ids"]
+    assert named(agui, "replayed") == named([d for _, d in events], "replayed")
+    assert rendered_text(agui) == "Order 9 is refunded."
     assert chat.calls.counts() - calls == {"refund": 1}
     assert model.request_count - requests == 2  # the tool-call request replayed from the journal
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .durable.errors import NotJournalableError as NotJournalableError
     from .durable.limits import ConcurrencyLimit as ConcurrencyLimit
     from .durable.limits import MissingLimitError as MissingLimitError
+    from .durable.model_step import StepReplayedEvent as StepReplayedEvent
     from .durable.model_step import StreamRetryEvent as StreamRetryEvent
     from .durable.report import ledger_of as ledger_of
     from .durable.steps import step_idempotency_key as step_idempotency_key
@@ -81,6 +82,7 @@ _EXPORTS = {
     "Rescheduled": "ops.resume",
     "resume_run": "ops.resume",
     "show_run": "ops.show",
+    "StepReplayedEvent": "durable.model_step",
     "StreamRetryEvent": "durable.model_step",
     "step_idempotency_key": "durable.steps",
 }

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_ai.messages import (
     CapabilityEvent,
@@ -269,6 +269,12 @@ class ModelSteps:
         )
         response = load_response(result.data)
         self.log.model(response, result.replayed)
+        if result.replayed and self.emit is not None:
+            calls = [p.tool_call_id for p in response.parts if isinstance(p, ToolCallPart)]
+            replayed = StepReplayedEvent(
+                step="model", request=self.number, model_name=response.model_name, tool_call_ids=calls
+            )
+            await self.emit(replayed)
         if not result.replayed and self.on_executed is not None:
             await self.on_executed()
         return response
@@ -355,6 +361,19 @@ class StreamRetryEvent(CapabilityEvent, namespace="prefect_pydantic_ai"):
     """The attempt that is starting (2 for the first retry)."""
     discarded_parts: list[int]
     """The indices of the parts the consumer was shown and must drop."""
+
+
+@dataclass(kw_only=True)
+class StepReplayedEvent(CapabilityEvent, namespace="prefect_pydantic_ai"):
+    """A step of the run was answered from the journal instead of executed: a model request (`step="model"`,
+    `tool_call_ids` the calls its response asked for) or a tool call (`step="tool"`, `tool_call_id` and
+    `tool_name` that call's). What a page that shows the run marks as replayed."""
+
+    step: Literal["model", "tool"]
+    request: int
+    """The ordinal of the model request (from 1) that is, or asked for, the step."""
+    model_name: str | None = None
+    tool_call_ids: list[str] = field(default_factory=list)
 
 
 class _LiveStream(EventStreamResponse):

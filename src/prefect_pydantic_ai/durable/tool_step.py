@@ -30,7 +30,7 @@ from pydantic_ai.tools import RunContext
 
 from prefect_pydantic_ai.durable.errors import DurabilityConfigError, NotJournalableError
 from prefect_pydantic_ai.durable.journal import canonical_json, seal, to_journal_json
-from prefect_pydantic_ai.durable.model_step import ModelSteps, SubRun, sub_run_scope
+from prefect_pydantic_ai.durable.model_step import ModelSteps, StepReplayedEvent, SubRun, sub_run_scope
 from prefect_pydantic_ai.durable.steps import RUN_AGAIN, StepTasks, within_step
 from prefect_pydantic_ai.durable.task_config import TaskConfig, UnverifiedPolicy
 from prefect_pydantic_ai.errors import UnverifiedEffectError
@@ -277,6 +277,12 @@ class ToolSteps:
         )
         log.tool(call.tool_name, step.replayed)
         if step.replayed:
+            number = self._model_steps.number
+            await ctx.emit(
+                StepReplayedEvent(
+                    step="tool", request=number, tool_call_id=call.tool_call_id, tool_name=call.tool_name
+                )
+            )
             for data in step.data.get("sub_runs", ()):
                 log.replayed_sub_run(SubRun.from_json(data))
         if live:

@@ -3,10 +3,11 @@
 - `GET /` is the page (`page.html`: plain HTML and JS).
 - `POST /api/conversations/{id}/turns` `{"message": ...}` starts a turn, a durable run keyed by conversation and
   turn (`turns.run_turn`), and answers `{"turn": n, "events": url}`.
-- `GET /api/conversations/{id}/turns/{n}/events` streams the turn's events in the Vercel AI data stream protocol
-  (Server-Sent Events, each with `id: <offset>`) from the offset `?offset=` or after the `Last-Event-ID` a
-  reconnecting `EventSource` sends; 204 when the turn is over and nothing is left (an `EventSource` then stops).
-- `GET /api/conversations/{id}` lists the turns (prompt, ended, events so far).
+- `GET /api/conversations/{id}/turns/{n}/events` streams the turn's events as Server-Sent Events, each with
+  `id: <offset>`, in the Vercel AI data stream protocol, or in AG-UI with `?protocol=ag-ui` (each protocol has
+  its own log, hence its own offsets), from the offset `?offset=` or after the `Last-Event-ID` a reconnecting
+  `EventSource` sends; 204 when the turn is over and nothing is left (an `EventSource` then stops).
+- `GET /api/conversations/{id}` lists the turns (prompt, ended, events so far in each protocol).
 - `POST /api/approvals/{run_id}` `{"approve": bool, "message": ...}` decides on the calls a turn waits for, as
   `prefect-pydantic-ai approve` does; the first decision wins, from here, the CLI or the Prefect UI.
 
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic_ai.agent import AbstractAgent
-from pydantic_ai.ui.vercel_ai import VercelAIEventStream
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -35,7 +35,8 @@ from prefect_pydantic_ai.durable.errors import DurabilityConfigError
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.ops.approve import approve_run
 from prefect_pydantic_ai.web.conversations import Conversations, check_conversation_id, default_directory
-from prefect_pydantic_ai.web.turns import SDK_VERSION, run_turn
+from prefect_pydantic_ai.web.protocols import PROTOCOLS, UIProtocol
+from prefect_pydantic_ai.web.turns import run_turn
 
 
 class ChatServer:
@@ -56,7 +57,7 @@ class ChatServer:
         self._conversations = Conversations(self._events_dir or await default_directory())
         for conversation in self.conversations.all():
             for turn in self.conversations.turns(conversation):
-                if not self.conversations.log(conversation, turn).read().ended:
+                if not self.conversations.ended(conversation, turn):
                     self.ensure_running(conversation, turn)
 
     def ensure_running(self, conversation: str, turn: int) -> None:
@@ -102,9 +103,10 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
         cid = check_conversation_id(request.path_params["conversation"])
         turns = []
         for turn in server.conversations.turns(cid):
-            state = server.conversations.log(cid, turn).read()
             prompt = server.conversations.prompt(cid, turn)
-            turns.append({"turn": turn, "prompt": prompt, "ended": state.ended, "events": len(state.events)})
+            ended = server.conversations.ended(cid, turn)
+            sent = {name: len(server.conversations.log(cid, turn, name).read().events) for name in PROTOCOLS}
+            turns.append({"turn": turn, "prompt": prompt, "ended": ended, "events": sent})
         return JSONResponse({"conversation": cid, "turns": turns})
 
     async def start_turn(request: Request) -> Response:
@@ -114,7 +116,7 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
         if not isinstance(message, str) or not message.strip():
             return _error(400, 'Send {"message": "<text>"}.')
         turns = server.conversations.turns(cid)
-        if turns and not server.conversations.log(cid, turns[-1]).read().ended:
+        if turns and not server.conversations.ended(cid, turns[-1]):
             return _error(409, f"Turn {turns[-1]} of conversation {cid} has not ended; wait for it.")
         turn = server.conversations.add_turn(cid, message)
         server.ensure_running(cid, turn)
@@ -125,12 +127,13 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
         turn = int(request.path_params["turn"])
         if turn not in server.conversations.turns(cid):
             return _error(404, f"Conversation {cid} has no turn {turn}.")
+        protocol = _protocol(request)
         start = _start_offset(request)
-        log = server.conversations.log(cid, turn)
+        log = server.conversations.log(cid, turn, protocol.name)
         state = log.read()
         if state.ended and start >= len(state.events):
             return Response(status_code=204)
-        if not state.ended:
+        if not server.conversations.ended(cid, turn):
             server.ensure_running(cid, turn)
 
         async def stream() -> AsyncIterator[str]:
@@ -138,8 +141,7 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
             async for offset, data in log.follow(start):
                 yield f"id: {offset}\ndata: {data}\n\n"
 
-        protocol = VercelAIEventStream[Any, Any](sdk_version=SDK_VERSION).response_headers or {}
-        headers = {**protocol, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {**protocol.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     async def approve(request: Request) -> Response:
@@ -177,6 +179,15 @@ def durable_chat_app(agent: AbstractAgent[Any, Any], *, events_dir: Path | None 
     )
     app.state.chat = server
     return app
+
+
+def _protocol(request: Request) -> UIProtocol:
+    """The protocol `?protocol=` asks for: `vercel-ai` (the default) or `ag-ui`."""
+    name = request.query_params.get("protocol") or "vercel-ai"
+    for known, protocol in PROTOCOLS.items():
+        if name == known:
+            return protocol
+    raise RunError(f"Unknown protocol {name!r}: use {' or '.join(PROTOCOLS)}.")
 
 
 def _start_offset(request: Request) -> int:

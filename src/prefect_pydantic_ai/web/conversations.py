@@ -1,5 +1,5 @@
 """Where a chat's conversations live: per conversation a directory with, per turn, the user's prompt, the
-turn's event log and (once it completed) the messages the next turn continues from.
+turn's event log in each protocol and (once it completed) the messages the next turn continues from.
 
 By default the directory `chat/` beside the journal when the journal is on the local disk (Prefect's default
 result storage, `store.journal_storage`): a turn's events then live, and are lost or kept, with the steps that
@@ -20,6 +20,7 @@ from pydantic_ai.messages import ModelMessage, ModelMessagesTypeAdapter
 from prefect_pydantic_ai.errors import RunError
 from prefect_pydantic_ai.store.journal_storage import journal_storage
 from prefect_pydantic_ai.web.event_log import TurnLog
+from prefect_pydantic_ai.web.protocols import PROTOCOLS, ProtocolName
 
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -42,11 +43,12 @@ def check_conversation_id(conversation: str) -> str:
 
 
 class Conversations:
-    """The conversations under `root`; one `TurnLog` object per turn, shared by its writer and followers."""
+    """The conversations under `root`; one `TurnLog` object per turn and protocol, shared by its writer and
+    followers."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._logs: dict[tuple[str, int], TurnLog] = {}
+        self._logs: dict[tuple[str, int, ProtocolName], TurnLog] = {}
 
     def turns(self, conversation: str) -> list[int]:
         """The turn numbers (from 1) the conversation has, in order."""
@@ -59,12 +61,17 @@ class Conversations:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _CONVERSATION_ID.match(p.name))
 
-    def log(self, conversation: str, turn: int) -> TurnLog:
-        found = self._logs.get((conversation, turn))
+    def log(self, conversation: str, turn: int, protocol: ProtocolName) -> TurnLog:
+        """The turn's event log in `protocol`."""
+        found = self._logs.get((conversation, turn, protocol))
         if found is None:
-            path = self._turn_path(conversation, turn, "events.jsonl")
-            found = self._logs[(conversation, turn)] = TurnLog(path)
+            path = self._turn_path(conversation, turn, f"{protocol}.jsonl")
+            found = self._logs[(conversation, turn, protocol)] = TurnLog(path)
         return found
+
+    def ended(self, conversation: str, turn: int) -> bool:
+        """Whether the turn is over: its log ended in every protocol."""
+        return all(self.log(conversation, turn, protocol).read().ended for protocol in PROTOCOLS)
 
     def add_turn(self, conversation: str, prompt: str) -> int:
         """Record a new turn with `prompt`; its number."""

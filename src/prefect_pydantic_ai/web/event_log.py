@@ -1,7 +1,7 @@
 """The durable event log of a chat turn: every event the browser is sent, appended with its offset before any
 client sees it, so a client that reconnects gets exactly the events it missed, even from another process.
 
-One append-only JSON-lines file per turn, beside the conversation's prompts. A line is written in one `write()`
+One append-only JSON-lines file per turn and protocol, beside the conversation's prompts. A line is written in one `write()`
 to a file opened with `O_APPEND`, so a process killed at any point leaves whole lines and at most one torn last
 line, which readers ignore and the next writer cuts off. Three kinds of line:
 
