@@ -1,5 +1,5 @@
 """`prefect-pydantic-ai cluster`: PostgreSQL, Redis, a Prefect server, a process work pool and two workers that act
-as their own machines, on this host. Runs of an agent deployed to its pool complete on both workers with
+as their own machines, on this host. Runs of an 11-step agent deployed to its pool complete on both workers with
 every step executed once; a worker killed with runs in flight loses none of them. One wave of runs serves
 both. Ten more runs in flight ride out PostgreSQL, the Prefect server and Redis brought back by `cluster restart`.
 
@@ -48,21 +48,8 @@ HELD = 6  # of them wait in their third tool call until the test kills a worker
 CRASH_WITHIN = (
     45  # 1.5 heartbeat intervals: a live run's heartbeat may come 15 s late before it is crashed by mistake
 )
-
-
-def _run_steps(tools: int) -> Counter[tuple[str, int]]:
-    """What one uninterrupted run making `tools` tool calls executes: each model request and tool call once."""
-    return Counter(
-        {("model", n): 1 for n in range(1, tools + 2)} | {("tool", n): 1 for n in range(1, tools + 1)}
-    )
-
-
-STEPS = _run_steps(5)
-"""The ten-run fault test's runs: 6 model requests and 5 tool calls."""
-WAVE_TOOLS = 3
-"""The fifty-run wave's runs make 3 tool calls (7 steps): the server's work grows with each step, and the claims
-need a third tool call to hold runs in and steps before it to replay."""
-WAVE_STEPS = _run_steps(WAVE_TOOLS)
+STEPS = Counter({("model", n): 1 for n in range(1, 7)} | {("tool", n): 1 for n in range(1, 6)})
+"""What one uninterrupted run executes: 6 model requests and 5 tool calls, each once."""
 
 
 def cli(
@@ -275,15 +262,15 @@ def test_status_reports_every_part_alive_with_its_address(cluster: Cluster) -> N
 async def test_fifty_runs_at_once_complete_each_step_once_and_a_killed_workers_runs_are_finished_by_the_other(
     cluster: Cluster, deployment: UUID, calls: Path, tmp_path: Path
 ) -> None:
-    """One wave of fifty 7-step runs serves both claims: six of them wait inside their third tool call on their
-    first attempt while the other 44 complete, then the worker holding most of the six dies with them in flight."""
+    """One wave of fifty runs serves both claims (each flow run is a process that costs this machine ~4 s of CPU
+    to start): six of them wait inside their third tool call on their first attempt while the other 44 complete,
+    then the worker holding most of the six dies with them in flight."""
     labels, release = [f"run-{i:02d}" for i in range(RUNS)], tmp_path / "release"
     holding, free = labels[:HELD], labels[HELD:]
     with using_api(cluster.api_url):
         with client_retries() as retries:
             parts = await asyncio.gather(
-                _submit(deployment, free, tools=WAVE_TOOLS),
-                _submit(deployment, holding, hold_until=str(release), tools=WAVE_TOOLS),
+                _submit(deployment, free), _submit(deployment, holding, hold_until=str(release))
             )
         ids = parts[0] | parts[1]
 
@@ -309,7 +296,7 @@ async def test_fifty_runs_at_once_complete_each_step_once_and_a_killed_workers_r
         assert Counter(r.state_type.value for r in completed.values()) == {"COMPLETED": len(free)}, unfinished
         assert _retries_in_worker_logs(cluster) == []
         executed = _executions(calls, "run-")
-        assert {label: _steps(executed[label]) for label in free} == {label: WAVE_STEPS for label in free}
+        assert {label: _steps(executed[label]) for label in free} == {label: STEPS for label in free}
         workers = Counter(e.args["worker"] for entries in executed.values() for e in entries)
         assert set(workers) == {"host-a", "host-b"}, workers  # both served runs
         if cluster.own_hostnames:  # each machine ran its runs under its own hostname
@@ -338,11 +325,11 @@ async def test_fifty_runs_at_once_complete_each_step_once_and_a_killed_workers_r
     assert Counter(r.state_type.value for r in runs.values()) == {"COMPLETED": HELD}
     assert {label: runs[ids[label]].run_count for label in held} == {label: 2 for label in held}
     executed = _executions(calls, "run-")
-    interrupted = WAVE_STEPS + Counter(
+    interrupted = STEPS + Counter(
         {("tool", 3): 1}
     )  # the call the machine died in ran again; nothing else did
     assert {label: _steps(executed[label]) for label in holding} == {
-        label: interrupted if label in held else WAVE_STEPS for label in holding
+        label: interrupted if label in held else STEPS for label in holding
     }
     for label in held:  # from the interrupted call on, the run went on on the other machine
         first_third = next(

@@ -1,5 +1,5 @@
-"""A durable agent of 11 steps (6 model requests, 5 tool calls; `tools` sets how many tool calls) as a flow,
-deployed to the cluster's work pool by tests/test_cluster.py and executed by its workers.
+"""An 11-step durable agent (6 model requests, 5 tool calls) as a flow, deployed to the cluster's work pool by
+tests/test_cluster.py and executed by its workers.
 
 Every model request and tool call appends `{run, step, host, worker}` to the `CallLog` at $CLUSTER_CALLS when it
 starts, so the test counts executions per run over all machines and sees which machine made each one. A run
@@ -37,7 +37,7 @@ def _record(kind: str, step: int) -> None:
 def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
     done = sum(isinstance(p, ToolReturnPart) for m in messages for p in m.parts)
     _record("model", done + 1)
-    if done < int(flow_run.parameters.get("tools") or TOOL_CALLS):
+    if done < TOOL_CALLS:
         return ModelResponse(parts=[ToolCallPart("work", {"step": done + 1})])
     return ModelResponse(parts=[TextPart(f"done after {done} tool calls")])
 
@@ -66,11 +66,7 @@ durable = PrefectAgent(agent)
 
 @flow(name="cluster-agent")
 async def cluster_flow(
-    label: str,
-    hold_until: str | None = None,
-    hold_at: int = HOLD_AT,
-    pace: float = 0.0,
-    tools: int = TOOL_CALLS,
+    label: str, hold_until: str | None = None, hold_at: int = HOLD_AT, pace: float = 0.0
 ) -> str:
-    result = await durable.run(f"Run {label}: call work {tools} times.")
+    result = await durable.run(f"Run {label}: call work five times.")
     return result.output
