@@ -81,6 +81,16 @@ async def test_approved_call_runs_once_and_earlier_steps_replay(tmp_path: Path) 
         }
     ]
 
+    # Resumed before anyone decided, it asks again: an undecided wait is never taken as approved.
+    resumed = _cli("resume", run_id, env=env)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stdout + resumed.stderr
+    assert f"Run {run_id} is awaiting approval: refund(order_id=42). Decide with" in resumed.stdout, (
+        resumed.stdout
+    )
+    assert calls.counts() == {"model": 1}
+    assert await _state(run_id) == "PAUSED"
+    assert json.loads(_cli("show", run_id, "--json", env=env).stdout)["awaiting"] == pending
+
     approved = _cli("approve", run_id, env=env)
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert "completed: refund: refunded 42" in approved.stdout

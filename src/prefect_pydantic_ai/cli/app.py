@@ -280,6 +280,7 @@ def _budget(usd: float | None, tokens: int | None) -> Any:
 
 def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None, budget: Any = None) -> int:
     from prefect_pydantic_ai.durable.steps import observe_steps
+    from prefect_pydantic_ai.durable.wait import AwaitingApproval, WaitSuspended
     from prefect_pydantic_ai.errors import PrefectUnreachableError, RunError
     from prefect_pydantic_ai.ops.resume import Rescheduled, resume_run
     from prefect_pydantic_ai.ops.show import show_run
@@ -303,6 +304,9 @@ def _resume_one(ref: str, entrypoint: str | None, unverified: str | None = None,
                 f"Scheduled it again on its deployment; a worker of pool {resumed.work_pool or '?'} resumes it."
             )
             return 0
+    except WaitSuspended as waiting:  # a wait nobody decided yet: waiting is an outcome, not a failure
+        awaiting = AwaitingApproval(waiting.flow_run_id, waiting.calls)
+        console.print(str(awaiting), highlight=False, markup=False, soft_wrap=True)
     except (RunError, PrefectUnreachableError):
         raise
     except Exception as exc:
