@@ -71,22 +71,20 @@ async def _task_runs_caught_up(
 
     Prefect records task runs from events its client sends in the background, a fraction of a second behind
     the run: read right after an attempt ended (as its run record says), its last steps may still be Pending,
-    Running or without a state. Waiting for them (at most `CATCH_UP_S`) shows what Prefect will keep."""
+    Running, without a state, or not recorded at all (fewer executed task runs than the record's executed
+    steps). Waiting for them (at most `CATCH_UP_S`) shows what Prefect will keep."""
     deadline = time.monotonic() + CATCH_UP_S
     count = max(flow_run.run_count, 1)
-    just_ended = any(
-        a.run_count == count and a.state != "running" and datetime.now(UTC) - a.finished_at < EVENTS_LAG
-        for r in records
-        for a in r.attempts
-    )
+    latest = [a for r in records for a in r.attempts if a.run_count == count and a.state != "running"]
+    just_ended = any(datetime.now(UTC) - a.finished_at < EVENTS_LAG for a in latest)
+    executed = sum(not step.replayed for a in latest for step in a.steps)
     while True:
         grouped = await task_runs_of(api, runs)
-        in_flight = [
-            t
-            for t in grouped[flow_run.id]
-            if t.flow_run_run_count in (0, count) and (t.state is None or t.state_type in UNFINISHED)
-        ]
-        if not just_ended or not in_flight or time.monotonic() > deadline:
+        mine = [t for t in grouped[flow_run.id] if t.flow_run_run_count in (0, count)]
+        in_flight = [t for t in mine if t.state is None or t.state_type in UNFINISHED]
+        recorded = sum(t.state_name != "Cached" for t in mine)
+        caught_up = not in_flight and recorded >= executed
+        if not just_ended or caught_up or time.monotonic() > deadline:
             return grouped
         await anyio.sleep(0.1)
 
