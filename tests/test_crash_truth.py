@@ -132,7 +132,10 @@ def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_d
         ("tool #4: detect_anomalies", "crashed"),
     ]
     states = sorted(task_run_states(detail["run_id"]).values())  # tool #4's task run may never have existed
-    assert states in (["COMPLETED"] * 3, ["COMPLETED"] * 3 + ["CRASHED"])  # settled as the record says
+    # settled as the record says; or the killed process's Running event for tool #4, already sent, was recorded
+    # after the settle (seen once in CI): `settle_orphans` crashes such a late task run once its attempt is over
+    late = ["COMPLETED"] * 3 + ["RUNNING"]
+    assert states in (["COMPLETED"] * 3, ["COMPLETED"] * 3 + ["CRASHED"], late)
 
     assert script(FIVE, key, env).returncode == 0
     earlier = show(key)["earlier_attempts"][0]
