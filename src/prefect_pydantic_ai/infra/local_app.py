@@ -11,8 +11,9 @@ in milliseconds. Here the request, whose transaction was rolled back, runs again
 that write take turns, so they do not conflict with each other (one user's server: SQLite writes one at a time
 anyway); reads, and the writes of the server's own services, go on beside them.
 
-Run as `python -m prefect_pydantic_ai.infra.local_app --host H --port P --keep-alive-timeout S`: what
-`prefect server start` runs in the foreground, with this app around it.
+Run as `python -m prefect_pydantic_ai.infra.local_app --host H --port P --keep-alive-timeout S [--fd N]`: what
+`prefect server start` runs in the foreground, with this app around it; `--fd` serves on a listening socket the
+starter bound and handed over (`server._listen_on_port`: clients wait in its backlog while the server boots).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -173,14 +175,18 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--keep-alive-timeout", type=int, default=5)
+    parser.add_argument("--fd", type=int, help="serve on this inherited listening socket instead of binding")
     opts = parser.parse_args()
-    uvicorn.run(
+    config = uvicorn.Config(
         app=create_app(),
         host=opts.host,
         port=opts.port,
         timeout_keep_alive=opts.keep_alive_timeout,
         log_level=PREFECT_SERVER_LOGGING_LEVEL.value().lower(),
     )
+    # uvicorn's own `fd=` takes the descriptor for a Unix socket; this one is TCP (the family is read from it)
+    sockets = None if opts.fd is None else [socket.socket(fileno=opts.fd)]
+    uvicorn.Server(config).run(sockets=sockets)
 
 
 if __name__ == "__main__":

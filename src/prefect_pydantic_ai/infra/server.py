@@ -203,9 +203,10 @@ WATCH_INTERVAL_S = 1.0
 @contextlib.contextmanager
 def local_server_kept_up() -> Iterator[None]:
     """While the block runs (a bare agent run on the persistent local server), a server that died (killed, the OOM
-    killer) is started again on its port, so the run's Prefect client, which retries a refused connection for
-    about a minute, reconnects and the run completes. A server stopped on purpose (`server stop` removes its
-    address) is left stopped. Outside the embedded default (a configured API) this does nothing."""
+    killer) is started again on its port, so the run's Prefect client reconnects and the run completes (its
+    requests wait in the port's backlog while the new server boots, see `_listen_on_port`). A start that fails
+    is said in one line and tried again while the run goes on. A server stopped on purpose (`server stop`
+    removes its address) is left stopped. Outside the embedded default (a configured API) this does nothing."""
     if local_api() is None:
         yield
         return
@@ -213,11 +214,18 @@ def local_server_kept_up() -> Iterator[None]:
     done = threading.Event()
 
     def watch() -> None:
+        # The last start failed (and removed the address): try again, it was not a `server stop`.
+        failed = False
         while not done.wait(WATCH_INTERVAL_S):
             address = _read_address(home)
-            if address is not None and not _is_server_process(address.pid):
-                with contextlib.suppress(LocalServerError, OSError):
-                    find_or_start(home, restarted=True)
+            if (address is None and not failed) or (address is not None and _is_server_process(address.pid)):
+                continue
+            try:
+                find_or_start(home, restarted=True)
+                failed = False
+            except (LocalServerError, OSError) as exc:
+                failed = True
+                print(f"prefect-pydantic-ai: {exc} Trying again.", file=sys.stderr, flush=True)
 
     watcher = threading.Thread(target=watch, name="prefect-pydantic-ai-server-watch", daemon=True)
     watcher.start()
@@ -246,34 +254,56 @@ def home_port(home: Path) -> int:
     return 4300 + int.from_bytes(digest[:4], "big") % 700
 
 
-def _choose_port(home: Path) -> int:
-    """The port the last server of `home` listened on, else `home_port`, whichever is free, else any free one;
-    remembered, so the URL in a shell (`server env`), a bookmark of the UI or a printed hint stays valid across
-    restarts."""
+def _listen_on_port(home: Path) -> socket.socket:
+    """A socket listening on the port the last server of `home` had, else `home_port`, else any free one, for the
+    server to take over; the port is remembered, so the URL in a shell (`server env`), a bookmark of the UI or a
+    printed hint stays valid across restarts.
+
+    Listening here, before the server boots, is what makes a restart invisible to the clients of the server that
+    died: from now on their connections wait in the socket's backlog, and the new server answers them once it is
+    up, instead of each being refused at once and its retries running out while the server boots (10-15 CPU-s;
+    on a loaded 2-core box that took longer than the ~62 s Prefect's client retries a refused connection)."""
     try:
         candidates = [int((home / PORT_FILE).read_text())]
     except (OSError, ValueError):
         candidates = []
-    port = next((p for p in [*candidates, home_port(home)] if port_is_free(p)), None) or free_port()
-    (home / PORT_FILE).write_text(str(port))
-    return port
+    sock = next(filter(None, map(listening_socket, [*candidates, home_port(home)])), None)
+    sock = sock or listening_socket(0)
+    if sock is None:
+        raise LocalServerError("No TCP port on 127.0.0.1 is free for the local Prefect server.")
+    (home / PORT_FILE).write_text(str(sock.getsockname()[1]))
+    return sock
+
+
+LISTEN_BACKLOG = 2048  # uvicorn's own default: every request of a busy run waits, none is refused
+
+
+def listening_socket(port: int) -> socket.socket | None:
+    """A socket listening on 127.0.0.1:`port` (0: a free port), or None when something else listens there.
+    Connections of a stopped server lingering in TIME_WAIT do not count: SO_REUSEADDR, as uvicorn sets it."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def port_is_free(port: int) -> bool:
-    """Nothing listens on `port` (connections of a stopped server lingering in TIME_WAIT do not count, as they
-    do not stop the server's own bind: uvicorn sets SO_REUSEADDR too)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+    """Nothing listens on `port`."""
+    sock = listening_socket(port)
+    if sock is None:
+        return False
+    sock.close()
+    return True
 
 
 def _spawn(home: Path) -> ServerAddress:
-    port = _choose_port(home)
-    url = f"http://127.0.0.1:{port}/api"
+    sock = _listen_on_port(home)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     log_path = home / LOG_FILE
     env = {
         **os.environ,
@@ -281,9 +311,10 @@ def _spawn(home: Path) -> ServerAddress:
         "PREFECT_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
-    with log_path.open("ab") as log:
+    with sock, log_path.open("ab") as log:  # the server has the socket now: this process lets go of its copy
         process = subprocess.Popen(
-            server_command(port),
+            server_command(sock.getsockname()[1], fd=sock.fileno()),
+            pass_fds=(sock.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -422,12 +453,14 @@ KEEP_ALIVE_SECONDS = 30
 SERVER_MODULE = "prefect_pydantic_ai.infra.local_app"
 
 
-def server_command(port: int) -> list[str]:
+def server_command(port: int, fd: int | None = None) -> list[str]:
     """Prefect's server (as `prefect server start` runs it, with busy-database retries: `local_app`) on
-    127.0.0.1:`port`, keeping idle connections longer than Prefect's client does."""
+    127.0.0.1:`port`, keeping idle connections longer than Prefect's client does; `fd`: on the listening socket
+    it inherits as that file descriptor, instead of binding the port itself."""
     return [
         *(sys.executable, "-m", SERVER_MODULE),
         *("--host", "127.0.0.1", "--port", str(port), "--keep-alive-timeout", str(KEEP_ALIVE_SECONDS)),
+        *(() if fd is None else ("--fd", str(fd))),
     ]
 
 
