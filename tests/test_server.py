@@ -281,6 +281,26 @@ def test_a_request_sent_the_moment_a_server_is_started_waits_for_its_boot_instea
     assert home.processes() == []
 
 
+def test_a_restart_waits_for_the_killed_servers_port_instead_of_moving_to_another() -> None:
+    """A killed server's listening socket outlives its process by tens of milliseconds: the new server waits
+    for the port its clients know rather than taking a new one they never ask."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_pydantic_ai.infra.server import _released, listening_socket
+
+    dying = listening_socket(0)
+    assert dying is not None
+    port = dying.getsockname()[1]
+    with ThreadPoolExecutor(1) as pool:
+        taken = pool.submit(_released, port)
+        time.sleep(0.3)
+        assert not taken.done()  # still waiting for the port
+        dying.close()  # the kernel lets go of the dead server's socket
+        sock = taken.result(timeout=5)
+    assert sock is not None and sock.getsockname()[1] == port
+    sock.close()
+
+
 def test_a_failed_restart_is_said_in_one_line_and_tried_again_while_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

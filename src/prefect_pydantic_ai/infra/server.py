@@ -264,14 +264,29 @@ def _listen_on_port(home: Path) -> socket.socket:
     up, instead of each being refused at once and its retries running out while the server boots (10-15 CPU-s;
     on a loaded 2-core box that took longer than the ~62 s Prefect's client retries a refused connection)."""
     try:
-        candidates = [int((home / PORT_FILE).read_text())]
+        last = int((home / PORT_FILE).read_text())
     except (OSError, ValueError):
-        candidates = []
-    sock = next(filter(None, map(listening_socket, [*candidates, home_port(home)])), None)
+        sock = listening_socket(home_port(home))
+    else:
+        sock = _released(last) or (listening_socket(home_port(home)) if home_port(home) != last else None)
     sock = sock or listening_socket(0)
     if sock is None:
         raise LocalServerError("No TCP port on 127.0.0.1 is free for the local Prefect server.")
     (home / PORT_FILE).write_text(str(sock.getsockname()[1]))
+    return sock
+
+
+PORT_RELEASE_S = 5.0
+
+
+def _released(port: int) -> socket.socket | None:
+    """A socket listening on `port`, which the last server of the home had, once the port is free; None if it is
+    still taken after `PORT_RELEASE_S`. A killed server's listening socket outlives the process by 40 ms and more
+    (the kernel closes it after the process is reaped): taken for another program's, the server moved to a new
+    port, and the run whose server it was kept asking the old one until its retries ran out."""
+    deadline = time.monotonic() + PORT_RELEASE_S
+    while (sock := listening_socket(port)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     return sock
 
 
