@@ -174,6 +174,35 @@ async def test_pause_mode_waits_in_process_until_approved(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+async def test_a_pause_mode_run_whose_waiting_process_was_killed_is_continued_by_approve(
+    tmp_path: Path,
+) -> None:
+    calls = CallLog(tmp_path / "calls.jsonl")
+    env = {**os.environ, "APPROVAL_CALLS": str(calls.path), "APPROVAL_PAUSE": "1"}
+    key = f"refund-pause-{uuid.uuid4().hex[:8]}"
+    script = subprocess.Popen([sys.executable, str(SCRIPT), key], env=env, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(240):  # the run holds its process, paused at the wait
+            listed = [r for r in await list_runs(agent="refund_clerk", limit=50) if r.name == key]
+            if listed and listed[0].state == "paused":
+                break
+            assert script.poll() is None
+            await asyncio.sleep(0.5)
+        else:
+            pytest.fail("the run never reached its wait")
+    finally:
+        script.kill()  # SIGKILL: as a reboot or the OOM killer would
+        script.wait()
+
+    # Nobody would pick the decision up: approve continues the run here, as for a run whose process left.
+    approved = _cli("approve", key, env=env)
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert "completed: refund: refunded 42" in approved.stdout, approved.stdout
+    assert calls.counts() == {"model": 2, "refund": 1}  # the first request replayed, the refund ran once
+    assert await _state(listed[0].run_id) == "COMPLETED"
+
+
+@pytest.mark.slow
 async def test_pause_mode_fails_the_run_when_nobody_decides(tmp_path: Path) -> None:
     calls = CallLog(tmp_path / "calls.jsonl")
     durable = _clerk_agent(

@@ -2,7 +2,8 @@
 script. Every model request and tool call is counted in $APPROVAL_CALLS (a CallLog).
 
 Run as a script: `approval.py KEY`; it prints `OUTPUT <text>`, `AWAITING <run id>` or `ERROR <type>: <message>`.
-$APPROVAL_TWO makes the model ask for `notify` (another approval) after the refund.
+$APPROVAL_TWO makes the model ask for `notify` (another approval) after the refund; $APPROVAL_PAUSE makes the
+run wait in its process (`approvals="pause"`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def notify(customer: str) -> str:
     return f"notified {customer}"
 
 
-durable = PrefectAgent(agent)
+durable = PrefectAgent(agent, approvals="pause" if os.environ.get("APPROVAL_PAUSE") else "suspend")
 
 
 def _wirer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

@@ -4,6 +4,7 @@ terminal or Python.
 A run of a deployment is rescheduled by Prefect once the decision arrives (as after the Prefect UI's Resume
 form); a run in `pause` mode is picked up by its waiting process; a script's run, whose process has left, is
 continued in place here (the same flow run, run count + 1), like `resume`: every step before the wait replays.
+So is a run in `pause` mode whose waiting process died (killed, a reboot): nobody else would pick it up.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from prefect_pydantic_ai.durable.wait import WaitSuspended, decision_values, giv
 from prefect_pydantic_ai.errors import BudgetExceededError, RunError
 from prefect_pydantic_ai.ops.resume import check_resumable_here, resume_run
 from prefect_pydantic_ai.ops.runs import resolve_run
-from prefect_pydantic_ai.store.prefect_rest import prefect_api
+from prefect_pydantic_ai.store.crashes import gone_here
+from prefect_pydantic_ai.store.prefect_rest import ApiFlowRun, prefect_api, tag_values
+from prefect_pydantic_ai.store.records import read_records
 from prefect_pydantic_ai.store.waits import PendingCall, waiting_for
 
 
@@ -89,7 +92,7 @@ async def approve_run(
             if c.kind != "external" and not values[f"call_{n}_approve"]
         ],
     )
-    if waiting.mode == "pause" or flow_run.deployment_id is not None:
+    if flow_run.deployment_id is not None or (waiting.mode == "pause" and not await _waiter_gone(flow_run)):
         async with get_client() as client:  # the waiting process, or Prefect's scheduler, takes it from here
             response = await client.resume_flow_run(flow_run.id, run_input=values)
         if response.status.value != "ACCEPT":
@@ -108,3 +111,8 @@ async def approve_run(
         return decision
     decision.output = getattr(result, "output", result)
     return decision
+
+
+async def _waiter_gone(flow_run: ApiFlowRun) -> bool:
+    """Whether the process of a run waiting in `pause` mode died on this host (its records say which it was)."""
+    return gone_here(await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))) is not None

@@ -35,10 +35,8 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     if flow_run.state is None or flow_run.state.type != StateType.RUNNING:
         return flow_run
     records = await read_records(str(flow_run.id), tag_values(flow_run, "agent:"))
-    if not records:
-        return flow_run
-    latest = max(records, key=lambda r: r.started_at)
-    if latest.host != HOST or process_alive(latest.pid):
+    latest = gone_here(records)
+    if latest is None:
         return flow_run
     reason = f"The process running it (pid {latest.pid} on {latest.host}) is gone."
     await api.set_state("flow_runs", flow_run.id, StateType.CRASHED, "Crashed", reason)
@@ -46,6 +44,15 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     finished = completed_attempts(records)
     await crash_unfinished_task_runs(api, flow_run.id, reason, completed, finished)
     return await api.flow_run(flow_run.id) or flow_run
+
+
+def gone_here(records: Iterable[RunRecord]) -> RunRecord | None:
+    """The record of the latest attempt among `records` when its process ran on this host and is gone; None
+    when it is alive, ran on another host (its pid says nothing here), or there is no record."""
+    latest = max(records, key=lambda r: r.started_at, default=None)
+    if latest is None or latest.host != HOST or process_alive(latest.pid):
+        return None
+    return latest
 
 
 def completed_attempts(records: Iterable[RunRecord]) -> set[int]:
