@@ -301,6 +301,16 @@ def test_a_restart_waits_for_the_killed_servers_port_instead_of_moving_to_anothe
     sock.close()
 
 
+def test_a_server_that_cannot_start_is_one_line_naming_its_log(home: Home) -> None:
+    (home.path / "prefect.db").write_text("not a database")  # its migrations fail at start-up
+    started = home.cli("server", "start")
+    log = home.path / "prefect-pydantic-ai-server.log"
+    assert started.returncode == 2
+    assert started.stderr == f"error: The local Prefect server exited while starting; see its log {log}.\n"
+    assert "Application startup failed" in log.read_text()  # where the line sends the reader: the cause
+    assert home.processes() == [] and home.recorded() is None
+
+
 def test_a_failed_restart_is_said_in_one_line_and_tried_again_while_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

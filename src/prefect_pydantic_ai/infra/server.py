@@ -184,9 +184,16 @@ def find_or_start(home: Path, *, announce: bool = False, restarted: bool = False
         address = _spawn(home)
         progress = _Progress("Starting a local Prefect server") if announce or restarted else None
         if not _wait_healthy(address, progress):
+            # Said apart: a server stopped while it still booted leaves its log empty (it logs warnings only).
+            hung = _is_server_process(address.pid)
             _terminate(address.pid)
             _address_path(home).unlink(missing_ok=True)
-            raise LocalServerError(f"The local Prefect server did not start; see its log {address.log}.")
+            why = (
+                f"did not answer within {BOOT_TIMEOUT:g} s and was stopped"
+                if hung
+                else "exited while starting"
+            )
+            raise LocalServerError(f"The local Prefect server {why}; see its log {address.log}.")
     if progress is not None:
         progress.done(
             f"prefect-pydantic-ai: the local Prefect server of {home} had died; started it again at {address.url}"
