@@ -177,10 +177,13 @@ def test_a_users_own_flow_in_a_fresh_home_runs_on_the_persistent_server_from_its
 def test_server_env_points_prefects_own_cli_at_the_local_server_whose_port_survives_a_restart(
     home: Home,
 ) -> None:
-    from prefect_pydantic_ai.infra.server import home_port, port_is_free
+    from prefect_pydantic_ai.infra.server import home_port, listening_socket
 
     port = home_port(home.path)
-    free = port_is_free(port)  # another home's server may hold it (ports come from the home's path)
+    held = listening_socket(port)  # None: another home's server holds it (ports come from the home's path)
+    free = held is not None
+    if held is not None:
+        held.close()
     assert home.five_step("before-env").returncode == 0
     exported = home.cli("server", "env")
     assert exported.returncode == 0, exported.stderr
@@ -357,9 +360,9 @@ def test_a_local_server_killed_during_a_run_is_started_again_and_the_run_complet
     assert started.returncode == 0, started.stderr
     killed = json.loads(started.stdout)
     calls, go = home.path.parent / "calls.log", home.path.parent / "go"
-    # The server it starts again boots in 10-15 CPU-s, on a loaded 2-core CI box in longer than the ~62 s the
-    # client retries a refused connection (5 retries). The port is listened on again before the boot, so the
-    # client's requests wait in the backlog (up to its 60 s request timeout each) instead of being refused.
+    # Prefect's default client retries: the server is started again on the port the run asks (once the dead
+    # server's socket is gone), listening before its boot of 10-15 CPU-s, so the run's requests wait in the
+    # backlog (each up to the client's 60 s request timeout) instead of being refused until the retries run out.
     script = subprocess.Popen(
         [sys.executable, str(SLOW_TOOL), "killed-server"],
         env={**home.env, "SLOW_TOOL_LOG": str(calls), "SLOW_TOOL_WAIT_FOR": str(go)},

@@ -314,15 +314,6 @@ def listening_socket(port: int) -> socket.socket | None:
     return sock
 
 
-def port_is_free(port: int) -> bool:
-    """Nothing listens on `port`."""
-    sock = listening_socket(port)
-    if sock is None:
-        return False
-    sock.close()
-    return True
-
-
 def _spawn(home: Path) -> ServerAddress:
     sock = _listen_on_port(home)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
