@@ -43,7 +43,7 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     reason = f"The process running it (pid {latest.pid} on {latest.host}) is gone."
     await api.set_state("flow_runs", flow_run.id, StateType.CRASHED, "Crashed", reason)
     killed = [a for r in records for a in r.attempts if a.run_count == flow_run.run_count]
-    await _recorded(api, flow_run.id, {t for a in killed for t in (*a.in_steps, *a.completed_steps)})
+    await _recorded(api, flow_run, {t for a in killed for t in (*a.in_steps, *a.completed_steps)})
     completed = {(a.run_count, title) for r in records for a in r.attempts for title in a.completed_steps}
     finished = completed_attempts(records)
     await crash_unfinished_task_runs(api, flow_run.id, reason, completed, finished)
@@ -54,8 +54,9 @@ RECORDED_WAIT_S = 3.0
 """How long a settle waits for Prefect to record the task runs of the steps a killed process had started."""
 
 
-async def _recorded(api: PrefectApi, flow_run_id: UUID, steps: Collection[str]) -> None:
-    """Wait (at most `RECORDED_WAIT_S`) until Prefect has a task run for each of `steps` (task run names).
+async def _recorded(api: PrefectApi, flow_run: ApiFlowRun, steps: Collection[str]) -> None:
+    """Wait (at most `RECORDED_WAIT_S`) until Prefect has a task run of `flow_run`'s latest attempt (or one not
+    started yet) for each of `steps` (task run names).
 
     Prefect records a task run from events its client sends in the background: read right after the kill, the
     step the process died in may not exist yet, and a task run created after the settle from those events stays
@@ -63,7 +64,8 @@ async def _recorded(api: PrefectApi, flow_run_id: UUID, steps: Collection[str]) 
     killed before its first event was sent never appears: the wait ends at its bound."""
     deadline = time.monotonic() + RECORDED_WAIT_S
     while True:
-        names = {t.name for t in (await api.task_runs([flow_run_id]))[flow_run_id]}
+        recorded = (await api.task_runs([flow_run.id]))[flow_run.id]
+        names = {t.name for t in recorded if t.flow_run_run_count in (0, flow_run.run_count)}
         if set(steps) <= names or time.monotonic() > deadline:
             return
         await asyncio.sleep(0.1)
