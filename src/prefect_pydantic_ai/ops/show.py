@@ -21,7 +21,7 @@ from prefect_pydantic_ai.ops.timeline import (
     timeline,
     with_steps_died_in,
 )
-from prefect_pydantic_ai.store.crashes import EVENTS_LAG, completed_attempts
+from prefect_pydantic_ai.store.crashes import CATCH_UP_S, EVENTS_LAG, completed_attempts
 from prefect_pydantic_ai.store.prefect_rest import (
     RECALL_TAG,
     TAG,
@@ -58,10 +58,6 @@ class RunDetail(BaseModel):
     forked_from: str | None = None
     """For a fork: the run whose journal answered its steps before `forked_at`."""
     forked_at: int | None = None
-
-
-CATCH_UP_S = 3.0
-"""How long `show` waits for Prefect to record the last task-run events of an attempt that just ended."""
 
 
 async def _task_runs_caught_up(

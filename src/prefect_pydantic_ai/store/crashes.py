@@ -50,19 +50,20 @@ async def settle_if_dead(api: PrefectApi, flow_run: ApiFlowRun) -> ApiFlowRun:
     return await api.flow_run(flow_run.id) or flow_run
 
 
-RECORDED_WAIT_S = 3.0
-"""How long a settle waits for Prefect to record the task runs of the steps a killed process had started."""
+CATCH_UP_S = 3.0
+"""How long we wait for Prefect to record task runs from the last events an attempt's client sent (a settle,
+for the steps a killed process had started; `show`, for an attempt that just ended)."""
 
 
 async def _recorded(api: PrefectApi, flow_run: ApiFlowRun, steps: Collection[str]) -> None:
-    """Wait (at most `RECORDED_WAIT_S`) until Prefect has a task run of `flow_run`'s latest attempt (or one not
+    """Wait (at most `CATCH_UP_S`) until Prefect has a task run of `flow_run`'s latest attempt (or one not
     started yet) for each of `steps` (task run names).
 
     Prefect records a task run from events its client sends in the background: read right after the kill, the
     step the process died in may not exist yet, and a task run created after the settle from those events stays
     Running for good (a later state written by the settle would win; one that is not there yet cannot). A step
     killed before its first event was sent never appears: the wait ends at its bound."""
-    deadline = time.monotonic() + RECORDED_WAIT_S
+    deadline = time.monotonic() + CATCH_UP_S
     while True:
         recorded = (await api.task_runs([flow_run.id]))[flow_run.id]
         names = {t.name for t in recorded if t.flow_run_run_count in (0, flow_run.run_count)}
