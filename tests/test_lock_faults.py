@@ -54,12 +54,16 @@ def _lock_keys(url: str) -> list[bytes]:
         return list(client.scan_iter("lock:*"))
 
 
-def test_redis_restarted_without_its_data_while_a_step_holds_its_lock_still_runs_that_step_once(
-    tmp_path: Path,
+@pytest.mark.parametrize("loss", ["restart", "flushall"])
+def test_redis_losing_its_data_while_a_step_holds_its_lock_still_runs_that_step_once(
+    tmp_path: Path, loss: str
 ) -> None:
-    """Machine A is inside `save`, holding its lock; machine B reached `save` and waits for that lock. Redis is
-    SIGKILLed and a fresh one (no data) starts on its port: B is granted no lock for one lease, A's renewal takes
-    its lock back meanwhile, and B replays A's `save` instead of executing it again."""
+    """Machine A is inside `save`, holding its lock; machine B reached `save` and waits for that lock. Redis loses
+    every lock: SIGKILLed and a fresh one (no data) started on its port, or `FLUSHALL` on the same server. B is
+    granted no lock for one lease, A's renewal takes its lock back meanwhile, and B replays A's `save` instead of
+    executing it again."""
+    import redis
+
     port, key, calls, gate = (
         free_port(),
         f"lost-{uuid.uuid4().hex[:8]}",
@@ -75,12 +79,16 @@ def test_redis_restarted_without_its_data_while_a_step_holds_its_lock_still_runs
         b = machine("host-b", tmp_path, _matrix(key, calls), env)
         _wait_until(lambda: CallLog(calls).counts()["reach:save"] == 2, "machine B at save", timeout=120)
 
-        servers[0].send_signal(signal.SIGKILL)  # Redis dies with every lock it held
-        servers[0].wait(timeout=10)
-        servers.append(start_redis(port, tmp_path / "redis-2")[0])
-        restarted = time.monotonic()
-        _wait_until(lambda: len(_lock_keys(url)) == 1, "save's lock in the new Redis", timeout=2 * LEASE)
-        print(f"A took its lock back {time.monotonic() - restarted:.2f}s after Redis answered again")
+        if loss == "restart":  # Redis dies with every lock it held
+            servers[0].send_signal(signal.SIGKILL)
+            servers[0].wait(timeout=10)
+            servers.append(start_redis(port, tmp_path / "redis-2")[0])
+        else:
+            with redis.Redis.from_url(url) as client:
+                client.flushall()
+        lost = time.monotonic()
+        _wait_until(lambda: len(_lock_keys(url)) == 1, "save's lock taken back", timeout=2 * LEASE)
+        print(f"A took its lock back {time.monotonic() - lost:.2f}s after Redis lost it")
         gate.touch()  # A's save completes
         (out_a, err_a), (out_b, err_b) = finished(a), finished(b)
     finally:
@@ -100,10 +108,50 @@ def test_redis_restarted_without_its_data_while_a_step_holds_its_lock_still_runs
     ), err_a
     waited = _warnings(err_b, "Step locks: ")
     assert len(waited) == 1 and re.fullmatch(
-        rf"Step locks: Redis at {re.escape(url)} started less than a lease \(3s\) ago and may have lost the locks "
-        r"of steps still running; no step lock is taken for \d\.\ds, so that their holders take them back\.",
+        rf"Step locks: Redis at {re.escape(url)} lost its data less than a lease \(3s\) ago \(it restarted, was "
+        r"flushed or failed over\) and may have lost the locks of steps still running; no step lock is taken for "
+        r"\d\.\ds, so that their holders take them back\.",
         waited[0],
     ), err_b
+
+
+def test_a_failover_to_a_replica_that_missed_the_latest_lock_grants_no_lock_for_a_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica that has the primary's lock data up to a point is promoted (`REPLICAOF NO ONE`); the primary then
+    grants a lock the replica never sees. Asked of the promoted replica, that lock is not granted until a lease
+    has passed (its holder would take it back meanwhile), though the replica has been up longer than a lease."""
+    import redis
+
+    lease = 1.0
+    with (
+        redis_server(free_port(), tmp_path / "primary") as primary_url,
+        redis_server(free_port(), tmp_path / "replica") as replica_url,
+    ):
+        primary = LeasedRedisLockManager(primary_url, lease_seconds=lease)
+        replica = LeasedRedisLockManager(replica_url, lease_seconds=lease)
+        try:
+            primary_port = int(primary_url.rsplit(":", 1)[1].split("/")[0])
+            with redis.Redis.from_url(replica_url) as client:
+                client.replicaof("127.0.0.1", primary_port)
+                assert primary.acquire_lock("earlier", holder="machine-a")  # writes the marker, after a lease
+                _wait_until(lambda: client.exists("lock:earlier") == 1, "the replica in sync", timeout=10)
+                client.replicaof("NO", "ONE")  # promoted; it misses everything the primary writes from here
+            assert primary.acquire_lock("step-key", holder="machine-a")
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"):
+                assert not replica.acquire_lock("step-key", holder="machine-b", acquire_timeout=lease / 2)
+                started = time.monotonic()
+                assert replica.acquire_lock("step-key", holder="machine-b", acquire_timeout=2 * lease)
+            print(f"granted {time.monotonic() - started:.2f}s after the first refusal")
+        finally:
+            primary.client.close()
+            replica.client.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Step locks: Redis at {replica_url} lost its data less than a lease (1s) ago (it restarted, was flushed or "
+        "failed over) and may have lost the locks of steps still running; no step lock is taken for 1.0s, so that "
+        "their holders take them back."
+    ]
 
 
 def test_a_holder_whose_lock_another_took_forgets_it_and_says_so(

@@ -203,6 +203,9 @@ def cluster_up(
             cluster, redis_url=redis_url, locks_url=f"redis://127.0.0.1:{redis_port}/{_LOCKS_DB}"
         )
         _write_state(cluster)
+        from prefect_pydantic_ai.store.redis_locks import trust_new_redis  # prefect-redis: checked above
+
+        trust_new_redis(cluster.locks_url)  # started empty: its first locks wait out a lease from its start
         say("starting the Prefect server (a first boot migrates the database)")
         api_port = free_port()
         api_url = f"http://127.0.0.1:{api_port}/api"

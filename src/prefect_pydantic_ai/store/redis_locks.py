@@ -6,13 +6,16 @@ machine that died holding it and block every resume forever. Here each lock is t
 lease: a step may run longer than the lease while its process lives, and the lock of a dead machine expires at
 most one lease after its last renewal, after which the next attempt takes it and executes the step.
 
-A Redis that restarts without its data forgets the locks of steps still running, so another machine could take
-one and execute that step a second time. Two rules close this. A holder whose renewal finds its lock gone takes
-it back (nobody else can have it, by the second rule). And no lock is granted while Redis has been up for less
-than a lease: a lock lost in the restart would have lived at most that long, and within it every live holder
-has renewed (taken back) its own. Taking a lock and checking Redis's uptime is one Lua script, so a request
-retried across the restart is judged by the new server. (A `FLUSHALL`, or a failover to a replica that missed
-the latest locks, is not seen: its holders take their locks back at their next renewal.)
+A Redis that loses its data (a restart without persistence, a `FLUSHALL`, a failover to a replica that missed
+the latest writes) forgets the locks of steps still running, so another machine could take one and execute that
+step a second time. Two rules close this. A holder whose renewal finds its lock gone takes it back (nobody else
+can have it, by the second rule). And no lock is granted within a lease of Redis losing data: a lock lost then
+would have lived at most that long, and within it every live holder has renewed (taken back) its own. A loss is
+seen through a marker key naming the Redis server (its `run_id`) that holds the locks: a marker gone (flushed,
+restarted empty) or naming another server (restarted, failed over) starts that lease, once. Reading the marker
+and taking a lock are one Lua script, so a request retried across a restart is judged by the new server. The
+marker is written at the first lock a Redis ever grants, so that first lock waits a lease too; `cluster up`,
+which starts its Redis empty, marks it new (`trust_new_redis`) so that its wait counts from Redis's start.
 """
 
 from __future__ import annotations
@@ -41,21 +44,50 @@ _UNREACHABLE = (ConnectionError, TimeoutError)
 _BACKOFF_CAP = 1.0  # seconds between two tries, at most, once Redis has been unreachable for a while
 _POLL = 0.1  # seconds between two tries at a lock another holder has (redis-py's `Lock` default)
 
-# KEYS[1] the lock; ARGV[1] the holder's token, ARGV[2] the lease in ms. Returns 1: the lock is the holder's now;
-# 0: another holder has it; -N: Redis started less than a lease ago, N ms before any lock may be granted.
-_ACQUIRE = """
+MARKER = "prefect-pydantic-ai:step-locks"
+"""The hash naming the Redis server (`server`: its run_id) whose lock data the step locks trust, and since when
+(`since`: Redis's clock, ms): granting waits a lease from then."""
+
+# Reads the marker (the last of KEYS) into `since`, Redis's clock (ms) when its lock data became trustworthy, and
+# `now`; a marker that is gone or names another server is written anew, from now (from Redis's start where `fresh`:
+# it started empty and has granted no lock).
+_MARKED = """
+local marker = KEYS[#KEYS]
+local info = redis.call('INFO', 'server')
+local run = string.match(info, 'run_id:(%w+)')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mark = redis.call('HMGET', marker, 'server', 'since')
+local since = tonumber(mark[2])
+if mark[1] ~= run or not since then
+  since = now
+  if fresh then since = now - 1000 * tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) end
+  redis.call('HSET', marker, 'server', run, 'since', since)
+end
+"""
+
+_TRUST_NEW = "local fresh = true" + _MARKED + "return now - since"
+
+# KEYS[1] the lock, KEYS[2] the marker; ARGV[1] the holder's token, ARGV[2] the lease in ms. Returns 1: the lock is
+# the holder's now; 0: another holder has it; -N: Redis lost its data less than a lease ago, N ms before any
+# lock may be granted.
+_ACQUIRE = (
+    """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-local up = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
-local left = tonumber(ARGV[2]) - up * 1000
+local fresh = false"""
+    + _MARKED
+    + """
+local left = tonumber(ARGV[2]) - (now - since)
 if left > 0 then return -left end
 if current then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+)
 
 # Returns 1: the lease is extended; 2: the lock was gone (Redis lost it) and is the holder's again; 0: another
 # holder has it.
@@ -99,7 +131,7 @@ class LeasedRedisLockManager(RedisLockManager):
         self._held: dict[str, str] = {}  # key -> holder, for the locks this process holds
         self._guard = threading.Lock()
         self._renewer: threading.Thread | None = None
-        self._waiting_for_restart = False  # warned that Redis restarted less than a lease ago
+        self._waiting_for_restart = False  # warned that Redis lost its data less than a lease ago
         # Clients that keep trying an unreachable Redis for about one lease (the ones prefect-redis builds gave up
         # at the first dropped connection), and wait on a silent one at most 5 s a try.
         backoff = ExponentialBackoff(cap=_BACKOFF_CAP, base=0.05)
@@ -139,6 +171,9 @@ class LeasedRedisLockManager(RedisLockManager):
         super().__setstate__(state)
         self._init_leases()
 
+    def _script_keys(self, key: str) -> list[str]:
+        return [lock_name(self, key), MARKER]
+
     def _lease_ms(self, hold_timeout: float | None) -> int:
         return math.ceil((hold_timeout or self.lease_seconds) * 1000)
 
@@ -150,7 +185,7 @@ class LeasedRedisLockManager(RedisLockManager):
             since = time.monotonic()
             try:
                 outcome = int(
-                    self._acquire(keys=[lock_name(self, key)], args=[holder, self._lease_ms(hold_timeout)])
+                    self._acquire(keys=self._script_keys(key), args=[holder, self._lease_ms(hold_timeout)])
                 )
             except _UNREACHABLE as exc:
                 raise self._unavailable(exc, since) from exc
@@ -168,7 +203,7 @@ class LeasedRedisLockManager(RedisLockManager):
             try:
                 outcome = int(
                     await self._aacquire(
-                        keys=[lock_name(self, key)], args=[holder, self._lease_ms(hold_timeout)]
+                        keys=self._script_keys(key), args=[holder, self._lease_ms(hold_timeout)]
                     )
                 )
             except _UNREACHABLE as exc:
@@ -180,7 +215,7 @@ class LeasedRedisLockManager(RedisLockManager):
 
     def _after(self, key: str, holder: str, outcome: int, deadline: float | None) -> float | None:
         """What one try at a lock leads to: `None` when the answer is final (taken, or out of time), else how long
-        to wait before the next try (another holder has it, or Redis restarted less than a lease ago)."""
+        to wait before the next try (another holder has it, or Redis lost its data less than a lease ago)."""
         if outcome == 1:
             self._holding(key, holder)
             return None
@@ -203,8 +238,9 @@ class LeasedRedisLockManager(RedisLockManager):
                 return
             self._waiting_for_restart = True
         logger.warning(
-            "Step locks: Redis at %s started less than a lease (%gs) ago and may have lost the locks of steps "
-            "still running; no step lock is taken for %.1fs, so that their holders take them back.",
+            "Step locks: Redis at %s lost its data less than a lease (%gs) ago (it restarted, was flushed or "
+            "failed over) and may have lost the locks of steps still running; no step lock is taken for %.1fs, so "
+            "that their holders take them back.",
             self.where,
             self.lease_seconds,
             wait,
@@ -274,3 +310,10 @@ class LeasedRedisLockManager(RedisLockManager):
             with self._guard:
                 if self._held.get(key) == holder:
                     del self._held[key]
+
+
+def trust_new_redis(url: str) -> None:
+    """Mark the Redis at `url` as started empty, having granted no step lock: its first locks then wait only until
+    it has been up a lease, not a lease from their own request (`cluster up`, which starts its Redis)."""
+    with Redis.from_url(url) as client:
+        client.register_script(_TRUST_NEW)(keys=[MARKER])
