@@ -71,7 +71,7 @@ async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill
     )
 
     record = RunRecord(flow_run_id=str(uuid4()), agent="progress", ordinal=0)
-    await write_record(record)
+    await write_record(record, "")
 
     def running(calls: int) -> AttemptRecord:
         spent = UsageTotals(model_calls=calls)
@@ -95,7 +95,7 @@ async def test_a_running_attempts_progress_is_appended_and_a_line_torn_by_a_kill
     assert read is not None and [a.ledger.spent.model_calls for a in read.attempts] == [5]
 
     record.attempts = [running(5).model_copy(update={"state": "completed"})]
-    await write_record(record)  # the attempt ended: its final state wins over its progress lines
+    await write_record(record, "")  # the attempt ended: its final state wins over its progress lines
     read = await read_record(record.flow_run_id, "progress", 0)
     assert read is not None and [(a.state, a.ledger.spent.model_calls) for a in read.attempts] == [
         ("completed", 5)
@@ -115,7 +115,7 @@ async def test_step_marks_say_which_steps_a_killed_attempt_was_in_and_which_it_c
     )
 
     record = RunRecord(flow_run_id=str(uuid4()), agent="marks", ordinal=0)
-    await write_record(record)
+    await write_record(record, "")
     model, search, fetch = "model #1: m @ marks", "tool #2: search @ marks", "tool #3: fetch @ marks"
     await write_step_mark(record, 1, [model])
     await write_step_mark(record, 1, [], completed=model)

@@ -31,7 +31,7 @@ from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from prefect_pydantic_ai import PrefectAgent, StorageReadError, StorageWriteError
+from prefect_pydantic_ai import PrefectAgent, RunError, StorageReadError, StorageWriteError
 from tests.s3_servers import Fault, S3FaultProxy, moto_s3, save_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]  # starts moto_server
@@ -185,6 +185,132 @@ async def test_a_read_that_keeps_failing_executes_nothing_and_stops_in_one_line(
     proxy.clear()
     assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
     assert calls == Counter(model=2, tool=1)
+
+
+# --- the run records ---
+
+RECORD = r"/prefect-pydantic-ai/runs/[^/]+/journal_faults\.0\.json$"
+"""The path of the agent's run record (where it runs from, its inputs, its attempts and what they spent)."""
+PUT_FAILED = (
+    "ClientError: An error occurred (InternalError) when calling the PutObject operation (reached max retries: 1): "
+    "injected by the fault proxy"
+)
+
+
+def _record_at(proxy: S3FaultProxy) -> tuple[str, str]:
+    """(the record's path in the bucket, the bucket) from the first request for it."""
+    path = proxy.requests("PUT", RECORD)[0].path
+    return path.split("/", 2)[2], path.split("/")[1]
+
+
+async def test_a_run_record_that_cannot_be_written_stops_the_run_before_any_step_in_one_line(
+    proxy: S3FaultProxy,
+) -> None:
+    """Without its record a run could not be resumed, so it does not start: one line, no call made."""
+    durable, calls = counted_agent()
+    key = f"s3-record-{uuid.uuid4().hex[:8]}"
+    proxy.fault("500", methods="PUT", path=RECORD)
+    with pytest.raises(StorageWriteError) as failed:
+        await durable.run("go", idempotency_key=key)
+    path, bucket = _record_at(proxy)
+    assert str(failed.value) == (
+        f"The run record of agent 'journal_faults' could not be written to {path!r} in the result storage "
+        f"S3Bucket('{bucket}'): {PUT_FAILED}. No step ran in this attempt: fix the storage, then run it again."
+    )
+    assert calls == Counter()
+
+    proxy.clear()
+    assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
+    assert calls == Counter(model=2, tool=1)
+
+
+@pytest.mark.parametrize("end", ["written", "failing"])
+async def test_progress_that_cannot_be_written_is_said_once_and_the_run_goes_on(
+    proxy: S3FaultProxy, caplog: pytest.LogCaptureFixture, end: str
+) -> None:
+    """The record is written at the start; its rewrites after each step (what the run spent so far) fail. The
+    run goes on with one warning. When the record's last write fails too, the run stops in one line after its
+    last step, and the rerun replays every step: nothing executes twice."""
+    durable, calls = counted_agent()
+    key = f"s3-progress-{end}-{uuid.uuid4().hex[:8]}"
+    # after the first write: the rewrites after the two model requests (a tool spends nothing), two tries each,
+    # then the end's (or every one)
+    proxy.fault("500", methods="PUT", path=RECORD, after_put=True, times=4 if end == "written" else 1_000_000)
+    with caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"):
+        if end == "written":
+            assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
+        else:
+            with pytest.raises(StorageWriteError) as failed:
+                await durable.run("go", idempotency_key=key)
+    path, bucket = _record_at(proxy)
+    flow_run_id = path.split("/")[2]
+    assert [m for m in caplog.messages if m.startswith("The progress")] == [
+        f"The progress of run {flow_run_id} (agent 'journal_faults') could not be recorded in the result storage "
+        f"S3Bucket('{bucket}'): {PUT_FAILED}. The run goes on (its steps are journaled); if it is killed, `show` "
+        "and `costs` tell less of this attempt."
+    ]
+    assert calls == Counter(model=2, tool=1)
+    assert [s.outcome for s in proxy.requests("PUT", RECORD)] == ["forwarded"] + ["500"] * 4 + (
+        ["forwarded"] if end == "written" else ["500"] * 2
+    )
+    if end == "failing":
+        assert str(failed.value) == (
+            f"The run record of agent 'journal_faults' could not be written to {path!r} in the result storage "
+            f"S3Bucket('{bucket}'): {PUT_FAILED}. Its steps are journaled: fix the storage, then resume the run "
+            "(they replay). Until then the record tells of this attempt only what it had spent."
+        )
+        proxy.clear()
+        assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
+        assert calls == Counter(model=2, tool=1)  # every step replayed
+
+
+async def test_a_run_failing_while_its_record_cannot_be_written_reports_its_own_failure(
+    proxy: S3FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tool fails the run; recording that failure fails too: the run's error is the tool's, and the record's
+    is one warning."""
+    agent = Agent(FunctionModel(counting_model(Counter())), name="journal_faults")
+
+    @agent.tool_plain
+    def fetch(order: int) -> str:
+        raise LookupError(f"order {order} is gone")
+
+    proxy.fault("500", methods="PUT", path=RECORD, after_put=True)
+    with (
+        caplog.at_level(logging.WARNING, logger="prefect_pydantic_ai"),
+        pytest.raises(LookupError, match="order 42 is gone"),
+    ):
+        await PrefectAgent(agent).run("go", idempotency_key=f"s3-failed-{uuid.uuid4().hex[:8]}")
+    path, bucket = _record_at(proxy)
+    assert (
+        f"The run record of agent 'journal_faults' could not be written to {path!r} in the result storage "
+        f"S3Bucket('{bucket}'): {PUT_FAILED}. Its steps are journaled: fix the storage, then resume the run "
+        "(they replay). Until then the record tells of this attempt only what it had spent."
+    ) in caplog.messages
+
+
+async def test_a_run_record_that_cannot_be_read_executes_nothing_and_says_so_in_one_line(
+    proxy: S3FaultProxy,
+) -> None:
+    """A later attempt with the same key reads the earlier one's record; it cannot, so nothing runs."""
+    durable, calls = counted_agent()
+    key = f"s3-record-read-{uuid.uuid4().hex[:8]}"
+    assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
+    _, bucket = _record_at(proxy)
+    proxy.fault("500", methods="HEAD GET", path=RECORD)
+    with pytest.raises(RunError) as failed:
+        await durable.run("go", idempotency_key=key)
+    assert re.fullmatch(
+        r"Cannot read the run record prefect-pydantic-ai/runs/[0-9a-f-]{36}/journal_faults\.0\.json from block "
+        rf"s3-bucket/{bucket} \(ClientError: An error occurred \(500\) when calling the HeadObject operation "
+        r"\(reached max retries: 1\): Internal Server Error\)\.",
+        str(failed.value),
+    ), failed.value
+    assert calls == Counter(model=2, tool=1)
+
+    proxy.clear()
+    assert (await durable.run("go", idempotency_key=key)).output == "done: order-42"
+    assert calls == Counter(model=2, tool=1)  # nothing executed again
 
 
 # --- a local journal on a full filesystem ---

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import copy
 import inspect
+import logging
 import os
 import socket
 import warnings
@@ -78,7 +79,7 @@ from prefect_pydantic_ai.durable.wait import (
     await_decision,
     awaiting_approval_of_bare_run,
 )
-from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.errors import RunError, StorageWriteError
 from prefect_pydantic_ai.infra.server import cli_name, ensure_api, local_server_kept_up
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.store.crashes import settle_if_dead
@@ -97,6 +98,13 @@ from prefect_pydantic_ai.store.records import (
 from prefect_pydantic_ai.store.waits import ApprovalMode
 
 _run_key: contextvars.ContextVar[str | None] = contextvars.ContextVar("ppa_idempotency_key", default=None)
+
+logger = logging.getLogger("prefect_pydantic_ai")
+
+_UNRECORDED_END = (
+    "Its steps are journaled: fix the storage, then resume the run (they replay). Until then the record tells of "
+    "this attempt only what it had spent."
+)
 
 _OWN_FLOW = "__prefect_pydantic_ai_agent__"
 """Marks a flow function as an agent's own flow (a bare run), as opposed to a user's `@flow`."""
@@ -379,7 +387,10 @@ class PrefectDurability(AbstractCapability[Any]):
             except BaseException as exc:
                 # before Prefect makes it the flow run's state message
                 current_redactor().scrub_exception(exc)
-                await _finish(run.record, run.model_steps.log, error=exc, steps=run.steps)
+                try:
+                    await _finish(run.record, run.model_steps.log, error=exc, steps=run.steps)
+                except StorageWriteError as unrecorded:  # the run's own failure is the one to report
+                    logger.warning("%s", unrecorded)
                 raise
             ledger = await _finish(run.record, run.model_steps.log, output=result.output, steps=run.steps)
             remember_ledger(result, ledger)
@@ -492,7 +503,7 @@ class PrefectDurability(AbstractCapability[Any]):
             fork.flow_runs.append(flow_run_id)
         else:
             record = record.model_copy(update={"pid": os.getpid(), "host": socket.gethostname()})
-        await write_record(record)
+        await write_record(record, "No step ran in this attempt: fix the storage, then run it again.")
         wanted = {
             TAG,
             f"agent:{name}",
@@ -758,7 +769,10 @@ async def _record_attempt(
         steps=[] if state == "running" or steps is None else steps,
     )
     record.attempts = [a for a in record.attempts if a.run_count != run_count] + [attempt]
-    await (write_progress(record, attempt) if state == "running" else write_record(record))
+    if state == "running":
+        await write_progress(record, attempt)
+    else:
+        await write_record(record, _UNRECORDED_END)
     return attempt
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import socket
@@ -21,10 +22,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from prefect_pydantic_ai.errors import RunError
+from prefect_pydantic_ai.errors import RunError, StorageWriteError
 from prefect_pydantic_ai.ledger import Ledger
 from prefect_pydantic_ai.prefect_settings import prefect_settings
 from prefect_pydantic_ai.store.prefect_rest import prefect_api
+
+logger = logging.getLogger("prefect_pydantic_ai")
+_unrecorded: set[str] = set()  # the records whose progress could not be written, each said once
 
 _RECORD_FORMAT = "prefect-pydantic-ai/run/1"
 HOST = socket.gethostname()
@@ -114,11 +118,21 @@ def record_path(flow_run_id: str, agent: str, ordinal: int, parent_step: str | N
     return f"prefect-pydantic-ai/runs/{flow_run_id}/{agent}.{ordinal}.json"
 
 
-async def write_record(record: RunRecord) -> None:
+async def write_record(record: RunRecord, then: str) -> None:
+    """Write the run record; `StorageWriteError` naming the storage and the cause when it cannot be written, the
+    message ending with `then`: what the failure means for the run and what to do."""
+    from prefect_pydantic_ai.store.journal_storage import describe_cause, describe_storage
+
     storage = await _storage()
     data = record.model_dump_json(indent=1).encode()
     path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
-    await storage.awrite_path(path, data)
+    try:
+        await storage.awrite_path(path, data)
+    except Exception as exc:
+        raise StorageWriteError(
+            f"The run record of agent {record.agent!r} could not be written to {path!r} in the result storage "
+            f"{describe_storage(storage)}: {describe_cause(exc)}. {then}"
+        ) from exc
 
 
 async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
@@ -127,15 +141,19 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
     In a local directory this appends one line to the record's progress log: rewriting the record (written
     atomically, by renaming over it) costs a filesystem flush each time, on ext4 about 2 ms, more than a
     step's own journal entry. `read_record` reads the log back; a line torn by a kill is skipped. Elsewhere
-    (S3, saved blocks) nothing can be appended, so the record itself is rewritten.
+    (S3, saved blocks) nothing can be appended, so the record itself is rewritten. Progress is bookkeeping, not
+    the journal: a write that fails is said once per run, and the run goes on (`_progress_failed`).
     """
     from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
 
     storage = await _storage()
-    if isinstance(storage, JournalFileSystem):
-        _append_progress(storage, record, attempt)
-    else:
-        await write_record(record)
+    try:
+        if isinstance(storage, JournalFileSystem):
+            _append_progress(storage, record, attempt)
+        else:
+            await write_record(record, "")
+    except Exception as exc:
+        _progress_failed(record, storage, exc)
 
 
 async def write_step_mark(
@@ -151,16 +169,36 @@ async def write_step_mark(
     Prefect hears of a step's task run from events its client sends in the background, so a process killed in
     a step's first milliseconds can take that step with it; this line, appended before the step's work begins,
     still says where it died. Only a local directory can take a line this cheaply (an append, no flush), so
-    other storages record no marks."""
+    other storages record no marks. A mark that cannot be written is said once per run, as progress is."""
     from prefect_pydantic_ai.store.journal_storage import JournalFileSystem
 
     storage = await _storage()
     if isinstance(storage, JournalFileSystem):
-        _append_progress(
-            storage,
-            record,
-            StepMark(run_count=run_count, in_steps=in_steps, completed=completed, started=started),
-        )
+        mark = StepMark(run_count=run_count, in_steps=in_steps, completed=completed, started=started)
+        try:
+            _append_progress(storage, record, mark)
+        except OSError as exc:
+            _progress_failed(record, storage, exc)
+
+
+def _progress_failed(record: RunRecord, storage: Any, exc: Exception) -> None:
+    """Say once per run that its progress could not be recorded: its steps are journaled apart from it, so the
+    run goes on; only what `show` and `costs` tell of this attempt, if it is killed, is older."""
+    from prefect_pydantic_ai.store.journal_storage import describe_cause, describe_storage
+
+    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
+    if path in _unrecorded:
+        return
+    _unrecorded.add(path)
+    cause = exc.__cause__ if isinstance(exc, StorageWriteError) and exc.__cause__ is not None else exc
+    logger.warning(
+        "The progress of run %s (agent %r) could not be recorded in the result storage %s: %s. The run goes on "
+        "(its steps are journaled); if it is killed, `show` and `costs` tell less of this attempt.",
+        record.flow_run_id,
+        record.agent,
+        describe_storage(storage),
+        describe_cause(cause),
+    )
 
 
 def _append_progress(storage: Any, record: RunRecord, entry: AttemptRecord | StepMark) -> None:
