@@ -18,8 +18,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -425,12 +427,18 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
         os.kill(server.pid, signal.SIGKILL)
         _wait_until(lambda: not server.alive(), "the server gone", 10)
         mark("server SIGKILLed")
+        probe = _HealthProbe(cluster.api_url)  # asks from the outage on, as a run's client does
         await asyncio.sleep(5)  # the outage itself
         said = restart("server")
         assert (
             said == f"Started prefect server (pid {_pid(cluster, 'prefect server')}) at {cluster.ui_url}."
         ), said
         mark("server answering again")
+        # the new server listened before it booted: the request that got through waited for the boot and was
+        # answered (before, it was refused until the server was up, then answered at once)
+        assert probe.answer(timeout=60).startswith(b"HTTP/1.1 200"), probe.__dict__
+        assert probe.waited > 1.0, probe.__dict__
+        mark(f"a request sent during the boot answered after waiting {probe.waited:.1f}s in the backlog")
 
         said = restart("redis")
         assert re.fullmatch(r"Restarted redis \(pid \d+\) at 127\.0\.0\.1:\d+\.", said), said
@@ -497,6 +505,35 @@ async def test_ten_runs_in_flight_ride_out_postgresql_restarted_the_server_kille
     }
     executed = _executions(calls, "fault-")
     assert {label: _steps(executed[label]) for label in labels} == {label: STEPS for label in labels}
+
+
+class _HealthProbe(threading.Thread):
+    """Connects to the API's address until a connection is accepted (each refusal tried again after 50 ms), then
+    asks `GET /api/health` on it: how long the answer took from the connection (`waited`), and the answer."""
+
+    def __init__(self, api_url: str) -> None:
+        super().__init__(daemon=True)
+        host, port = api_url.removeprefix("http://").split("/")[0].split(":")
+        self.address, self.refused, self.waited, self.response = (host, int(port)), 0, 0.0, b""
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 180
+        # a connection to the killed server's lingering socket is reset: ask again
+        while not self.response and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(self.address, timeout=120) as conn:
+                    connected = time.monotonic()
+                    conn.sendall(b"GET /api/health HTTP/1.1\r\nHost: cluster\r\nConnection: close\r\n\r\n")
+                    self.response = conn.recv(64)
+                    self.waited = time.monotonic() - connected
+            except (ConnectionRefusedError, ConnectionResetError):
+                self.refused += 1
+                time.sleep(0.05)
+
+    def answer(self, timeout: float) -> bytes:
+        self.join(timeout)
+        return self.response
 
 
 def _pid(cluster: Cluster, name: str) -> int:

@@ -289,13 +289,13 @@ def test_a_restart_waits_for_the_killed_servers_port_instead_of_moving_to_anothe
     for the port its clients know rather than taking a new one they never ask."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from prefect_pydantic_ai.infra.server import _released, listening_socket
+    from prefect_pydantic_ai.infra.server import listening_once_released, listening_socket
 
     dying = listening_socket(0)
     assert dying is not None
     port = dying.getsockname()[1]
     with ThreadPoolExecutor(1) as pool:
-        taken = pool.submit(_released, port)
+        taken = pool.submit(listening_once_released, port)
         time.sleep(0.3)
         assert not taken.done()  # still waiting for the port
         dying.close()  # the kernel lets go of the dead server's socket

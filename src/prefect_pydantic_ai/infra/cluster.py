@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect_pydantic_ai.infra import warm_start
-from prefect_pydantic_ai.infra.server import free_port, server_command
+from prefect_pydantic_ai.infra.server import free_port, listening_once_released, server_command
 
 if TYPE_CHECKING:
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -294,8 +294,10 @@ def _spawn(
     cwd: Path | None = None,
     hostname: str | None = None,
     preexec: Callable[[], None] | None = None,
+    fds: tuple[int, ...] = (),
 ) -> Component:
-    """Start `command` in a session of its own (our Ctrl-C does not reach it), its output to its log."""
+    """Start `command` in a session of its own (our Ctrl-C does not reach it), its output to its log; `fds` are
+    file descriptors it inherits."""
     log = logs / f"{name.replace(' ', '-')}.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
@@ -307,6 +309,7 @@ def _spawn(
             cwd=cwd,
             start_new_session=True,
             preexec_fn=preexec,
+            pass_fds=fds,
         )
     _children.append(process)
     started = _start_time(process.pid)
@@ -457,7 +460,9 @@ def server_env(database_url: str, redis_port: int) -> dict[str, str]:
 
 def _run_prefect_server(cluster: Cluster, logs: Path) -> Component:
     """The Prefect server at the cluster's API address, on its database and Redis (`_wait_for_server`: until it
-    answers)."""
+    answers). It takes over a socket listening on that address before it boots, as the local server does
+    (`infra.server`): across `cluster restart server`, the runs' requests wait in its backlog for the boot instead
+    of being refused until their retries run out."""
     directory = Path(cluster.directory)
     home = directory / "server-home"
     home.mkdir(exist_ok=True)
@@ -469,14 +474,19 @@ def _run_prefect_server(cluster: Cluster, logs: Path) -> Component:
         "PREFECT_API_URL": url,
         "PREFECT_SERVER_UI_API_URL": url,
     }
-    return _spawn(
-        "prefect server",
-        server_command(_port(url)),
-        logs,
-        env,
-        address=url.removesuffix("/api"),
-        cwd=home,
-    )
+    sock = listening_once_released(_port(url))  # a server just killed may hold the port for 40 ms and more
+    if sock is None:
+        raise ClusterError(f"Port {_port(url)} of the cluster's Prefect server is taken by another program.")
+    with sock:  # the server has the socket now: this process lets go of its copy
+        return _spawn(
+            "prefect server",
+            server_command(_port(url), fd=sock.fileno()),
+            logs,
+            env,
+            address=url.removesuffix("/api"),
+            cwd=home,
+            fds=(sock.fileno(),),
+        )
 
 
 def _wait_for_server(cluster: Cluster, server: Component) -> None:

@@ -275,7 +275,9 @@ def _listen_on_port(home: Path) -> socket.socket:
     except (OSError, ValueError):
         sock = listening_socket(home_port(home))
     else:
-        sock = _released(last) or (listening_socket(home_port(home)) if home_port(home) != last else None)
+        sock = listening_once_released(last) or (
+            listening_socket(home_port(home)) if home_port(home) != last else None
+        )
     sock = sock or listening_socket(0)
     if sock is None:
         raise LocalServerError("No TCP port on 127.0.0.1 is free for the local Prefect server.")
@@ -286,9 +288,9 @@ def _listen_on_port(home: Path) -> socket.socket:
 PORT_RELEASE_S = 5.0
 
 
-def _released(port: int) -> socket.socket | None:
-    """A socket listening on `port`, which the last server of the home had, once the port is free; None if it is
-    still taken after `PORT_RELEASE_S`. A killed server's listening socket outlives the process by 40 ms and more
+def listening_once_released(port: int) -> socket.socket | None:
+    """A socket listening on `port`, which the last server had, once the port is free; None if it is still taken
+    after `PORT_RELEASE_S`. A killed server's listening socket outlives the process by 40 ms and more
     (the kernel closes it after the process is reaped): taken for another program's, the server moved to a new
     port, and the run whose server it was kept asking the old one until its retries ran out."""
     deadline = time.monotonic() + PORT_RELEASE_S
