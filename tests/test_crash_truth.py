@@ -23,6 +23,21 @@ from .test_cli import FIVE, calls, cli, script, show, task_run_states
 pytestmark = pytest.mark.slow
 
 
+def flow_runs_of(key: str) -> list[Any]:
+    """The flow runs of idempotency key `key`, as Prefect has them (nothing settled on the way)."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilterTags
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            tags = FlowRunFilterTags(all_=[f"key:{key}"])
+            return list(await client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=tags)))
+
+    return asyncio.run(read())
+
+
 def own_agent() -> dict[str, str]:
     """This test's own agent name, so listings and totals hold its runs only."""
     return {"FIVE_STEP_AGENT": f"five_step_{uuid.uuid4().hex[:6]}"}
@@ -141,6 +156,27 @@ def test_a_process_killed_as_a_step_starts_still_shows_that_step_as_the_one_it_d
     earlier = show(key)["earlier_attempts"][0]
     assert [s["status"] for s in earlier] == ["executed"] * 3 + ["crashed", "not_reached"]
     assert calls(log).count("model") == 3 and calls(log).count("tool:detect_anomalies") == 2
+
+
+def test_a_run_resumed_at_once_by_its_key_settles_the_killed_attempts_task_runs_by_its_end(
+    tmp_path: Path,
+) -> None:
+    """The same key run again right after the kill, with nobody listing in between: the new attempt does not wait
+    for the dead one's last events to be recorded (they are settled in the background, `CATCH_UP_S` after the
+    death), and once it has ended Prefect keeps no Running task run of the dead attempt."""
+    log = tmp_path / "calls.log"
+    key = f"at-once-resumed-{uuid.uuid4().hex[:8]}"
+    env = {"FIVE_STEP_LOG": str(log), **own_agent()}
+    assert script(FIVE, key, {**env, "FIVE_STEP_KILL_IN_TOOL": "4"}).returncode == -signal.SIGKILL
+    resumed = script(FIVE, key, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    # read from Prefect directly: `runs` and `show` would settle what they find themselves
+    killed, completed = sorted(flow_runs_of(key), key=lambda r: r.start_time or r.expected_start_time)
+    assert (killed.state_type.value, completed.state_type.value) == ("CRASHED", "COMPLETED")
+    states = sorted(task_run_states(str(killed.id)).values())
+    assert states in (["COMPLETED"] * 3 + ["CRASHED"], ["COMPLETED"] * 3), states
+    assert calls(log).count("tool:detect_anomalies") == 2 and calls(log).count("model") == 3
 
 
 @pytest.mark.anyio

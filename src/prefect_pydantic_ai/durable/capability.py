@@ -337,19 +337,25 @@ class PrefectDurability(AbstractCapability[Any]):
             return await self._durable(ctx, inputs, handler, recall_of, earlier)
 
         flow = self.flow(agent_run, key)
+        settling: list[asyncio.Task[None]] = []  # what dead earlier attempts' last events create
         try:
             with unreachable_api_ends_run(lambda: started[0] if started else None, key):
                 if key is not None:
-                    recall_of, earlier = await _earlier_attempts(key)
+                    recall_of, earlier = await _earlier_attempts(key, settling)
                 # the prompt parameter is shown, never read back: scrubbed
                 with local_server_kept_up(), awaiting_approval_of_bare_run():
                     return cast(
                         AgentRunResult[Any], await cast(Any, flow)(prompt=inputs.prompt, idempotency_key=key)
                     )
         except (asyncio.CancelledError, KeyboardInterrupt):
+            for task in settling:  # an interrupted run ends now; `runs` and `show` settle the rest later
+                task.cancel()
+            settling.clear()
             if started:
                 await _cancelled(started[0], key)
             raise
+        finally:
+            await _settled(settling)
 
     def flow(self, fn: Callable[..., Awaitable[Any]], flow_run_name: str | None) -> Flow[Any, Any]:
         """The agent's own flow around `fn` (a bare run), named after the agent."""
@@ -819,18 +825,28 @@ async def _cancelled(flow_run_id: UUID, key: str | None) -> None:
             await client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
 
 
-async def _earlier_attempts(key: str) -> tuple[str | None, list[str]]:
-    """Settle earlier attempts of logical run `key` whose process died; the flow run that completed it, if any,
-    and the flow runs of its earlier attempts, newest first."""
+async def _earlier_attempts(key: str, later: list[asyncio.Task[None]]) -> tuple[str | None, list[str]]:
+    """Settle earlier attempts of logical run `key` whose process died (what their last events create is settled
+    by the tasks added to `later`); the flow run that completed it, if any, and the flow runs of its earlier
+    attempts, newest first."""
     async with prefect_api() as api:
         earlier = await api.flow_runs({"tags": {"all_": [TAG, f"key:{key}"]}}, "START_TIME_DESC", 50)
         completed = None
         for flow_run in earlier:
-            flow_run = await settle_if_dead(api, flow_run)
+            flow_run = await settle_if_dead(api, flow_run, later=later)
             done = flow_run.state is not None and flow_run.state.type == StateType.COMPLETED
             if completed is None and done and RECALL_TAG not in flow_run.tags:
                 completed = str(flow_run.id)
         return completed, [str(flow_run.id) for flow_run in earlier]
+
+
+async def _settled(settling: list[asyncio.Task[None]]) -> None:
+    """Wait for the settling of earlier attempts to end (it is bookkeeping: a failure is logged, not raised)."""
+    for task in settling:
+        try:
+            await task
+        except Exception as exc:  # the API went away meanwhile: `runs` and `show` settle them later
+            logger.debug("Could not settle the task runs of a dead earlier attempt: %s", exc)
 
 
 def _refuse_twins(flow_fn: Any, flow_run_name: str) -> None:

@@ -65,6 +65,8 @@ class AttemptRecord(BaseModel):
     completed_steps: list[str] = Field(default_factory=list, exclude=True)
     """The steps the attempt completed, as its progress log says (a killed process's last task-run events may
     never have reached Prefect). Both lists are read back from the log (`StepMark`), not written here."""
+    last_seen: datetime | None = Field(default=None, exclude=True)
+    """When its progress log last heard of an attempt that has not ended: about when a killed one died."""
 
 
 class StepMark(BaseModel):
@@ -311,7 +313,11 @@ def _merge_progress(record: RunRecord, log: Path) -> None:
             AttemptRecord(run_count=run_count, state="running", finished_at=mark.at),
         )
         latest[run_count] = attempt.model_copy(
-            update={"in_steps": mark.in_steps, "completed_steps": completed.get(run_count, [])}
+            update={
+                "in_steps": mark.in_steps,
+                "completed_steps": completed.get(run_count, []),
+                "last_seen": max(mark.at, attempt.finished_at),
+            }
         )
     if latest:
         record.attempts = [a for a in record.attempts if a.run_count not in latest] + list(latest.values())
