@@ -12,7 +12,8 @@ the persistent local server of a private PREFECT_HOME), each in fresh processes,
 - a 201-step run SIGKILLed at its final model call, then resumed with the same key: spawn to the final call;
 - the demo run again with the server up: spawn to its first line of output;
 - `--load N` CPU-bound processes in the background, then 20 kill-and-resume cycles of the 5-step script: the
-  pre-flight (run start to the first step) and the retries Prefect's client announced.
+  pre-flight (run start to the first step) and the retries Prefect's client announced, against the floor: a
+  bare Prefect flow of one task, run start to its task, in each cycle.
 
 Medians of `--reps`; ratios against Prefect's CLI and the plain agent. Prints tables, writes
 benchmarks/results/waits.json, and stops every server and process it started.
@@ -112,6 +113,26 @@ def _agent(name: str, *, steps: int, kill_in_tool: int | None, kill_at_final: bo
         return n * 10
 
     return agent
+
+
+def bare_first() -> None:
+    """A bare Prefect flow of one task: marks `run_start` before calling the flow and `tool 1` as its task
+    starts, the floor for our pre-flight (run start to the first step)."""
+    from prefect import flow, task
+
+    marks = os.environ.get("PPA_MARKS")
+
+    @task
+    def first() -> int:
+        _marks(marks, "tool 1")
+        return 1
+
+    @flow
+    def one_task() -> int:
+        return first()
+
+    _marks(marks, "run_start")
+    assert one_task() == 1
 
 
 def keyed(name: str, key: str, steps: int, kill: str) -> None:
@@ -220,6 +241,8 @@ def main() -> None:
     if opts.worker:
         if opts.worker[0] == "five":
             five(opts.worker[1])
+        elif opts.worker[0] == "bare_first":
+            bare_first()
         else:
             keyed(opts.worker[1], opts.worker[2], int(opts.worker[3]), opts.worker[4])
         return
@@ -317,6 +340,8 @@ def main() -> None:
             )
             sample("resume under load: run start to first step", reached["tool 1"] - reached["run_start"])
             retries += stderr.count("Another attempt will be made")
+            _, reached, _ = _marked([*script, "bare_first"], prefect_env, marks)  # on the same server
+            sample("bare flow under load: run start to its task", reached["tool 1"] - reached["run_start"])
         notes["client_retries"] = retries
     finally:
         for process in load:
@@ -386,6 +411,13 @@ def main() -> None:
         f"{_median(preflight):.2f} / {_p95(preflight):.2f}",
         "",
         f"p95 ≤ {GOALS['preflight_p95_s']} s",
+    )
+    bare = samples["bare flow under load: run start to its task"]
+    table.add_row(
+        "  the floor: a bare Prefect flow of one task, run start to its task, p50 / p95",
+        f"{_median(bare):.2f} / {_p95(bare):.2f}",
+        f"{_p95(preflight) / _p95(bare):.2f}× at p95",
+        "",
     )
     table.add_row("  client retries announced (503, ...)", str(notes["client_retries"]), "", "0")
     console.print(table)

@@ -108,9 +108,9 @@ def test_redis_losing_its_data_while_a_step_holds_its_lock_still_runs_that_step_
     ), err_a
     waited = _warnings(err_b, "Step locks: ")
     assert len(waited) == 1 and re.fullmatch(
-        rf"Step locks: Redis at {re.escape(url)} lost its data less than a lease \(3s\) ago \(it restarted, was "
-        r"flushed or failed over\) and may have lost the locks of steps still running; no step lock is taken for "
-        r"\d\.\ds, so that their holders take them back\.",
+        rf"Step locks: Redis at {re.escape(url)} may have lost the locks of steps still running: it restarted, "
+        r"was flushed or failed over less than a lease \(3s\) ago, or holds step locks for the first time\. No "
+        r"step lock is taken for \d\.\ds, so that their holders take them back\.",
         waited[0],
     ), err_b
 
@@ -148,9 +148,9 @@ def test_a_failover_to_a_replica_that_missed_the_latest_lock_grants_no_lock_for_
             primary.client.close()
             replica.client.close()
     assert [r.getMessage() for r in caplog.records] == [
-        f"Step locks: Redis at {replica_url} lost its data less than a lease (1s) ago (it restarted, was flushed or "
-        "failed over) and may have lost the locks of steps still running; no step lock is taken for 1.0s, so that "
-        "their holders take them back."
+        f"Step locks: Redis at {replica_url} may have lost the locks of steps still running: it restarted, was "
+        "flushed or failed over less than a lease (1s) ago, or holds step locks for the first time. No step lock "
+        "is taken for 1.0s, so that their holders take them back."
     ]
 
 

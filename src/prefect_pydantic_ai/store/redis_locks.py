@@ -238,9 +238,9 @@ class LeasedRedisLockManager(RedisLockManager):
                 return
             self._waiting_for_restart = True
         logger.warning(
-            "Step locks: Redis at %s lost its data less than a lease (%gs) ago (it restarted, was flushed or "
-            "failed over) and may have lost the locks of steps still running; no step lock is taken for %.1fs, so "
-            "that their holders take them back.",
+            "Step locks: Redis at %s may have lost the locks of steps still running: it restarted, was flushed or "
+            "failed over less than a lease (%gs) ago, or holds step locks for the first time. No step lock is "
+            "taken for %.1fs, so that their holders take them back.",
             self.where,
             self.lease_seconds,
             wait,
