@@ -126,15 +126,19 @@ async def write_record(record: RunRecord, then: str) -> None:
     from prefect_pydantic_ai.store.journal_storage import describe_cause, describe_storage
 
     storage = await _storage()
-    data = record.model_dump_json(indent=1).encode()
-    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
     try:
-        await storage.awrite_path(path, data)
+        await _put_record(storage, record)
     except Exception as exc:
+        path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
         raise StorageWriteError(
             f"The run record of agent {record.agent!r} could not be written to {path!r} in the result storage "
             f"{describe_storage(storage)}: {describe_cause(exc)}. {then}"
         ) from exc
+
+
+async def _put_record(storage: Any, record: RunRecord) -> None:
+    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
+    await storage.awrite_path(path, record.model_dump_json(indent=1).encode())
 
 
 async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
@@ -153,7 +157,7 @@ async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
         if isinstance(storage, JournalFileSystem):
             _append_progress(storage, record, attempt)
         else:
-            await write_record(record, "")
+            await _put_record(storage, record)
     except Exception as exc:
         _progress_failed(record, storage, exc)
 
@@ -192,14 +196,13 @@ def _progress_failed(record: RunRecord, storage: Any, exc: Exception) -> None:
     if path in _unrecorded:
         return
     _unrecorded.add(path)
-    cause = exc.__cause__ if isinstance(exc, StorageWriteError) and exc.__cause__ is not None else exc
     logger.warning(
         "The progress of run %s (agent %r) could not be recorded in the result storage %s: %s. The run goes on "
         "(its steps are journaled); if it is killed, `show` and `costs` tell less of this attempt.",
         record.flow_run_id,
         record.agent,
         describe_storage(storage),
-        describe_cause(cause),
+        describe_cause(exc),
     )
 
 
