@@ -316,23 +316,11 @@ def listening_socket(port: int) -> socket.socket | None:
     return sock
 
 
-RECORDER_BATCHES = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "0.5",
-}
-"""The task-run recorder of a server we start writes task runs in batches (unless the environment says otherwise).
-Prefect's default writes each in a transaction of its own: after a killed run of 201 steps, hundreds of SQLite
-commits in a row, each of which sends a request that read before it writes back to the start (`local_app`), and
-the next run's flow run waited 1.4-1.5 s to be created. Batches of up to 200, flushed every 0.5 s: 8 resumes of
-that run reached their final call in 0.81-1.25 s (median 0.97), against 1.25-3.53 s (median 2.6) before."""
-
-
 def _spawn(home: Path) -> ServerAddress:
     sock = _listen_on_port(home)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     log_path = home / LOG_FILE
     env = {
-        **RECORDER_BATCHES,
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": url,
@@ -512,7 +500,6 @@ class LocalServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={
-                **RECORDER_BATCHES,
                 **(os.environ if env is None else env),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_API_URL": self.url,
