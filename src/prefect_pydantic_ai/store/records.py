@@ -112,6 +112,11 @@ class RunRecord(BaseModel):
     forked_at: int | None = None
     """For a fork: the first step it ran live (the steps before it replayed the original's)."""
 
+    @property
+    def path(self) -> str:
+        """Where this record lives in the result storage (`record_path`)."""
+        return record_path(self.flow_run_id, self.agent, self.ordinal, self.parent_step)
+
 
 def record_path(flow_run_id: str, agent: str, ordinal: int, parent_step: str | None = None) -> str:
     """Where a run record lives; a sub-agent run's record lives under the key of the step that started it."""
@@ -129,16 +134,14 @@ async def write_record(record: RunRecord, then: str) -> None:
     try:
         await _put_record(storage, record)
     except Exception as exc:
-        path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
         raise StorageWriteError(
-            f"The run record of agent {record.agent!r} could not be written to {path!r} in the result storage "
+            f"The run record of agent {record.agent!r} could not be written to {record.path!r} in the result storage "
             f"{describe_storage(storage)}: {describe_cause(exc)}. {then}"
         ) from exc
 
 
 async def _put_record(storage: Any, record: RunRecord) -> None:
-    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
-    await storage.awrite_path(path, record.model_dump_json(indent=1).encode())
+    await storage.awrite_path(record.path, record.model_dump_json(indent=1).encode())
 
 
 async def write_progress(record: RunRecord, attempt: AttemptRecord) -> None:
@@ -192,10 +195,9 @@ def _progress_failed(record: RunRecord, storage: Any, exc: Exception) -> None:
     run goes on; only what `show` and `costs` tell of this attempt, if it is killed, is older."""
     from prefect_pydantic_ai.store.journal_storage import describe_cause, describe_storage
 
-    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
-    if path in _unrecorded:
+    if record.path in _unrecorded:
         return
-    _unrecorded.add(path)
+    _unrecorded.add(record.path)
     logger.warning(
         "The progress of run %s (agent %r) could not be recorded in the result storage %s: %s. The run goes on "
         "(its steps are journaled); if it is killed, `show` and `costs` tell less of this attempt.",
@@ -208,9 +210,8 @@ def _progress_failed(record: RunRecord, storage: Any, exc: Exception) -> None:
 
 def _append_progress(storage: Any, record: RunRecord, entry: AttemptRecord | StepMark) -> None:
     """Append `entry` to the progress log of `record`, as one line."""
-    path = record_path(record.flow_run_id, record.agent, record.ordinal, record.parent_step)
     # A line starts with its newline: one torn by a kill cannot swallow the next attempt's first line.
-    storage.append_path(_progress_path(path), b"\n" + entry.model_dump_json().encode())
+    storage.append_path(_progress_path(record.path), b"\n" + entry.model_dump_json().encode())
 
 
 def _progress_path(path: str) -> str:
