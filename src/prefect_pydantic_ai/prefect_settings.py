@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_DEFAULT_HOME = Path("~/.prefect")
+_DEFAULT_HOME = "~/.prefect"
 _ALIASES = {  # each setting's names, in Prefect's order of precedence
     "api_url": ("PREFECT_API_URL",),
     "api_key": ("PREFECT_API_KEY",),
@@ -78,19 +78,23 @@ def _without_prefect() -> PrefectSettings | None:
     Resolved once per state of what they are read from (the `PREFECT_` variables, the working directory, the
     files' sizes and times): `costs` and `show` read hundreds of run records, and each record asked again (0.4 s
     of `costs` over 200 runs, in a command that takes about a second)."""
-    cwd = Path.cwd()
-    home = Path(os.environ.get("PREFECT_HOME") or _DEFAULT_HOME).expanduser()
-    files = (cwd / "prefect.toml", cwd / ".env", cwd / "pyproject.toml", home / "profiles.toml")
+    cwd = os.getcwd()
+    home = os.path.expanduser(os.environ.get("PREFECT_HOME") or _DEFAULT_HOME)
     environment = sorted((k, v) for k, v in os.environ.items() if k.startswith("PREFECT_"))
-    key = (cwd, *environment, *map(_stamp, files))
+    key = (cwd, home, *environment, *map(_stamp, (cwd, cwd, cwd, home), _FILES))
     if key not in _resolved:
-        _resolved[key] = _resolve_without_prefect(cwd, home)
+        _resolved[key] = _resolve_without_prefect(Path(cwd), Path(home))
     return _resolved[key]
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+_FILES = ("prefect.toml", ".env", "pyproject.toml", "profiles.toml")
+"""What the settings are read from besides the environment: three files in the working directory, then one in
+PREFECT_HOME. Their sizes and times are part of the key (plain `os` calls: it is computed for every record)."""
+
+
+def _stamp(directory: str, name: str) -> tuple[int, int] | None:
     try:
-        stat = path.stat()
+        stat = os.stat(os.path.join(directory, name))
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size

@@ -223,8 +223,11 @@ async def read_record(
 ) -> RunRecord | None:
     """The run record, None when there is none; `RunError` naming the storage and the cause when it cannot be
     read or is not a run record (an unreadable record is never taken for a missing one)."""
-    path = record_path(flow_run_id, agent, ordinal, parent_step)
-    root = await local_root()
+    return await _read_record_at(record_path(flow_run_id, agent, ordinal, parent_step), await local_root())
+
+
+async def _read_record_at(path: str, root: Path | None) -> RunRecord | None:
+    """`read_record` of the record at `path`, in the local directory `root` (None: in the result storage)."""
     if root is not None:
         try:
             data = (root / path).read_bytes()
@@ -346,9 +349,10 @@ async def read_records(flow_run_id: str, agents: Iterable[str]) -> list[RunRecor
     """All agent-run records of a flow run, in agent order then ordinal order (sub-agent runs' records, which
     live under the step that started them, are not among them: their parent's ledger includes them)."""
     found: list[RunRecord] = []
+    root = await local_root()  # once: `costs` reads the records of hundreds of runs
     for agent in agents:
         ordinal = 0
-        while (record := await read_record(flow_run_id, agent, ordinal)) is not None:
+        while (record := await _read_record_at(record_path(flow_run_id, agent, ordinal), root)) is not None:
             found.append(record)
             ordinal += 1
     return found
