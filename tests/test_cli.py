@@ -146,10 +146,12 @@ def test_user_flow_with_two_agents_killed_in_the_second_resumes_without_the_firs
     assert detail["state"] == "completed"
     assert [s["status"] for s in detail["steps"]] == ["replayed"] * 4 + ["executed"] * 2
     assert "never pay twice" in detail["output"][f"summarizer{suffix}"]["technical"]
-    # Prefect holds no Running task run for a run that is over: the step killed in attempt 1 is Crashed.
+    # Prefect holds no Running task run for a run that is over: the step killed in attempt 1 is Crashed, where
+    # Prefect heard of it at all (its events can die with the process: then the two attempts leave 4 + 6).
     states = task_run_states(run["run_id"])
     assert "RUNNING" not in states.values() and "PENDING" not in states.values()
-    assert list(states.values()).count("CRASHED") == 1
+    crashed = list(states.values()).count("CRASHED")
+    assert crashed in (0, 1) and len(states) == 10 + crashed, states
 
 
 def test_resume_all_crashed_resumes_each_crashed_run(tmp_path: Path) -> None:

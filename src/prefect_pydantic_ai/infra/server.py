@@ -327,9 +327,9 @@ RECORDER_BATCHES = {
 Prefect's default writes each task run's events in SQLite commits of their own. After a killed run of 201 steps
 the recorder catches up with hundreds of them in a row, and each one sends a request that read before it writes
 back to its start (`local_app`): the next run's flow run waited 1.4-1.5 s to be created, in 2 of 5 resumes.
-In batches of up to 200, flushed at least every second, 6 resumes of that run reached their final call in
-0.84-1.72 s (median 1.00), against 1.29-4.49 s (median 1.68), and the server spent 39 CPU-s instead of 64 on
-the same work. The cost: Prefect shows a task run up to a second later (`show` waits for it).
+In batches of up to 200, flushed at least every second, 8 resumes of that run reached their final call in
+0.81-1.58 s (median 0.92), against 1.17-2.88 s (median 1.71), and the server spent 44 CPU-s instead of 89 on
+the same work (docs/cli.md). The cost: Prefect shows a task run up to a second later (`show` and `runs` wait).
 
 The interval is whole seconds: Prefect 3.9 truncates it (`int(flush_interval)`), and a 0.5 became 0, a flush
 loop that kept one core busy (10 CPU-s in 10 s of an idle server)."""
