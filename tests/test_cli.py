@@ -28,7 +28,6 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import PrefectAgent, ledger_of
 from tests.commands import cli  # in this process unless a test gives its scripts an environment
-from tests.recorded import recorded_task_runs
 from tests.warm import python
 
 pytestmark = pytest.mark.slow  # starts processes
@@ -52,7 +51,10 @@ def task_run_states(run_id: str) -> dict[str, str]:
     import asyncio
 
     async def read() -> dict[str, str]:
-        runs = await recorded_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(run_id)])))
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(run_id)]))
+            )
         return {str(t.id): t.state_type.value if t.state_type else "NONE" for t in runs}
 
     return asyncio.run(read())
@@ -286,8 +288,9 @@ async def test_secret_looking_deps_never_reach_parameters_labels_logs_or_records
         logs = await client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))
         )
-        task_runs = await recorded_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    assert task_runs  # there is something to look at
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
     assert secret not in json.dumps(flow_run.parameters) and secret not in " ".join(flow_run.tags)
     assert all(secret not in log.message for log in logs)
     assert all(secret not in json.dumps(t.task_inputs, default=str) for t in task_runs)

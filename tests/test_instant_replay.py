@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from prefect.client.schemas.objects import TaskRun
 from pydantic_ai import Agent
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
@@ -21,7 +21,6 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from prefect_pydantic_ai import PrefectAgent, ledger_of, show_run
 from prefect_pydantic_ai.durable.journal import messages_fingerprint
 from prefect_pydantic_ai.durable.steps import StepEvent, observe_steps
-from tests.recorded import recorded_task_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -75,16 +74,20 @@ async def _task_runs(key: str, expected: int) -> dict[uuid.UUID, list[TaskRun]]:
     """The step task runs of every flow run of `key`, once Prefect has recorded `expected` of them in all
     (task runs reach the server as events sent in the background)."""
     async with get_client() as client:
-        flow_runs = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"key:{key}"]))
-        )
-    runs = await recorded_task_runs(
-        FlowRunFilter(tags=FlowRunFilterTags(all_=[f"key:{key}"])), at_least=expected
-    )
-    grouped: dict[uuid.UUID, list[TaskRun]] = {f.id: [] for f in flow_runs}
-    for run in runs:
-        grouped[run.flow_run_id].append(run)  # type: ignore[index]
-    return grouped
+        for _ in range(200):
+            flow_runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"key:{key}"]))
+            )
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[f.id for f in flow_runs]))
+            )
+            if len(runs) >= expected and all(r.state_type is not None for r in runs):
+                grouped: dict[uuid.UUID, list[TaskRun]] = {f.id: [] for f in flow_runs}
+                for run in runs:
+                    grouped[run.flow_run_id].append(run)  # type: ignore[index]
+                return grouped
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"Prefect recorded {len(runs)} task runs of {key}, expected {expected}")
 
 
 async def test_replayed_steps_start_no_task_and_are_still_shown() -> None:

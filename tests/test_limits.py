@@ -27,7 +27,6 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from prefect_pydantic_ai import ConcurrencyLimit, MissingLimitError, PrefectAgent, TaskConfig
 from prefect_pydantic_ai.testing import LoopbackOpenAI
-from tests.recorded import recorded_task_runs
 from tests.scripts.limited_runs import answer
 
 pytestmark = pytest.mark.anyio
@@ -142,7 +141,10 @@ async def test_twenty_runs_on_two_worker_processes_share_a_limit_of_three() -> N
 
 async def _step_names(client_runs: list[Any]) -> dict[str, list[str]]:
     """Per flow run, the kinds of its completed step task runs (`model`, `tool`)."""
-    task_runs = await recorded_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in client_runs])))
+    async with get_client() as client:
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in client_runs]))
+        )
     kinds: dict[str, list[str]] = {str(r.id): [] for r in client_runs}
     for task_run in task_runs:
         if task_run.state is not None and task_run.state.is_completed():

@@ -56,7 +56,6 @@ from examples.triage_ticket import main as triage_main
 from prefect_pydantic_ai.demo.analyst import DEFAULT_PROMPT, DataAnalysis, build_analyst_agent, sales_dataset
 from prefect_pydantic_ai.store.step_names import parse_task_run_name
 from prefect_pydantic_ai.testing import CallLog, FaultPlan
-from tests.recorded import recorded_task_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYST_STEPS = [
@@ -121,8 +120,16 @@ async def task_run_names(run_id: UUID, *, at_least: int) -> list[str]:
 
     Task runs reach the API as events, so this polls until at least `at_least` are there and the count is stable.
     """
-    runs = await recorded_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), at_least=at_least)
-    return sorted(_task_name(run.name) for run in runs)
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    deadline = time.monotonic() + 30
+    seen = -1
+    async with get_client() as client:
+        while True:
+            runs = await client.read_task_runs(flow_run_filter=flow_runs)
+            if (len(runs) >= at_least and len(runs) == seen) or time.monotonic() > deadline:
+                return sorted(_task_name(run.name) for run in runs)
+            seen = len(runs)
+            await anyio.sleep(0.3)
 
 
 # -- Pattern 1: agent output feeds downstream tasks ----------------------------------------------------------

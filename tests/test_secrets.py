@@ -43,7 +43,6 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 import prefect_pydantic_ai
 from prefect_pydantic_ai import PrefectAgent, RunError, TaskConfig
 from prefect_pydantic_ai.store.records import read_record
-from tests.recorded import recorded_task_runs
 
 pytestmark = pytest.mark.anyio
 
@@ -156,7 +155,9 @@ async def _api_view(flow_run_id: Any) -> str:
     await APILogHandler.aflush()
     async with get_client() as client:
         flow_run = await client.read_flow_run(flow_run_id)
-        task_runs = await recorded_task_runs(FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
         logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))

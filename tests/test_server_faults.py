@@ -23,7 +23,6 @@ import pytest
 
 from tests.commands import cli
 from tests.fault_proxy import FaultProxy
-from tests.recorded import recorded_task_runs
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +76,7 @@ def _states(key: str) -> tuple[str, int, dict[str, str]]:
             (flow_run,) = await client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"key:{key}"]))
             )
-            task_runs = await recorded_task_runs(FlowRunFilter(id={"any_": [flow_run.id]}))
+            task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
             by_name = {f"{t.name} (attempt {t.flow_run_run_count})": str(t.state_name) for t in task_runs}
             return str(flow_run.state_name), flow_run.run_count, by_name
 

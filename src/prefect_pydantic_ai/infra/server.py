@@ -316,31 +316,11 @@ def listening_socket(port: int) -> socket.socket | None:
     return sock
 
 
-RECORDER_FLUSH_S = 1
-"""How long a server we start may hold a task run's events before it records them (`RECORDER_BATCHES`)."""
-RECORDER_BATCHES = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": str(RECORDER_FLUSH_S),
-}
-"""The task-run recorder of a server we start writes task runs in batches (unless the environment says otherwise).
-
-Prefect's default writes each task run's events in SQLite commits of their own. After a killed run of 201 steps
-the recorder catches up with hundreds of them in a row, and each one sends a request that read before it writes
-back to its start (`local_app`): the next run's flow run waited 1.4-1.5 s to be created, in 2 of 5 resumes.
-In batches of up to 200, flushed at least every second, 8 resumes of that run reached their final call in
-0.81-1.58 s (median 0.92), against 1.17-2.88 s (median 1.71), and the server spent 44 CPU-s instead of 89 on
-the same work (docs/cli.md). The cost: Prefect shows a task run up to a second later (`show` and `runs` wait).
-
-The interval is whole seconds: Prefect 3.9 truncates it (`int(flush_interval)`), and a 0.5 became 0, a flush
-loop that kept one core busy (10 CPU-s in 10 s of an idle server)."""
-
-
 def _spawn(home: Path) -> ServerAddress:
     sock = _listen_on_port(home)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     log_path = home / LOG_FILE
     env = {
-        **RECORDER_BATCHES,
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": url,
@@ -520,7 +500,6 @@ class LocalServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={
-                **RECORDER_BATCHES,
                 **(os.environ if env is None else env),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_API_URL": self.url,

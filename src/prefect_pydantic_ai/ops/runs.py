@@ -7,15 +7,13 @@ run's state; a running flow run whose recorded process is gone is settled as Cra
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-import anyio
 from pydantic import BaseModel
 
 from prefect_pydantic_ai.errors import RunError
-from prefect_pydantic_ai.infra.server import RECORDER_FLUSH_S
 from prefect_pydantic_ai.ops.timeline import timeline
 from prefect_pydantic_ai.store.crashes import settle_if_dead, settle_orphans
 from prefect_pydantic_ai.store.prefect_rest import (
@@ -98,7 +96,6 @@ async def list_runs(
         found = [await settle_if_dead(api, fr) for fr in found]
         if state is not None:
             found = [fr for fr in found if state_of(fr) == state][:limit]
-        await _last_task_runs_recorded(found)
         steps_by_run = await task_runs_of(api, found)
         waits = {fr.id: await waiting_for(api, fr) for fr in found if state_of(fr) == "paused"}
         logged = {fr.id: await _logged_steps(fr) for fr in found if state_of(fr) == "crashed"}
@@ -149,20 +146,6 @@ def agent_runs(agent: str | None, since: datetime | None = None) -> dict[str, An
     if since is not None:
         where["start_time"] = {"after_": since.isoformat()}
     return where
-
-
-RECORDING_LAG_S = RECORDER_FLUSH_S + 0.3
-"""How long after a flow run ends its last task runs may still be on their way into Prefect: its client sends
-their events in the background, and a server we start records them at least every `RECORDER_FLUSH_S`."""
-
-
-async def _last_task_runs_recorded(flow_runs: list[ApiFlowRun]) -> None:
-    """Wait until the latest of `flow_runs` to end did so `RECORDING_LAG_S` ago, so that its steps are counted
-    (right after a script, `runs` would otherwise count its last steps as missing)."""
-    ended = [fr.end_time for fr in flow_runs if fr.end_time is not None]
-    if ended:
-        left = RECORDING_LAG_S - (datetime.now(UTC) - max(ended)).total_seconds()
-        await anyio.sleep(min(max(left, 0.0), RECORDING_LAG_S))
 
 
 async def task_runs_of(api: PrefectApi, flow_runs: list[ApiFlowRun]) -> dict[UUID, list[ApiTaskRun]]:

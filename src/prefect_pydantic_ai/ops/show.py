@@ -65,12 +65,12 @@ async def _task_runs_caught_up(
 ) -> dict[UUID, list[ApiTaskRun]]:
     """The task runs of `runs`, read again while Prefect is still recording those of `flow_run`'s latest attempt.
 
-    Prefect records task runs from events its client sends in the background, up to a second behind the run on
-    a server we start (`RECORDER_BATCHES`): read right after an attempt ended (as its run record says), its last
-    steps may still be Pending, Running, without a state, or not recorded at all (fewer executed task runs of
-    this attempt than the record's executed steps). Waiting for them (at most `CATCH_UP_S`) shows what Prefect
-    will keep. A task run that does not say its attempt (run count 0: Prefect heard only of its creation) is
-    waited for while it is unfinished, and not counted: a killed attempt leaves such a one, settled Crashed."""
+    Prefect records task runs from events its client sends in the background, a fraction of a second behind
+    the run: read right after an attempt ended (as its run record says), its last steps may still be Pending,
+    Running, without a state, or not recorded at all (fewer executed task runs of this attempt than the
+    record's executed steps). Waiting for them (at most `CATCH_UP_S`) shows what Prefect will keep. A task run
+    that does not say its attempt (run count 0: Prefect heard only of its creation) is waited for while it is
+    unfinished, and not counted: a killed attempt leaves such a one, settled Crashed."""
     deadline = time.monotonic() + CATCH_UP_S
     count = max(flow_run.run_count, 1)
     latest = [a for r in records for a in r.attempts if a.run_count == count and a.state != "running"]
