@@ -12,6 +12,7 @@ import re
 import signal
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,61 @@ async def test_settling_a_dead_runs_steps_completes_those_its_record_says_comple
         names[0]: "COMPLETED",
         names[1]: "CRASHED",
     }
+
+
+@pytest.mark.anyio
+async def test_show_waits_for_the_last_step_of_a_resume_beside_a_killed_steps_nameless_task_run() -> None:
+    """A step killed in its first instant can leave Prefect only its creation: a task run under Prefect's default
+    name and run count 0, settled Crashed. `show` right after the resume must not count it as one of the resume's
+    steps: it waits for the resume's last step, recorded a second later (as Prefect records it from events)."""
+    import anyio
+    from prefect import Flow, Task, get_client
+    from prefect.states import Completed, Crashed, Pending, Running
+
+    from prefect_pydantic_ai import show_run
+    from prefect_pydantic_ai.store.records import AttemptRecord, RunRecord, StepRef, write_record
+
+    def step() -> None: ...
+
+    agent = f"nameless_{uuid.uuid4().hex[:6]}"
+    async with get_client() as client:
+        flow_run = await client.create_flow_run(
+            Flow(step, name=agent), tags=["prefect-pydantic-ai", f"agent:{agent}"]
+        )
+        for state in (Running(), Crashed(), Running()):  # attempt 1, killed; attempt 2
+            await client.set_flow_run_state(flow_run.id, state, force=True)
+        nameless = await client.create_task_run(
+            Task(step), flow_run.id, dynamic_key="t-0", name="tool: t-5e7"
+        )
+        await client.set_task_run_state(nameless.id, Crashed(), force=True)
+
+        async def executed(name: str) -> None:
+            task_run = await client.create_task_run(
+                Task(step), flow_run.id, dynamic_key=name, name=name, state=Pending()
+            )
+            await client.set_task_run_state(task_run.id, Running())
+            await client.set_task_run_state(task_run.id, Completed())
+
+        await executed(f"tool #1: t @ {agent}")
+        steps = [
+            StepRef(ordinal=1, kind="tool", name="t", key="k1"),
+            StepRef(ordinal=2, kind="model", name="m", key="k2"),
+        ]
+        attempt = AttemptRecord(run_count=2, state="completed", finished_at=datetime.now(UTC), steps=steps)
+        await write_record(
+            RunRecord(flow_run_id=str(flow_run.id), agent=agent, ordinal=0, attempts=[attempt]), ""
+        )
+        assert (await client.read_flow_run(flow_run.id)).run_count == 2
+
+        async def late() -> None:  # the resume's last events, recorded a second after its end
+            await anyio.sleep(1.0)
+            await executed(f"model #2: m @ {agent}")  # while the flow run runs: Prefect records its attempt
+            await client.set_flow_run_state(flow_run.id, Completed(), force=True)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(late)
+            detail = await show_run(str(flow_run.id))
+    assert [(s.index, s.kind, s.name, s.status) for s in detail.steps] == [
+        (1, "tool", "t", "executed"),
+        (2, "model", "m", "executed"),
+    ]
