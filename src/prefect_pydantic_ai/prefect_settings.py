@@ -81,20 +81,21 @@ def _without_prefect() -> PrefectSettings | None:
     cwd = os.getcwd()
     home = os.path.expanduser(os.environ.get("PREFECT_HOME") or _DEFAULT_HOME)
     environment = sorted((k, v) for k, v in os.environ.items() if k.startswith("PREFECT_"))
-    key = (cwd, home, *environment, *map(_stamp, (cwd, cwd, cwd, home), _FILES))
+    files = (*(os.path.join(cwd, name) for name in _CWD_FILES), os.path.join(home, "profiles.toml"))
+    key = (cwd, home, *environment, *map(_stamp, files))
     if key not in _resolved:
         _resolved[key] = _resolve_without_prefect(Path(cwd), Path(home))
     return _resolved[key]
 
 
-_FILES = ("prefect.toml", ".env", "pyproject.toml", "profiles.toml")
-"""What the settings are read from besides the environment: three files in the working directory, then one in
-PREFECT_HOME. Their sizes and times are part of the key (plain `os` calls: it is computed for every record)."""
+_CWD_FILES = ("prefect.toml", ".env", "pyproject.toml")
+"""The files of the working directory the settings are read from, besides the environment and PREFECT_HOME's
+`profiles.toml`. Their sizes and times are part of the key (plain `os` calls: it is computed for every record)."""
 
 
-def _stamp(directory: str, name: str) -> tuple[int, int] | None:
+def _stamp(path: str) -> tuple[int, int] | None:
     try:
-        stat = os.stat(os.path.join(directory, name))
+        stat = os.stat(path)
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
